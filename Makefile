@@ -1,0 +1,54 @@
+# dcml: two commands for a newcomer -- `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dcml-installed
+REGISTRY ?= dcml
+TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+PYTEST_ARGS ?=
+MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
+
+.PHONY: install test demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fashion-MNIST from Debian's package (see ../shared/data/README.md).
+fashion-mnist:
+	@$(BIN)/python -m data_prep.fashion_mnist_fetch
+
+demo: install fashion-mnist
+	$(BIN)/dcml run --config demo
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
+
+compile: install
+	$(BIN)/dcml compile --out pipeline.yaml --image-tag $(TAG)
+
+images:
+	bash docker/build.sh $(REGISTRY) $(TAG)
+
+push:
+	bash docker/push.sh $(REGISTRY) $(TAG)
+
+docker-e2e:
+	bash docker/e2e.sh
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

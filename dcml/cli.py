@@ -1,0 +1,75 @@
+"""The `dcml` command. Subcommands are imported lazily so `dcml --help` is fast
+and a stage's heavy imports (torch, faiss, kfp) load only when it runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from dcml.errors import DcmlError
+
+# name -> ("module:attribute", one-line help shown by `dcml --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("components.ingest.stage:cli", "Stage 1: dataset -> Parquet manifest."),
+    "extract": ("components.extract.stage:cli", "Stage 2: manifest -> backbone features (Parquet)."),
+    "cluster": ("components.cluster.stage:cli", "Stage 3: features -> Faiss k-means cluster assignments."),
+    "train": ("components.train.stage:cli", "Stage 4: per-cluster subspace training (shared or one worker)."),
+    "finetune": ("components.finetune.stage:cli", "Stage 5: merge sub-models and fine-tune on all data."),
+    "evaluate": ("components.evaluate.stage:cli", "Stage 6: Recall@K, MAP@R, R-Precision, NMI, AMI."),
+    "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
+    "run": ("dcml.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
+    "compile": ("dcml.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
+    "submit": ("dcml.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
+    "compare": ("dcml.tracking:compare_cli", "Compare runs tracked in MLflow."),
+    "study": ("dcml.study:study_cli", "Run a hyper-parameter study (embedding size, margin, batch size, loss)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx, formatter):
+        # Help text without importing every stage.
+        rows = [(name, short) for name, (_, short) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dcml")
+def cli():
+    """dcml: divide-and-conquer deep metric learning as a Kubeflow pipeline.
+
+    Each stage reads and writes files (Parquet manifests, features, clusters,
+    embeddings; checkpoints; metrics JSON), so any stage can be re-run alone.
+    """
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except DcmlError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Atomic file writes and the Parquet layout of vector tables.
+
+Every artifact a stage produces is written to a temporary file next to its
+destination and renamed into place, so a crash never leaves a half-written
+manifest, feature table or checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dcml.errors import DcmlError
+
+# Key under which dcml stores its JSON metadata in a Parquet schema.
+PARQUET_META_KEY = b"dcml"
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json(dest: str | os.PathLike, obj) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_parquet(dest: str | os.PathLike, table: pa.Table, meta: dict) -> None:
+    """Write ``table`` with dcml's JSON ``meta`` in the schema metadata, atomically."""
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta[PARQUET_META_KEY] = json.dumps(meta, sort_keys=True, default=_json_default).encode()
+    table = table.replace_schema_metadata(schema_meta)
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet_meta(path: str | os.PathLike) -> dict:
+    """The dcml metadata of a Parquet file ({} when it has none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcmlError(f"{path}: no such file; pass the output of the previous stage")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises several types for non-Parquet files
+        raise DcmlError(f"{path}: not a readable Parquet file ({exc}); re-create it with the stage that writes it") from None
+    raw = (schema.metadata or {}).get(PARQUET_META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def vectors_table(meta_df: pd.DataFrame, vectors: np.ndarray, column: str) -> pa.Table:
+    """A table of ``meta_df``'s columns plus ``column``: one float32 vector per row."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(meta_df):
+        raise ValueError(f"vectors shape {vectors.shape} does not match {len(meta_df)} rows")
+    table = pa.Table.from_pandas(meta_df.reset_index(drop=True), preserve_index=False)
+    values = pa.array(vectors.reshape(-1), type=pa.float32())
+    return table.append_column(column, pa.FixedSizeListArray.from_arrays(values, vectors.shape[1]))
+
+
+def write_vectors(dest, meta_df: pd.DataFrame, vectors: np.ndarray, column: str, meta: dict) -> None:
+    """Write a feature or embedding table (e.g. column ``feature`` or ``embedding``)."""
+    write_parquet(dest, vectors_table(meta_df, vectors, column), {**meta, "vector_column": column, "dim": int(vectors.shape[1])})
+
+
+def read_vectors(path, column: str | None = None) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """Read a vector table: (other columns, float32 matrix, dcml metadata).
+
+    Accepts fixed-size or variable-size list columns of equal length, so
+    embeddings written by other tools work too.
+    """
+    meta = read_parquet_meta(path)
+    column = column or meta.get("vector_column") or "embedding"
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        raise DcmlError(f"{path}: no column '{column}' (has {', '.join(table.column_names)}); write vectors as a list<float> column named '{column}'")
+    col = table.column(column).combine_chunks()
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        if n and (lengths != lengths[0]).any():
+            raise DcmlError(f"{path}: column '{column}' has vectors of different lengths; every row needs the same dimension")
+        dim = int(lengths[0]) if n else 0
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+    else:
+        raise DcmlError(f"{path}: column '{column}' is {col.type}, not a list of floats")
+    vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
+    others = table.drop_columns([column]).to_pandas()
+    return others, vectors, meta
