@@ -77,13 +77,21 @@ class StageTimer:
         }
 
 
+# The primary file inside each kind of pipeline artifact directory.
+ARTIFACT_FILES = (
+    "manifest.parquet", "features.parquet", "clusters.parquet", "model.pt",
+    "metrics.json", "embeddings.parquet", "record.json",
+)
+
+
 def read(path: str | os.PathLike) -> dict:
     """The record stored in a stage artifact ({} when it carries none)."""
     path = Path(path)
     if not path.exists():
         return {}
     if path.is_dir():
-        for candidate in ("record.json", "metrics.json"):
+        # A KFP artifact directory holds one primary file (see ARTIFACT_FILES).
+        for candidate in ARTIFACT_FILES:
             if (path / candidate).is_file():
                 return read(path / candidate)
         return {}

@@ -1,0 +1,29 @@
+"""KFP component: features -> cluster assignments; returns the cluster ids to fan out over."""
+
+from typing import List
+
+from kfp.dsl import Dataset, Input, Output
+
+
+def cluster(
+    features: Input[Dataset],
+    num_clusters: int,
+    niter: int,
+    nredo: int,
+    seed: int,
+    clusters: Output[Dataset],
+) -> List[int]:
+    import os
+
+    from components.cluster.stage import run
+
+    os.makedirs(clusters.path, exist_ok=True)
+    run(
+        features=os.path.join(features.path, "features.parquet"),
+        out=os.path.join(clusters.path, "clusters.parquet"),
+        k=num_clusters,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+    )
+    return list(range(num_clusters))

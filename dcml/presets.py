@@ -1,0 +1,85 @@
+"""Named sets of pipeline parameters (`dcml run --config NAME`).
+
+A preset only fills pipeline parameters; `--set key=value` overrides any of
+them, and a JSON file of the same shape can be passed instead of a name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dcml.errors import DcmlError
+
+PRESETS: dict[str, dict] = {
+    # The embedded default: Fashion-MNIST, small CNN, class-disjoint split
+    # (train on classes 0-4, retrieve among unseen classes 5-9), K=2.
+    "demo": {
+        "dataset": "fashion-mnist",
+        "split_mode": "class-disjoint",
+        "max_per_class": 600,
+        "backbone": "small_cnn",
+        "weights": "none",
+        "image_size": 28,
+        "embedding_dim": 64,
+        "num_clusters": 2,
+        "loss": "margin",
+        "miner": "reference",
+        "classes_per_batch": 4,
+        "images_per_class": 8,
+        "lr_backbone": 1e-3,
+        "lr_embedding": 1e-3,
+        "epochs": 4,
+        "recluster_every": 2,
+        "finetune_epochs": 2,
+        "eval_every": 2,
+        "freeze_bn": False,
+        "batch_size": 256,
+        "ks": "1,2,4,8",
+        "experiment": "dcml-demo",
+    },
+    # Stanford Cars (training half here: 98 train / 98 test classes),
+    # EfficientNet-Lite0 with offline ImageNet weights at 128 px.
+    "cars196": {
+        "dataset": "cars196",
+        "data_root": "../shared/data/cars196",
+        "split_mode": "official",
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
+        "image_size": 128,
+        "embedding_dim": 128,
+        "num_clusters": 4,
+        "loss": "margin",
+        "miner": "reference",
+        "classes_per_batch": 8,
+        "images_per_class": 4,
+        "lr_backbone": 1e-4,
+        "lr_embedding": 1e-3,
+        "epochs": 6,
+        "recluster_every": 2,
+        "finetune_epochs": 2,
+        "eval_every": 2,
+        "freeze_bn": True,
+        "batch_size": 64,
+        "ks": "1,2,4,8",
+        "experiment": "dcml-cars196",
+    },
+}
+
+
+def load(config: str | None) -> dict:
+    """A preset by name, or a JSON file of pipeline parameters."""
+    if not config:
+        return {}
+    if config in PRESETS:
+        return dict(PRESETS[config])
+    path = Path(config)
+    if not path.is_file():
+        raise DcmlError(f"{config}: neither a preset ({', '.join(PRESETS)}) nor a JSON file; pass --config demo or a file")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DcmlError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    if not isinstance(values, dict):
+        raise DcmlError(f"{config}: expected a JSON object of pipeline parameters")
+    return values

@@ -1,0 +1,314 @@
+"""`dcml run` (local pipeline), `dcml compile` and `dcml submit` (Kubeflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import click
+
+from dcml import presets, records
+from dcml.errors import DcmlError
+
+DEFAULT_OUTPUT_DIR = "runs"
+
+
+# ----------------------------------------------------------------- parameters
+def pipeline_parameters(pipeline_fn) -> dict[str, tuple[str, object]]:
+    """name -> (KFP type, default) of a built pipeline's parameters."""
+    spec = pipeline_fn.component_spec
+    return {name: (inp.type, inp.default) for name, inp in (spec.inputs or {}).items()}
+
+
+def _coerce(name: str, kfp_type: str, value):
+    if not isinstance(value, str):
+        return value
+    try:
+        if kfp_type == "Integer":
+            return int(value)
+        if kfp_type == "Float":
+            return float(value)
+        if kfp_type == "Boolean":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise DcmlError(f"--set {name}={value}: expected {kfp_type.lower()}") from None
+    return value
+
+
+def resolve_arguments(pipeline_fn, config: str | None, overrides: tuple[str, ...]) -> dict:
+    """Preset/JSON values, then --set overrides, typed and checked against the pipeline."""
+    params = pipeline_parameters(pipeline_fn)
+    values = presets.load(config)
+    for item in overrides:
+        if "=" not in item:
+            raise DcmlError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = value
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise DcmlError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(params))}")
+    return {k: _coerce(k, params[k][0], v) for k, v in values.items()}
+
+
+def _absolute_data_root(args: dict) -> dict:
+    root = args.get("data_root")
+    if root:
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise DcmlError(f"data_root {root}: no such directory; pass --set data_root=DIR")
+        args["data_root"] = str(path.resolve())
+    return args
+
+
+# ------------------------------------------------------------------ structure
+def structure_options(f):
+    """Compile-time options shared by run / compile / submit."""
+    options = [
+        click.option("--mode", type=click.Choice(["shared", "parallel"]), default="shared", show_default=True,
+                     help="shared: the paper's K learners over one backbone; parallel: one worker per cluster, then merge."),
+        click.option("--method", type=click.Choice(["dc", "dfml"]), default="dc", show_default=True,
+                     help="dc: divide and conquer; dfml: factorised backbone with a router."),
+        click.option("--rounds", type=int, default=1, show_default=True, help="parallel mode: cluster -> fan-out -> merge rounds."),
+        click.option("--merge", type=click.Choice(["average", "first"]), default="average", show_default=True,
+                     help="parallel mode: how worker backbones merge."),
+        click.option("--freeze-backbone/--train-backbone", default=False, show_default=True,
+                     help="parallel mode: keep the backbone frozen in the per-cluster phase."),
+        click.option("--image-registry", default="dcml", show_default=True),
+        click.option("--image-tag", default=None, help="Image tag; defaults to the git commit (never 'latest')."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
+           max_parallel_workers=0, cluster=None):
+    import pipeline
+
+    tag = image_tag or records.git_commit()
+    if tag in ("", "unknown"):
+        tag = "dev"
+    try:
+        return pipeline.build_pipeline(mode=mode, method=method, rounds=rounds, merge=merge,
+                                       freeze_backbone=freeze_backbone,
+                                       max_parallel_workers=max_parallel_workers,
+                                       image_registry=image_registry, image_tag=tag, cluster=cluster), tag
+    except ValueError as exc:
+        raise DcmlError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------ run
+def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="average", freeze_backbone=False,
+              output_dir=DEFAULT_OUTPUT_DIR, cache=True, runner="subprocess", image_registry="dcml",
+              image_tag=None, tracking_uri=None, max_parallel_workers=1) -> dict:
+    """Run the pipeline with kfp.local; returns {run_dir, metrics, mlflow}."""
+    from kfp import local
+
+    from dcml import tracking
+
+    output_dir = Path(output_dir).resolve()
+    pipeline_root = output_dir / "pipelines"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
+                            max_parallel_workers=max_parallel_workers)
+    args = _absolute_data_root(dict(args))
+
+    # Stages run in subprocesses that inherit this environment: the MLflow
+    # store is chosen here, not passed as a (cache-busting) pipeline input.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or tracking.default_tracking_uri()
+    if runner == "docker":
+        local_runner = _docker_runner(args, output_dir)
+    else:
+        local_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=local_runner, pipeline_root=str(pipeline_root), enable_caching=cache,
+               cache_root=str(output_dir / "cache"))
+    before = set(pipeline_root.iterdir())
+    started = time.perf_counter()
+    try:
+        task = pipeline_fn(**args)
+    except RuntimeError as exc:
+        raise DcmlError(f"pipeline failed: {exc}; see the task log above") from None
+    elapsed = time.perf_counter() - started
+    new_dirs = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    run_dir = new_dirs[-1] if new_dirs else pipeline_root
+    latest = output_dir / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_dir, target_is_directory=True)
+
+    metrics_path = Path(task.output.path) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())["metrics"]
+    mlflow_info = {}
+    for info in sorted(run_dir.glob("track*/mlflow_run/record.json")):
+        mlflow_info = json.loads(info.read_text())
+    return {"run_dir": str(run_dir), "metrics_file": str(metrics_path), "metrics": metrics,
+            "mlflow": mlflow_info, "seconds": round(elapsed, 2)}
+
+
+def _docker_runner(args: dict, output_dir: Path):
+    """DockerRunner with the dataset and the MLflow store mounted at the same paths."""
+    import docker.types
+    from kfp import local
+
+    from dcml import tracking
+
+    mounts = []
+    if args.get("data_root"):
+        mounts.append(docker.types.Mount(target=args["data_root"], source=args["data_root"], type="bind", read_only=True))
+    fm = Path("/usr/share/datasets/fashion-mnist")
+    if not args.get("data_root") and fm.is_dir():
+        mounts.append(docker.types.Mount(target=str(fm), source=str(fm), type="bind", read_only=True))
+    store = tracking.default_store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    mounts.append(docker.types.Mount(target=str(store), source=str(store), type="bind"))
+    return local.DockerRunner(mounts=mounts, environment={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]},
+                              shm_size="2g")
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = [k for k in metrics if k.startswith("recall@")] + [k for k in ("nmi", "ami", "map@r", "r_precision") if k in metrics]
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
+    lines += [f"{k.ljust(width)}  {metrics[k]:.4f}" for k in keys]
+    return "\n".join(lines)
+
+
+@click.command("run")
+@click.option("--config", default=None, help=f"Preset ({', '.join(presets.PRESETS)}) or a JSON file of pipeline parameters.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline parameter (repeatable).")
+@structure_options
+@click.option("--output-dir", default=DEFAULT_OUTPUT_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Pipeline outputs and the local cache; <dir>/latest points at the newest run.")
+@click.option("--cache/--no-cache", default=True, show_default=True, help="Serve unchanged stages from the local cache.")
+@click.option("--runner", type=click.Choice(["subprocess", "docker"]), default="subprocess", show_default=True,
+              help="subprocess: this Python environment; docker: the stage images (make images).")
+@click.option("--workers", "max_parallel_workers", type=int, default=1, show_default=True,
+              help="parallel mode: workers run at once on this machine.")
+@click.option("--tracking-uri", default=None, help="MLflow store; defaults to $MLFLOW_TRACKING_URI or sqlite:///./mlflow/mlflow.db.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON.")
+def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
+            output_dir, cache, runner, max_parallel_workers, tracking_uri, json_out):
+    """Run the whole pipeline on this machine (kfp.local), with caching."""
+    pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag)
+    args = resolve_arguments(pipeline_fn, config, overrides)
+    summary = run_local(args, mode=mode, method=method, rounds=rounds, merge=merge,
+                        freeze_backbone=freeze_backbone, output_dir=output_dir, cache=cache, runner=runner,
+                        image_registry=image_registry, image_tag=image_tag, tracking_uri=tracking_uri,
+                        max_parallel_workers=max_parallel_workers)
+    click.echo("")
+    click.echo(f"run folder : {summary['run_dir']}")
+    click.echo(f"metrics    : {summary['metrics_file']}")
+    click.echo(format_metrics(summary["metrics"]))
+    if summary["mlflow"]:
+        info = summary["mlflow"]
+        click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']}")
+        if info.get("cached_stages"):
+            click.echo(f"cached     : {', '.join(info['cached_stages'])}")
+        click.echo("             browse with `make mlflow-ui` (http://127.0.0.1:5000)")
+    click.echo(f"wall time  : {summary['seconds']:.1f} s")
+    if json_out:
+        from dcml.io import write_json
+
+        write_json(json_out, summary)
+
+
+# -------------------------------------------------------------------- compile
+def cluster_options(f):
+    options = [
+        click.option("--data-pvc", default="dcml-data", show_default=True, help="PVC with the datasets."),
+        click.option("--data-mount", default="/data", show_default=True, help="Mount path of the dataset PVC."),
+        click.option("--mlflow-secret", default="dcml-mlflow", show_default=True,
+                     help="Secret with keys tracking_uri, username, password."),
+        click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per GPU stage."),
+        click.option("--gpu-memory", default="16Gi", show_default=True),
+        click.option("--gpu-cpu", default="4", show_default=True),
+        click.option("--shm-size", default="8Gi", show_default=True, help="In-memory /dev/shm for data loaders."),
+        click.option("--toleration", "tolerations", multiple=True, metavar="KEY[=VALUE]:EFFECT",
+                     help="Toleration for GPU stages, e.g. nvidia.com/gpu:NoSchedule (repeatable)."),
+        click.option("--node-selector", "node_selectors", multiple=True, metavar="LABEL=VALUE",
+                     help="Node selector for GPU stages (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _cluster_settings(data_pvc, data_mount, mlflow_secret, gpus, gpu_memory, gpu_cpu, shm_size,
+                      tolerations, node_selectors):
+    import pipeline
+
+    parsed_tolerations = []
+    for item in tolerations:
+        if ":" not in item:
+            raise DcmlError(f"--toleration {item}: expected KEY[=VALUE]:EFFECT, e.g. nvidia.com/gpu:NoSchedule")
+        keyval, effect = item.rsplit(":", 1)
+        key, _, value = keyval.partition("=")
+        parsed_tolerations.append({"key": key, "operator": "Equal" if value else "Exists",
+                                   "value": value or None, "effect": effect})
+    selector = {}
+    for item in node_selectors:
+        if "=" not in item:
+            raise DcmlError(f"--node-selector {item}: expected LABEL=VALUE")
+        key, value = item.split("=", 1)
+        selector[key] = value
+    return pipeline.ClusterSettings(data_pvc=data_pvc, data_mount=data_mount, mlflow_secret=mlflow_secret,
+                                    gpus_per_task=gpus, gpu_memory_request=gpu_memory, gpu_cpu_request=gpu_cpu,
+                                    shm_size=shm_size, tolerations=parsed_tolerations, node_selector=selector)
+
+
+@click.command("compile")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline YAML.")
+@structure_options
+@cluster_options
+def compile_cli(out, mode, method, rounds, merge, freeze_backbone, image_registry, image_tag, **cluster_kwargs):
+    """Compile the pipeline to Kubeflow YAML for a cluster."""
+    from kfp import compiler
+
+    from dcml.io import atomic_path
+
+    settings = _cluster_settings(**cluster_kwargs)
+    pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
+                              cluster=settings)
+    with atomic_path(out) as tmp:
+        compiler.Compiler().compile(pipeline_fn, package_path=str(tmp.with_suffix(".yaml")))
+        shutil.move(str(tmp.with_suffix(".yaml")), tmp)
+    click.echo(f"wrote {out} (images {image_registry}/dcml-<stage>:{tag})")
+
+
+@click.command("submit")
+@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. https://kfp.example.com")
+@click.option("--experiment", "kfp_experiment", default="dcml", show_default=True, help="KFP experiment name.")
+@click.option("--namespace", default=None, help="Kubernetes namespace (multi-user Kubeflow).")
+@click.option("--run-name", default=None)
+@click.option("--config", default=None, help="Preset or JSON file of pipeline parameters.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline parameter (repeatable).")
+@structure_options
+@cluster_options
+def submit_cli(host, kfp_experiment, namespace, run_name, config, overrides, mode, method, rounds, merge,
+               freeze_backbone, image_registry, image_tag, **cluster_kwargs):
+    """Compile and submit a pipeline run to a Kubeflow cluster (kfp.Client)."""
+    import tempfile
+
+    import kfp
+    from kfp import compiler
+
+    settings = _cluster_settings(**cluster_kwargs)
+    pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
+                              cluster=settings)
+    args = resolve_arguments(pipeline_fn, config, overrides)
+    if args.get("data_root", "").startswith(("..", "./")) or (args.get("data_root") and not args["data_root"].startswith("/")):
+        raise DcmlError(f"data_root {args['data_root']}: on a cluster give the path inside the dataset PVC, e.g. {settings.data_mount}/cars196")
+    with tempfile.TemporaryDirectory() as tmp:
+        package = os.path.join(tmp, "pipeline.yaml")
+        compiler.Compiler().compile(pipeline_fn, package_path=package)
+        client = kfp.Client(host=host, namespace=namespace)
+        result = client.create_run_from_pipeline_package(package, arguments=args, run_name=run_name,
+                                                         experiment_name=kfp_experiment, namespace=namespace)
+    click.echo(f"submitted run {result.run_id} (images {image_registry}/dcml-<stage>:{tag})")

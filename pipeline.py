@@ -1,0 +1,240 @@
+"""The dcml Kubeflow pipeline.
+
+ingest -> extract -> cluster -> train (shared, or ParallelFor workers + merge)
+-> finetune -> evaluate -> track (MLflow). Structure (training mode, rounds,
+method, cluster settings, images) is fixed at compile time by
+``build_pipeline``; every number (K, epochs, learning rates, ...) is a
+pipeline parameter, so one compiled YAML serves many runs.
+
+The same component definitions run in kfp.local.SubprocessRunner (the
+embedded default, `dcml run`), in kfp.local.DockerRunner and on a cluster
+(`dcml compile` / `dcml submit`).
+"""
+
+
+from dataclasses import dataclass, field
+
+from kfp import dsl
+from kfp.dsl import Metrics
+
+from components.cluster.component import cluster as cluster_fn
+from components.compress.component import compress as compress_fn
+from components.dfml.component import train_dfml as train_dfml_fn
+from components.evaluate.component import evaluate as evaluate_fn
+from components.extract.component import extract as extract_fn
+from components.extract.component import extract_with_model as extract_with_model_fn
+from components.finetune.component import finetune as finetune_fn
+from components.finetune.component import merge_finetune as merge_finetune_fn
+from components.ingest.component import ingest as ingest_fn
+from components.track.component import track as track_fn
+from components.train.component import train_shared as train_shared_fn
+from components.train.component import train_worker as train_worker_fn
+
+MODES = ("shared", "parallel")
+METHODS = ("dc", "dfml")
+# Stage whose image a component runs in (docker/<stage>/Dockerfile).
+IMAGE_OF = {
+    "ingest": "ingest", "extract": "extract", "extract-with-model": "extract", "cluster": "cluster",
+    "train-shared": "train", "train-worker": "train", "train-dfml": "train", "finetune": "finetune",
+    "merge-finetune": "finetune", "evaluate": "evaluate", "compress": "compress", "track": "base",
+}
+GPU_STAGES = frozenset({"extract", "extract-with-model", "train-shared", "train-worker", "train-dfml",
+                        "finetune", "merge-finetune", "evaluate", "compress"})
+
+
+@dataclass
+class ClusterSettings:
+    """Kubernetes settings applied when compiling for a cluster."""
+
+    data_pvc: str = "dcml-data"                   # PVC holding the datasets
+    data_mount: str = "/data"                     # where every stage sees it
+    mlflow_secret: str = "dcml-mlflow"            # secret with the tracking URI + credentials
+    mlflow_secret_keys: dict = field(default_factory=lambda: {
+        "tracking_uri": "MLFLOW_TRACKING_URI",
+        "username": "MLFLOW_TRACKING_USERNAME",
+        "password": "MLFLOW_TRACKING_PASSWORD",
+    })
+    gpus_per_task: int = 1
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_cpu_request: str = "4"
+    gpu_memory_request: str = "16Gi"
+    cpu_request: str = "1"
+    memory_request: str = "4Gi"
+    shm_size: str = "8Gi"                         # in-memory /dev/shm for DataLoader workers
+    tolerations: list = field(default_factory=list)   # [{"key":..., "operator":..., "value":..., "effect":...}]
+    node_selector: dict = field(default_factory=dict)  # {"label": "value"} for GPU stages
+
+
+def image_for(registry: str, tag: str, task: str) -> str:
+    if not tag or tag == "latest":
+        raise ValueError("images must be pinned to a unique tag (e.g. the git commit), never 'latest'")
+    return f"{registry}/dcml-{IMAGE_OF[task]}:{tag}"
+
+
+def _components(registry: str, tag: str) -> dict:
+    funcs = {
+        "ingest": ingest_fn, "extract": extract_fn, "extract-with-model": extract_with_model_fn,
+        "cluster": cluster_fn, "train-shared": train_shared_fn, "train-worker": train_worker_fn,
+        "train-dfml": train_dfml_fn, "finetune": finetune_fn, "merge-finetune": merge_finetune_fn,
+        "evaluate": evaluate_fn, "compress": compress_fn, "track": track_fn,
+    }
+    return {
+        name: dsl.component(func, base_image=image_for(registry, tag, name), install_kfp_package=False)
+        for name, func in funcs.items()
+    }
+
+
+def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None):
+    """Resources, volumes, secrets and scheduling for one task (cluster only)."""
+    if settings is None:
+        return task
+    from kfp import kubernetes
+
+    kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=settings.shm_size)
+    if name == "track":
+        kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret,
+                                     secret_key_to_env=settings.mlflow_secret_keys)
+    if name in GPU_STAGES:
+        task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpus_per_task)
+        task.set_cpu_request(settings.gpu_cpu_request).set_memory_request(settings.gpu_memory_request)
+        for tol in settings.tolerations:
+            kubernetes.add_toleration(task, **tol)
+        for key, value in settings.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    else:
+        task.set_cpu_request(settings.cpu_request).set_memory_request(settings.memory_request)
+    return task
+
+
+def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, merge: str = "average",
+                   freeze_backbone: bool = False, max_parallel_workers: int = 0,
+                   image_registry: str = "dcml", image_tag: str = "dev",
+                   cluster: ClusterSettings | None = None):
+    """Return the pipeline function for one structure (see module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    comp = _components(image_registry, image_tag)
+
+    def task(name, **kwargs):
+        t = comp[name](**kwargs)
+        t.set_display_name(name)
+        return _apply_cluster_settings(t, name, cluster)
+
+    name = f"dcml-{method}" if method == "dfml" else f"dcml-{method}-{mode}"
+
+    @dsl.pipeline(name=name, description="Divide-and-conquer deep metric learning (dcml)")
+    def dcml_pipeline(
+        dataset: str = "fashion-mnist",
+        data_root: str = "",
+        split_mode: str = "official",
+        max_per_class: int = 0,
+        check_images: bool = False,
+        backbone: str = "small_cnn",
+        weights: str = "none",
+        image_size: int = 28,
+        embedding_dim: int = 128,
+        num_clusters: int = 4,
+        niter: int = 100,
+        nredo: int = 1,
+        loss: str = "margin",
+        margin: float = 0.0,
+        miner: str = "reference",
+        classes_per_batch: int = 8,
+        images_per_class: int = 4,
+        lr_backbone: float = 1e-4,
+        lr_embedding: float = 1e-3,
+        lr_proxies: float = 1e-2,
+        lr_router: float = 1e-3,
+        weight_decay: float = 1e-4,
+        epochs: int = 4,
+        recluster_every: int = 2,
+        finetune_epochs: int = 1,
+        eval_every: int = 1,
+        freeze_bn: bool = True,
+        dfml_groups: int = 3,
+        seed: int = 0,
+        num_workers: int = 0,
+        batch_size: int = 128,
+        ks: str = "1,2,4,8",
+        eval_batch_size: int = 256,
+        compress_bits: int = 0,
+        compress_method: str = "loss-aware",
+        experiment: str = "dcml",
+        run_name: str = "",
+    ) -> Metrics:
+        train_args = dict(loss=loss, margin=margin, miner=miner, classes_per_batch=classes_per_batch,
+                          images_per_class=images_per_class, lr_backbone=lr_backbone,
+                          lr_embedding=lr_embedding, weight_decay=weight_decay, eval_every=eval_every,
+                          seed=seed, num_workers=num_workers)
+        model_args = dict(backbone=backbone, weights=weights, image_size=image_size,
+                          embedding_dim=embedding_dim)
+        extract_args = dict(backbone=backbone, weights=weights, image_size=image_size,
+                            batch_size=batch_size, num_workers=num_workers)
+        ingest = task("ingest", dataset=dataset, data_root=data_root, split_mode=split_mode,
+                      max_per_class=max_per_class, check_images=check_images)
+        manifest = ingest.outputs["manifest"]
+
+        if method == "dfml":
+            model = task("train-dfml", manifest=manifest, **model_args, groups=dfml_groups,
+                         lr_proxies=lr_proxies, lr_router=lr_router, epochs=epochs, freeze_bn=freeze_bn,
+                         **{k: v for k, v in train_args.items() if k != "miner"}).outputs["model"]
+        elif mode == "shared":
+            features = task("extract", manifest=manifest, **extract_args).outputs["features"]
+            clusters = task("cluster", features=features, num_clusters=num_clusters, niter=niter,
+                            nredo=nredo, seed=seed).outputs["clusters"]
+            trained = task("train-shared", manifest=manifest, clusters=clusters, **model_args,
+                           **train_args, epochs=epochs, recluster_every=recluster_every,
+                           freeze_bn=freeze_bn).outputs["model"]
+            model = task("finetune", manifest=manifest, checkpoint=trained,
+                         **{**train_args, "epochs": finetune_epochs}).outputs["model"]
+        else:
+            model = None
+            for _ in range(rounds):
+                if model is None:
+                    features = task("extract", manifest=manifest, **extract_args).outputs["features"]
+                else:
+                    # Later rounds cluster the merged model's own backbone features.
+                    features = task("extract-with-model", manifest=manifest, model=model,
+                                    batch_size=batch_size, num_workers=num_workers).outputs["features"]
+                clustered = task("cluster", features=features, num_clusters=num_clusters, niter=niter,
+                                 nredo=nredo, seed=seed)
+                with dsl.ParallelFor(items=clustered.outputs["Output"],
+                                     parallelism=max_parallel_workers) as cluster_id:
+                    extra = {"init": model} if model is not None else {}
+                    worker = task("train-worker", manifest=manifest, clusters=clustered.outputs["clusters"],
+                                  cluster_id=cluster_id, **model_args, **train_args, epochs=epochs,
+                                  freeze_bn=freeze_bn, freeze_backbone=freeze_backbone, **extra)
+                model = task("merge-finetune", manifest=manifest,
+                             checkpoints=dsl.Collected(worker.outputs["model"]), merge=merge,
+                             **{**train_args, "epochs": finetune_epochs}).outputs["model"]
+
+        evaluated = task("evaluate", manifest=manifest, model=model, ks=ks, batch_size=eval_batch_size,
+                         num_workers=num_workers)
+        tracked = task("track", metrics=evaluated.outputs["metrics"], model=model,
+                       embeddings=evaluated.outputs["embeddings"], experiment=experiment, run_name=run_name)
+        tracked.set_caching_options(False)  # a new MLflow run every time, cached stages included
+
+        with dsl.If(compress_bits > 0, name="compress-enabled"):
+            compressed = task("compress", manifest=manifest, model=model, bits=compress_bits,
+                              method=compress_method, loss=loss, seed=seed).outputs["compressed"]
+            evaluated_q = task("evaluate", manifest=manifest, model=compressed, ks=ks,
+                               batch_size=eval_batch_size, num_workers=num_workers)
+            task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,
+                 embeddings=evaluated_q.outputs["embeddings"], experiment=experiment,
+                 run_name=run_name).set_caching_options(False)
+        return evaluated.outputs["metrics"]
+
+    return dcml_pipeline
+
+
+def compile_pipeline(out: str, **kwargs) -> None:
+    """Compile to Kubeflow YAML (IR)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(**kwargs), package_path=out)

@@ -1,0 +1,151 @@
+"""The compiled Kubeflow YAML: structure and cluster settings (no cluster needed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from dcml.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_EXECUTORS = ("extract", "train", "finetune", "evaluate", "compress")
+
+
+def compile_with_cli(tmp_path, *extra):
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(cli, ["compile", "--out", str(out), "--image-registry", "registry.example/ml",
+                                      "--image-tag", "0123abcd", *extra])
+    assert result.exit_code == 0, result.output
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def executors(spec):
+    return spec["deploymentSpec"]["executors"]
+
+
+def test_shared_mode_chains_the_six_stages(tmp_path):
+    spec, _ = compile_with_cli(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("ingest", "extract", "cluster", "train-shared", "finetune", "evaluate", "track"):
+        assert name in tasks, sorted(tasks)
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps["extract"] == {"ingest"}
+    assert deps["cluster"] == {"extract"}
+    assert deps["train-shared"] == {"ingest", "cluster"}
+    assert deps["finetune"] == {"ingest", "train-shared"}
+    assert deps["evaluate"] == {"ingest", "finetune"}
+    # The MLflow step is never cached; the stages are.
+    assert tasks["track"]["cachingOptions"] == {}
+    assert tasks["train-shared"]["cachingOptions"] == {"enableCache": True}
+
+
+def test_parallel_mode_fans_out_and_in_with_unrolled_rounds(tmp_path):
+    spec, _ = compile_with_cli(tmp_path, "--mode", "parallel", "--rounds", "2")
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = [n for n, t in tasks.items() if "parameterIterator" in t]
+    assert len(loops) == 2, "one ParallelFor per round"
+    for loop in loops:
+        iterator = tasks[loop]["parameterIterator"]["items"]["inputParameter"]
+        assert "cluster" in iterator and "Output" in iterator
+    merges = [n for n in tasks if n.startswith("merge-finetune")]
+    assert len(merges) == 2
+    # Round 2 clusters the merged model's features and starts workers from it.
+    assert "extract-with-model" in tasks
+    round2_worker = spec["components"][tasks[loops[1]]["componentRef"]["name"]]["dag"]["tasks"]["train-worker-2"]
+    assert "init" in round2_worker["inputs"]["artifacts"]
+    # Fan-in: the merge consumes the collected worker models.
+    merge_inputs = spec["components"]["comp-merge-finetune"]["inputDefinitions"]["artifacts"]["checkpoints"]
+    assert merge_inputs.get("isArtifactList") is True
+
+
+def test_gpu_stages_request_gpus_cpu_and_memory(tmp_path):
+    spec, _ = compile_with_cli(tmp_path, "--gpus", "2", "--gpu-memory", "24Gi", "--gpu-cpu", "6")
+    for name, executor in executors(spec).items():
+        resources = executor["container"].get("resources", {})
+        if any(stage in name for stage in GPU_EXECUTORS):
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+            assert resources["accelerator"]["resourceCount"] == "2", name
+            assert resources["resourceMemoryRequest"] == "24Gi", name
+            assert resources["resourceCpuRequest"] == "6", name
+        else:
+            assert "accelerator" not in resources, name
+            assert resources["resourceMemoryRequest"] == "4Gi", name
+            assert resources["resourceCpuRequest"] == "1", name
+
+
+def test_shm_pvc_secret_tolerations_and_node_selector(tmp_path):
+    _, k8s = compile_with_cli(tmp_path, "--data-pvc", "datasets", "--data-mount", "/datasets",
+                              "--mlflow-secret", "mlflow-creds", "--shm-size", "4Gi",
+                              "--toleration", "nvidia.com/gpu:NoSchedule",
+                              "--toleration", "team=ml:NoExecute", "--node-selector", "accelerator=a100")
+    assert k8s, "platform config missing"
+    for name, cfg in k8s.items():
+        assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "4Gi", "volumeName": "dshm"} in cfg["emptyDirMounts"]
+        assert cfg["pvcMount"][0]["mountPath"] == "/datasets"
+        assert cfg["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "datasets"
+        if any(stage in name for stage in GPU_EXECUTORS):
+            assert cfg["nodeSelector"]["labels"] == {"accelerator": "a100"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in cfg["tolerations"]
+            assert {"key": "team", "operator": "Equal", "value": "ml", "effect": "NoExecute"} in cfg["tolerations"]
+    track = [cfg for name, cfg in k8s.items() if name.startswith("exec-track")]
+    assert track
+    for cfg in track:
+        env = {m["envVar"]: m["secretKey"] for m in cfg["secretAsEnv"][0]["keyToEnv"]}
+        assert env["MLFLOW_TRACKING_URI"] == "tracking_uri"
+        assert cfg["secretAsEnv"][0]["secretNameParameter"]["runtimeValue"]["constant"] == "mlflow-creds"
+
+
+def test_images_are_pinned_per_stage(tmp_path):
+    spec, _ = compile_with_cli(tmp_path)
+    images = {name: e["container"]["image"] for name, e in executors(spec).items()}
+    for name, image in images.items():
+        assert image.startswith("registry.example/ml/dcml-"), image
+        assert image.endswith(":0123abcd"), image
+    assert images["exec-train-shared"] == "registry.example/ml/dcml-train:0123abcd"
+    assert images["exec-ingest"] == "registry.example/ml/dcml-ingest:0123abcd"
+    # Lightweight components that call the package: no pip install of kfp at run time.
+    for executor in executors(spec).values():
+        assert "pip install" not in " ".join(executor["container"]["command"])
+
+
+def test_latest_tag_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["compile", "--out", str(tmp_path / "p.yaml"), "--image-tag", "latest"])
+    assert result.exit_code != 0
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_default_tag_is_the_git_commit(tmp_path):
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(cli, ["compile", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if not commit:
+        pytest.skip("not a git checkout")
+    assert f":{commit}" in out.read_text()
+
+
+def test_dfml_method_replaces_the_divide_and_conquer_stages(tmp_path):
+    spec, _ = compile_with_cli(tmp_path, "--method", "dfml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "train-dfml" in tasks
+    assert not {"cluster", "train-shared", "finetune"} & set(tasks)
+    assert set(tasks["evaluate"]["dependentTasks"]) == {"ingest", "train-dfml"}
+
+
+def test_compress_is_switched_by_a_parameter(tmp_path):
+    spec, _ = compile_with_cli(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    condition = [t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    assert len(condition) == 1
+    assert "compress_bits" in condition[0]["triggerPolicy"]["condition"]
+
+
+def test_pipeline_module_importable_without_the_cli():
+    # `python -c "import pipeline"` is how users build their own variants.
+    result = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.MODES)"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
