@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 
 from dcml.errors import DcmlError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 # Key under which dcml stores its JSON metadata in a Parquet schema.
 PARQUET_META_KEY = b"dcml"
 
@@ -35,6 +38,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600; artifacts are read by other users/containers.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -88,15 +88,33 @@ def validate(df: pd.DataFrame, meta: dict, source: str = "manifest") -> None:
         raise DcmlError(f"{source}: image_id must be unique and non-null (duplicate {dup!r}); {fix}")
     if not pd.api.types.is_integer_dtype(df["label"]):
         raise DcmlError(f"{source}: column 'label' must be integer, got {df['label'].dtype}; {fix}")
+    for col in ("class_name", "split"):
+        if df[col].isna().any():
+            raise DcmlError(f"{source}: column '{col}' is null for image {df['image_id'][df[col].isna()].iloc[0]!r}; {fix}")
     bad_split = sorted(set(df["split"].unique()) - set(SPLITS))
     if bad_split:
         raise DcmlError(f"{source}: unknown split value(s) {bad_split}; use {', '.join(SPLITS)}")
-    neither = df["path"].isna() & df["image_bytes"].isna()
+    present = set(df["split"].unique())
+    if "test" in present and present & {"query", "gallery"}:
+        raise DcmlError(f"{source}: mixes split 'test' with 'query'/'gallery'; use train/test or train/query/gallery")
+    has_path = df["path"].map(lambda p: isinstance(p, str) and p != "").astype(bool)
+    has_bytes = df["image_bytes"].map(lambda b: isinstance(b, (bytes, bytearray, memoryview)) and len(b) > 0).astype(bool)
+    neither = ~(has_path | has_bytes)
     if neither.any():
         raise DcmlError(f"{source}: row {df['image_id'][neither].iloc[0]!r} has neither path nor image_bytes; {fix}")
+    paths = df["path"][has_path].astype(str)
+    # Paths stay inside the dataset root: no absolute paths, no '..' segments.
+    escaping = paths.str.startswith(("/", "\\")) | paths.str.contains(r"(?:^|[/\\])\.\.(?:[/\\]|$)", regex=True) \
+        | paths.str.match(r"^[A-Za-z]:")
+    if escaping.any():
+        raise DcmlError(f"{source}: path {paths[escaping].iloc[0]!r} escapes the dataset root; "
+                        f"paths must be relative to the root without '..'; {fix}")
     per_label = df.groupby("label")["class_name"].nunique()
     if (per_label > 1).any():
         raise DcmlError(f"{source}: label {per_label[per_label > 1].index[0]} maps to several class names; {fix}")
+    per_name = df.groupby("class_name")["label"].nunique()
+    if (per_name > 1).any():
+        raise DcmlError(f"{source}: class name {per_name[per_name > 1].index[0]!r} has several labels; {fix}")
 
 
 def write(dest: str | os.PathLike, df: pd.DataFrame, meta: dict) -> None:
@@ -105,6 +123,9 @@ def write(dest: str | os.PathLike, df: pd.DataFrame, meta: dict) -> None:
     for col in ("path", "image_bytes"):
         if col not in df.columns:
             df[col] = None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DcmlError(f"{dest}: manifest lacks column(s) {', '.join(missing)}; re-create it with `dcml ingest`")
     df = df[list(COLUMNS)].astype({"label": "int64"})
     meta = {"schema_version": SCHEMA_VERSION, **meta}
     validate(df, meta, str(dest))
