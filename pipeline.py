@@ -175,7 +175,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         model_args = dict(backbone=backbone, weights=weights, image_size=image_size,
                           embedding_dim=embedding_dim)
         extract_args = dict(backbone=backbone, weights=weights, image_size=image_size,
-                            batch_size=batch_size, num_workers=num_workers)
+                            batch_size=batch_size, num_workers=num_workers, seed=seed)
         ingest = task("ingest", dataset=dataset, data_root=data_root, split_mode=split_mode,
                       max_per_class=max_per_class, check_images=check_images)
         manifest = ingest.outputs["manifest"]

@@ -168,8 +168,16 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
             for path in make_plots(lineage, final_metrics, embeddings, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="plots")
             mlflow.log_dict(final, "lineage.json")
-        if model and Path(model).is_file():
-            _log_model(model)
+        model_exec_id = records.read(model).get("exec_id") if model and Path(model).is_file() else None
+        if model_exec_id:
+            # A model served from the cache was logged by an earlier run: point at it.
+            earlier = client.search_runs([experiment_id], filter_string=(
+                f"tags.`dcml.model_exec_id` = '{model_exec_id}' and tags.`dcml.model_logged` = 'true'"), max_results=1)
+            mlflow.set_tag("dcml.model_exec_id", model_exec_id)
+            if earlier:
+                mlflow.set_tag("dcml.model_uri", earlier[0].data.tags.get("dcml.model_uri", ""))
+            else:
+                mlflow.set_tags({"dcml.model_logged": "true", "dcml.model_uri": _log_model(model)})
         run_id = parent.info.run_id
 
     if out:
@@ -181,7 +189,8 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     return run_id
 
 
-def _log_model(model_path: str) -> None:
+def _log_model(model_path: str) -> str:
+    """Log the checkpoint as an MLflow PyTorch model; returns its model URI."""
     import mlflow
     import torch
 
@@ -189,8 +198,11 @@ def _log_model(model_path: str) -> None:
 
     model, _ = load_model(model_path, device="cpu")
     model.eval()
-    # Explicit requirements: inferring them would import-scan the environment.
-    mlflow.pytorch.log_model(model, name="model", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    # Pickle format: torch.export (pt2) costs ~15 s of tracing per run here.
+    # Explicit requirements avoid MLflow import-scanning the environment.
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dcml"])
+    return info.model_uri
 
 
 def make_plots(lineage: list[dict], final_metrics: dict, embeddings: str | None, out_dir: Path) -> list[Path]:

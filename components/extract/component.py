@@ -10,6 +10,7 @@ def extract(
     image_size: int,
     batch_size: int,
     num_workers: int,
+    seed: int,
     features: Output[Dataset],
 ):
     import os
@@ -20,6 +21,7 @@ def extract(
     run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         out=os.path.join(features.path, "features.parquet"),
+        seed=seed,
         backbone=backbone,
         weights=weights,
         image_size=image_size,

@@ -1,0 +1,152 @@
+"""Stage 5: merge the per-cluster sub-models into one model, fine-tune it on all data.
+
+Several worker checkpoints (``dcml train --mode worker``): the merged head
+takes the rows of slice k from worker k (slices side by side); the backbones
+are averaged parameter by parameter, BatchNorm statistics included
+(``merge="average"``), or taken from worker 0 (``merge="first"``, for
+backbones that were frozen and so are identical). Then the whole embedding
+(K=1) is fine-tuned on all training images for ``epochs`` epochs; with
+``epochs=0`` the merged model is written as is, K slices each normalised on
+its own. One checkpoint (shared mode): no merge, just the fine-tuning.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from components.train.stage import device_or_default, final_metrics, load_manifest, resume_file, set_threads, write_output
+from dcml import checkpoint
+from dcml.errors import DcmlError
+from dcml.records import StageTimer
+
+MERGES = ("average", "first")
+
+
+def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
+    """One model from worker checkpoints [(path, ckpt)]; (model, cluster ids in slice order)."""
+    if merge not in MERGES:
+        raise DcmlError(f"merge={merge!r}: use one of {', '.join(MERGES)}")
+    by_cluster: dict[int, tuple[str, dict]] = {}
+    first_path, first = loaded[0]
+    for path, ckpt in loaded:
+        worker = ckpt.get("worker")
+        if not isinstance(worker, dict) or worker.get("cluster_id") is None:
+            raise DcmlError(f"{path}: not a worker checkpoint (no cluster_id); merge only outputs of `dcml train --mode worker`")
+        if worker["k"] != len(loaded):
+            raise DcmlError(f"{path}: trained for k={worker['k']} clusters but {len(loaded)} checkpoints were given; "
+                            f"pass one checkpoint per cluster 0..{worker['k'] - 1}")
+        for key in sorted(set(first["model_config"]) | set(ckpt["model_config"])):
+            if first["model_config"].get(key) != ckpt["model_config"].get(key):
+                raise DcmlError(f"{path}: model_config '{key}' is {ckpt['model_config'].get(key)!r} but {first_path} has "
+                                f"{first['model_config'].get(key)!r}; merge workers trained with the same settings")
+        cid = int(worker["cluster_id"])
+        if cid in by_cluster:
+            raise DcmlError(f"{path}: cluster_id {cid} is also in {by_cluster[cid][0]}; pass each cluster's worker once")
+        by_cluster[cid] = (path, ckpt)
+    k = len(loaded)
+    missing = sorted(set(range(k)) - set(by_cluster))
+    if missing:
+        raise DcmlError(f"no worker checkpoint for cluster(s) {missing}; pass one checkpoint per cluster 0..{k - 1}")
+
+    workers = [by_cluster[c][1] for c in range(k)]
+    states = [checkpoint.state_dict_of(w) for w in workers]
+    for (path, _), state in zip((by_cluster[c] for c in range(k)), states):
+        if state.keys() != states[0].keys():
+            raise DcmlError(f"{path}: its weights have other tensors than {by_cluster[0][0]}'s; merge workers of one architecture")
+    template = checkpoint.build_from({"model_config": workers[0]["model_config"], "model": states[0]}, by_cluster[0][0])
+    merged = {}
+    for name, tensor in states[0].items():
+        if name in ("head.weight", "head.bias"):
+            rows = tensor.clone()
+            for c, state in enumerate(states):
+                start, stop = template.slice_bounds(c)
+                rows[start:stop] = state[name][start:stop]
+            merged[name] = rows
+        elif merge == "average" and tensor.is_floating_point():
+            merged[name] = torch.stack([s[name].double() for s in states]).mean(dim=0).to(tensor.dtype)
+        else:  # merge="first", and integer buffers (BatchNorm's num_batches_tracked)
+            merged[name] = tensor.clone()
+    template.load_state_dict(merged)
+    return template, list(range(k))
+
+
+def run(manifest, checkpoints, out, merge="average", epochs=2, loss="margin", margin=None, miner="reference",
+        classes_per_batch=20, images_per_class=4, lr_backbone=1e-5, lr_embedding=1e-5, lr_proxies=None,
+        weight_decay=1e-4, eval_every=0, freeze_backbone=False, seed=0, num_workers=0,
+        resume=True, work_dir=None, device=None, threads=None) -> dict:
+    """Merge worker checkpoints (or take the one shared-mode checkpoint) and
+    fine-tune with K=1 on all training images; writes a checkpoint to ``out``."""
+    params = {k: v for k, v in locals().items() if k not in ("manifest", "checkpoints", "out", "work_dir")}
+    from dcml.training import Trainer, TrainSettings, seed_everything
+
+    if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
+        checkpoints = [checkpoints]
+    checkpoints = [str(c) for c in checkpoints]
+    if not checkpoints:
+        raise DcmlError("no checkpoint given; pass --checkpoint once per trained model")
+    timer = StageTimer("finetune", params)
+    set_threads(threads)
+    man, train_rows, eval_rows = load_manifest(manifest)
+    loaded = [(path, checkpoint.load(path)) for path in checkpoints]
+    if len(loaded) == 1:
+        model = checkpoint.build_from(loaded[0][1], loaded[0][0])
+        merged_from = None
+    else:
+        model, merged_from = merge_checkpoints(loaded, merge)
+
+    history, trainer = [], None
+    if int(epochs) > 0:
+        model.set_num_slices(1)
+        settings = TrainSettings(
+            epochs=int(epochs), classes_per_batch=int(classes_per_batch), images_per_class=int(images_per_class),
+            lr_backbone=float(lr_backbone), lr_embedding=float(lr_embedding),
+            lr_loss=None if lr_proxies is None else float(lr_proxies), weight_decay=float(weight_decay),
+            loss=loss, margin=margin, miner=miner, recluster_every=0, finetune_epoch=0, eval_every=int(eval_every),
+            freeze_backbone=bool(freeze_backbone), seed=int(seed), num_workers=int(num_workers))
+        seed_everything(seed)
+        trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows if len(eval_rows) else None,
+                          resume_path=resume_file(out, work_dir), device=device_or_default(device))
+        history = trainer.fit(resume=resume)
+        model.cpu()
+
+    record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints}, metrics=final_metrics(history),
+                          history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
+                                                  "num_slices": int(model.num_slices)})
+    write_output(out, model, record, epoch=len(history),
+                 **({"merged_from": merged_from} if merged_from is not None else {}))
+    if trainer is not None:
+        trainer.resume_path.unlink(missing_ok=True)
+    return record
+
+
+@click.command("finetune")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="Manifest Parquet (dcml ingest).")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="A trained checkpoint; repeat once per worker to merge them.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt).")
+@click.option("--merge", type=click.Choice(MERGES), default="average", show_default=True,
+              help="Backbones: average them, or take worker 0's (frozen backbones).")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs (0 = merge only).")
+@click.option("--loss", default="margin", show_default=True, type=click.Choice(["margin", "triplet", "contrastive", "proxy_anchor"]))
+@click.option("--margin", type=float, help="Loss margin [default: per loss].")
+@click.option("--miner", default="reference", show_default=True, type=click.Choice(["reference", "distance_weighted", "none"]))
+@click.option("--classes-per-batch", type=int, default=20, show_default=True, help="P")
+@click.option("--images-per-class", type=int, default=4, show_default=True, help="M")
+@click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
+@click.option("--lr-embedding", type=float, default=1e-5, show_default=True)
+@click.option("--lr-proxies", type=float, help="Loss parameters [default: 100 x lr-embedding].")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--eval-every", type=int, default=0, show_default=True, help="R@1 on the test split every N epochs (0 = never).")
+@click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=int, default=0, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
+@click.option("--device", help="cuda | cpu [default: cuda when available].")
+@click.option("--threads", type=int, help="CPU threads for torch [default: torch's]; 1 is fastest on a busy shared machine.")
+def cli(**kwargs):
+    """Merge sub-models (slices side by side, backbones averaged) and fine-tune on all data."""
+    kwargs["checkpoints"] = list(kwargs["checkpoints"])
+    record = run(**kwargs)
+    click.echo(f"wrote {kwargs['out']} ({record['metrics']})")

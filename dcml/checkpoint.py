@@ -1,0 +1,109 @@
+"""The checkpoint format: save atomically, load with ``weights_only=True``.
+
+A checkpoint is ``torch.save`` of a dict holding only tensors, primitives and
+containers of them, so ``torch.load(weights_only=True)`` reads it without
+running pickled code:
+
+* ``format``: "dcml.checkpoint/1" (or "dcml.compressed/1" for a quantised model)
+* ``model_config``: the dict ``dcml.models.build_model`` takes
+* ``model``: the state_dict
+* ``record``: the stage record as a JSON string
+* when resumable: ``optimizer``, ``epoch``, ``cluster_state``,
+  ``sampler_state``, ``rng``
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from dcml.errors import DcmlError
+from dcml.io import atomic_path
+
+FORMAT = "dcml.checkpoint/1"
+COMPRESSED_FORMAT = "dcml.compressed/1"
+FORMATS = (FORMAT, COMPRESSED_FORMAT)
+
+_PRIMITIVES = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.Size, torch.device)
+
+
+def _check_loadable(obj, where: str = "ckpt") -> None:
+    """Refuse objects torch.load(weights_only=True) would reject (numpy arrays,
+    custom classes), at save time rather than at load time."""
+    if isinstance(obj, _PRIMITIVES):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is {type(key).__name__}; use str or int keys")
+            _check_loadable(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_loadable(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, primitives and containers")
+
+
+def save(path: str | os.PathLike, ckpt: dict) -> None:
+    """Write ``ckpt`` to ``path`` atomically (``format`` defaults to dcml.checkpoint/1)."""
+    ckpt = {"format": FORMAT, **ckpt}
+    _check_loadable(ckpt)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; a bad file is a one-line DcmlError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcmlError(f"{path}: no such checkpoint; pass a file written by `dcml train` or `dcml finetune`")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DcmlError(f"{path}: not a readable checkpoint ({first[:200]}); re-create it with the stage that writes it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DcmlError(f"{path}: not a dcml checkpoint (format {found!r}, expected one of {', '.join(FORMATS)}); re-create it with `dcml train`")
+    for key in ("model_config", "model") if ckpt["format"] == FORMAT else ("model_config",):
+        if key not in ckpt:
+            raise DcmlError(f"{path}: checkpoint lacks '{key}'; re-create it with `dcml train`")
+    return ckpt
+
+
+def state_dict_of(ckpt: dict) -> dict:
+    """The model weights of a loaded checkpoint, dequantised when compressed."""
+    if ckpt.get("format") == COMPRESSED_FORMAT:
+        from dcml.quantize import dequantize_state_dict
+
+        return dequantize_state_dict(ckpt)
+    return ckpt["model"]
+
+
+def build_from(ckpt: dict, source: str = "checkpoint", device="cpu"):
+    """The EmbeddingModel a loaded checkpoint describes, with its weights."""
+    from dcml.models import build_model
+
+    if not isinstance(ckpt.get("model_config"), dict):
+        raise DcmlError(f"{source}: model_config is not a dict; re-create the checkpoint")
+    # The checkpoint holds every weight, so skip fetching pretrained ones.
+    model = build_model(dict(ckpt["model_config"]), load_weights=False)
+    try:
+        model.load_state_dict(state_dict_of(ckpt))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DcmlError(f"{source}: weights do not fit its model_config ({first[:200]}); the file is inconsistent, re-create it") from None
+    return model.to(device)
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """(EmbeddingModel in eval mode, checkpoint dict) from a checkpoint file."""
+    ckpt = load(path)
+    model = build_from(ckpt, str(path), device)
+    model.eval()
+    return model, ckpt

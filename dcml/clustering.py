@@ -1,0 +1,121 @@
+"""Faiss k-means on all points, and Hungarian re-matching of clusters to learners."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from dcml.errors import DcmlError
+
+
+@dataclass
+class KMeansResult:
+    assignments: np.ndarray  # int64 [n], cluster of every point
+    centroids: np.ndarray  # float32 [k, d]
+    inertia: float  # sum of squared L2 distances of points to their centroid
+
+
+def use_gpu(gpu: bool | str = "auto") -> bool:
+    """Whether faiss should run on GPU: "auto" = when this faiss build sees one."""
+    available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    if gpu == "auto":
+        return available
+    if gpu and not available:
+        raise DcmlError("gpu=True but this faiss build sees no GPU; install faiss-gpu or pass gpu=auto")
+    return bool(gpu)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(x)
+    return x
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int = 100, nredo: int = 1, seed: int = 0,
+           normalize: bool = True, spherical: bool = False, gpu: bool | str = "auto",
+           verbose: bool = False) -> KMeansResult:
+    """Faiss k-means of the rows of ``x`` into ``k`` clusters, on every point.
+
+    faiss subsamples to ``max_points_per_centroid * k`` points (default 256 * k)
+    before training; the reference code raises that limit so the centroids see
+    the whole data set, and so does this. ``normalize`` L2-normalises the rows
+    first (the reference clusters normalised backbone features); ``spherical``
+    also re-normalises the centroids after each iteration.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise DcmlError(f"k-means input has shape {x.shape}; expected a matrix [points, dim]")
+    n, d = x.shape
+    if k < 1 or n < k:
+        raise DcmlError(f"cannot make {k} clusters from {n} points; choose 1 <= k <= {n}")
+    if not np.isfinite(x).all():
+        raise DcmlError("k-means input contains NaN or inf; recompute the features")
+    x = l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
+    if k == 1:
+        centroid = x.mean(axis=0, keepdims=True)
+        if spherical:
+            centroid = l2_normalize(centroid)
+        inertia = float(((x - centroid) ** 2).sum())
+        return KMeansResult(np.zeros(n, dtype=np.int64), centroid.astype(np.float32), inertia)
+    km = faiss.Kmeans(
+        d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=verbose,
+        gpu=use_gpu(gpu),
+        max_points_per_centroid=max(256, math.ceil(n / k)),  # never subsample
+        min_points_per_centroid=1,  # small data sets are fine; don't warn
+    )
+    km.train(x)
+    centroids = np.array(km.centroids, dtype=np.float32)
+    scores, labels = km.index.search(x, 1)
+    scores = scores[:, 0].astype(np.float64)
+    labels = labels[:, 0].astype(np.int64)
+    if spherical:  # the index scores by inner product; turn it into squared distance
+        x_sq = (x.astype(np.float64) ** 2).sum(axis=1)
+        c_sq = (centroids.astype(np.float64) ** 2).sum(axis=1)[labels]
+        scores = np.maximum(x_sq + c_sq - 2 * scores, 0)
+    return KMeansResult(assignments=labels, centroids=centroids, inertia=float(scores.sum()))
+
+
+def overlap(previous: np.ndarray, current: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts of points in previous cluster i and current cluster j (-1 ignored)."""
+    previous = np.asarray(previous, dtype=np.int64)
+    current = np.asarray(current, dtype=np.int64)
+    if previous.shape != current.shape:
+        raise DcmlError(f"cannot match clusterings of {len(previous)} and {len(current)} points; they must cover the same rows")
+    both = (previous >= 0) & (current >= 0)
+    if (previous[both] >= k).any() or (current[both] >= k).any():
+        raise DcmlError(f"cluster ids must be below k={k}")
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (previous[both], current[both]), 1)
+    return counts
+
+
+def match_to_previous(previous: np.ndarray, current: np.ndarray, k: int) -> np.ndarray:
+    """Relabel ``current`` so that cluster ids agree most with ``previous``.
+
+    The Hungarian algorithm picks the one-to-one map new -> old cluster id that
+    maximises the number of points keeping their id, so learner k keeps
+    training on roughly the same data after re-clustering. -1 stays -1.
+    """
+    counts = overlap(previous, current, k)
+    old_ids, new_ids = linear_sum_assignment(counts, maximize=True)
+    mapping = np.empty(k, dtype=np.int64)
+    mapping[new_ids] = old_ids
+    current = np.asarray(current, dtype=np.int64)
+    return np.where(current >= 0, mapping[np.clip(current, 0, k - 1)], -1)
+
+
+def drop_singletons(assignments: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Set to -1 the rows whose class has a single member in their cluster."""
+    from dcml.samplers import usable_members
+
+    assignments = np.asarray(assignments, dtype=np.int64)
+    return np.where(usable_members(labels, assignments), assignments, -1)
+
+
+def cluster_sizes(assignments: np.ndarray, k: int) -> list[int]:
+    assignments = np.asarray(assignments)
+    return np.bincount(assignments[assignments >= 0], minlength=k).astype(int).tolist()

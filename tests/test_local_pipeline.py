@@ -1,0 +1,137 @@
+"""The whole pipeline through kfp.local's SubprocessRunner: caching, modes, MLflow.
+
+Real Fashion-MNIST (Debian's package), tiny sizes: a few images per class and
+one epoch, so the suite stays in minutes.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_prep import fashion_mnist
+from dcml import records
+from dcml.runner import run_local
+
+try:
+    FASHION = fashion_mnist.locate(allow_download=False)
+except Exception:  # noqa: BLE001 - absent data means skip, whatever the reason
+    FASHION = None
+
+pytestmark = pytest.mark.skipif(FASHION is None, reason="Fashion-MNIST not installed (make fashion-mnist)")
+
+TINY = {
+    "dataset": "fashion-mnist", "split_mode": "class-disjoint", "max_per_class": 24,
+    "backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 32,
+    "num_clusters": 2, "niter": 10, "classes_per_batch": 4, "images_per_class": 4,
+    "lr_backbone": 1e-3, "lr_embedding": 1e-3, "epochs": 2, "recluster_every": 1,
+    "finetune_epochs": 1, "eval_every": 1, "freeze_bn": False, "ks": "1,2,4",
+    "experiment": "pytest",
+}
+STAGES = {"ingest", "extract", "cluster", "train", "finetune", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(workdir):
+    return f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir, tracking_uri):
+    return run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri)
+
+
+def executed_tasks(run_dir):
+    """Task folders a run wrote itself (cached tasks write nothing)."""
+    return {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
+
+
+def lineage_ids(metrics_file):
+    return {r["stage"]: r["exec_id"] for r in records.walk(records.read(metrics_file))}
+
+
+def test_first_run_executes_every_stage_and_reports_metrics(first_run):
+    assert executed_tasks(first_run["run_dir"]) >= {"ingest", "extract", "cluster", "train-shared", "finetune",
+                                                     "evaluate", "track"}
+    metrics = first_run["metrics"]
+    assert set(metrics) >= {"recall@1", "recall@2", "recall@4", "nmi", "ami", "map@r", "r_precision"}
+    assert 0.0 < metrics["recall@1"] <= metrics["recall@2"] <= metrics["recall@4"] <= 1.0
+    assert set(lineage_ids(first_run["metrics_file"])) == STAGES
+    assert first_run["mlflow"]["cached_stages"] == []
+
+
+def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(first_run["mlflow"]["mlflow_run_id"])
+    assert parent.data.params["dataset"] == "fashion-mnist"
+    assert parent.data.params["num_clusters"] == "2"
+    assert parent.data.metrics["recall_at_1"] == pytest.approx(first_run["metrics"]["recall@1"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["dcml.stage"] for c in children} == STAGES
+    train = next(c for c in children if c.data.tags["dcml.stage"] == "train")
+    assert len(client.get_metric_history(train.info.run_id, "epoch.loss")) == TINY["epochs"]
+    assert parent.data.tags["dcml.model_logged"] == "true"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"plots", "lineage.json"}
+    # The logged model loads back through MLflow and embeds like the checkpoint.
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(parent.data.tags["dcml.model_uri"])
+    with torch.no_grad():
+        out = model(torch.zeros(3, 1, 28, 28))
+    assert out.shape == (3, TINY["embedding_dim"])
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_identical_rerun_is_served_from_cache(first_run, workdir, tracking_uri):
+    again = run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    assert executed_tasks(again["run_dir"]) == {"track"}
+    assert again["metrics"] == first_run["metrics"]
+    assert lineage_ids(again["metrics_file"]) == lineage_ids(first_run["metrics_file"])
+    assert set(again["mlflow"]["cached_stages"]) == STAGES
+    assert (workdir / "runs" / "latest").resolve() == Path(again["run_dir"]).resolve()
+
+
+def test_changing_an_evaluation_parameter_reruns_only_evaluation(first_run, workdir, tracking_uri):
+    changed = run_local({**TINY, "ks": "1,3"}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    assert executed_tasks(changed["run_dir"]) == {"evaluate", "track"}
+    assert set(changed["metrics"]) >= {"recall@1", "recall@3"}
+    assert changed["metrics"]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"])
+    before, after = lineage_ids(first_run["metrics_file"]), lineage_ids(changed["metrics_file"])
+    assert {s for s in STAGES if before[s] != after[s]} == {"evaluate"}
+
+
+def test_no_cache_reruns_everything(first_run, workdir, tracking_uri):
+    fresh = run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri, cache=False)
+    assert executed_tasks(fresh["run_dir"]) >= {"ingest", "extract", "cluster", "train-shared", "finetune", "evaluate"}
+    before, after = lineage_ids(first_run["metrics_file"]), lineage_ids(fresh["metrics_file"])
+    assert all(before[s] != after[s] for s in STAGES)
+    # Same seed, same data: the same result.
+    assert fresh["metrics"]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"], abs=1e-6)
+
+
+def test_parallel_mode_fans_out_per_cluster_and_merges(workdir, tracking_uri):
+    result = run_local(dict(TINY), mode="parallel", output_dir=workdir / "runs-parallel", tracking_uri=tracking_uri)
+    tasks = executed_tasks(result["run_dir"])
+    assert {"ingest", "extract", "cluster", "merge-finetune", "evaluate", "track"} <= tasks
+    workers = sorted(Path(result["run_dir"]).glob("for-loop-*-iteration-*/train-worker"))
+    assert len(workers) == TINY["num_clusters"]
+    lineage = list(records.walk(records.read(result["metrics_file"])))
+    worker_records = [r for r in lineage if r["stage"] == "train" and r["params"].get("mode") == "worker"]
+    assert sorted(r["params"]["cluster_id"] for r in worker_records) == [0, 1]
+    merge = next(r for r in lineage if r["stage"] == "finetune")
+    assert len(merge["inputs"]["checkpoints"]) == TINY["num_clusters"]
+    assert 0.0 < result["metrics"]["recall@1"] <= 1.0
+    summary = json.loads(Path(result["run_dir"], "track", "mlflow_run", "record.json").read_text())
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs([summary["experiment_id"]],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
+    assert sum(c.data.tags["dcml.stage"] == "train" for c in children) == TINY["num_clusters"]
