@@ -150,7 +150,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         lr_backbone: float = 1e-4,
         lr_embedding: float = 1e-3,
         lr_proxies: float = 1e-2,
-        lr_router: float = 1e-3,
+        lr_router: float = 1e-4,
         weight_decay: float = 1e-4,
         epochs: int = 4,
         recluster_every: int = 2,

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("components.train.stage:cli", "Stage 4: per-cluster subspace training (shared or one worker)."),
     "finetune": ("components.finetune.stage:cli", "Stage 5: merge sub-models and fine-tune on all data."),
     "evaluate": ("components.evaluate.stage:cli", "Stage 6: Recall@K, MAP@R, R-Precision, NMI, AMI."),
+    "train-dfml": ("components.dfml.stage:cli", "Stage 4 (DFML): factorised backbone with a router."),
     "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
     "run": ("dcml.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
     "compile": ("dcml.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),

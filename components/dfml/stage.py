@@ -1,0 +1,263 @@
+"""DFML training stage: factorised backbone + router, a normal dcml checkpoint out.
+
+The pretrained model is factorised losslessly (``dcml.dfml.factorize``): each
+EfficientNet-Lite MBConv block becomes G sub-blocks and gets a router. Every
+batch goes through the network twice: the full pass (all sub-blocks, the
+original function) and the routed pass (one sub-block per block and sample).
+
+    loss = L(full) + routed_weight * L(routed) + distill_weight * KD(routed -> full, detached)
+
+with KD the KL divergence between the in-batch similarity distributions
+(``dcml.dfml.similarity_distillation``). After training the sub-blocks are
+merged back (``dcml.dfml.defactorize``), so the checkpoint holds the plain
+EmbeddingModel: ``dcml evaluate`` / ``extract`` / ``compress`` use it as is.
+The record's history carries, per epoch, how many samples each block sent to
+each of its sub-blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import torch
+from tqdm.auto import tqdm
+
+from dcml import dfml
+from dcml.errors import DcmlError
+from dcml.records import StageTimer
+from dcml.training import Trainer, TrainSettings, seed_everything
+
+FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
+
+
+class DFMLTrainer(Trainer):
+    """dcml's Trainer (sampler, loader, evaluation, resume) with the two-pass DFML step.
+
+    ``model`` must be factorised (``dcml.dfml.factorize``) and have K=1.
+    """
+
+    def __init__(self, model, manifest, train_rows, settings: TrainSettings, *, lr_router: float = 1e-4,
+                 routed_weight: float = 0.5, distill_weight: float = 0.5, temperature: float = 0.1,
+                 balance_weight: float = 0.0, eval_routed: bool = False, fingerprint_extra=None, **kwargs):
+        if not dfml.is_factorized(model):
+            raise DcmlError("DFMLTrainer needs a factorised model; build it with dcml.dfml.factorize(model)")
+        if model.num_slices != 1:
+            raise DcmlError(f"DFML trains one embedding; got a model with K={model.num_slices} slices")
+        for name, value in (("lr_router", lr_router), ("routed_weight", routed_weight),
+                            ("distill_weight", distill_weight), ("balance_weight", balance_weight)):
+            if not value >= 0:
+                raise DcmlError(f"{name}={value}: must be >= 0")
+        if not temperature > 0:
+            raise DcmlError(f"temperature={temperature}: must be > 0")
+        self.lr_router = float(lr_router)
+        self.routed_weight = float(routed_weight)
+        self.distill_weight = float(distill_weight)
+        self.temperature = float(temperature)
+        self.balance_weight = float(balance_weight)
+        self.eval_routed = bool(eval_routed)
+        options = {"lr_router": self.lr_router, "routed_weight": self.routed_weight,
+                   "distill_weight": self.distill_weight, "temperature": self.temperature,
+                   "balance_weight": self.balance_weight}
+        super().__init__(model, manifest, train_rows, settings,
+                         fingerprint_extra={"dfml": options, "extra": fingerprint_extra}, **kwargs)
+
+    def _build_optimizer(self) -> None:
+        from dcml.losses import loss_parameters
+
+        s = self.settings
+        routers = {id(p) for p in dfml.router_parameters(self.model)}
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad and id(p) not in routers]
+        groups = []
+        if backbone:
+            groups.append({"params": backbone, "lr": s.lr_backbone, "name": "backbone"})
+        groups.append({"params": list(self.model.head.parameters()), "lr": s.lr_embedding, "name": "embedding"})
+        groups.append({"params": dfml.router_parameters(self.model), "lr": self.lr_router, "name": "router"})
+        extra = [p for loss in self.losses for p in loss_parameters(loss)]
+        if extra:
+            groups.append({"params": extra, "lr": s.loss_lr, "name": "loss"})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=s.weight_decay)
+
+    def evaluate(self) -> dict:
+        """R@1 of the full model; with ``eval_routed`` also of the routed model and its routing."""
+        metrics = super().evaluate()
+        if self.eval_routed:
+            saved = {name: unit.route_counts.clone() for name, unit in dfml.routed_units(self.model)}
+            dfml.reset_routing_counts(self.model)
+            with dfml.route_mode(self.model, "routed"):
+                metrics["routed_recall@1"] = super().evaluate()["recall@1"]
+            metrics["eval_routing"] = dfml.routing_counts(self.model)
+            for name, unit in dfml.routed_units(self.model):
+                unit.route_counts.copy_(saved[name])
+        return metrics
+
+    def _run_epoch(self, epoch: int) -> dict:
+        s = self.settings
+        entry: dict = {"epoch": epoch + 1, "phase": "dfml"}
+        sampler = self._sampler(epoch)
+        loader = self._loader(sampler, epoch)
+        metric_loss = self._loss_for(None)
+
+        def loss_of(embeddings, labels):
+            pairs = self.miner(embeddings, labels) if self.miner is not None else None
+            return metric_loss(embeddings, labels, pairs)
+
+        self.model.train()
+        dfml.reset_routing_counts(self.model)
+        sums = {"loss": 0.0, "loss_full": 0.0, "loss_routed": 0.0, "distill": 0.0, "balance": 0.0}
+        images, batches = 0, 0
+        t0 = time.perf_counter()
+        progress = tqdm(loader, total=len(sampler), desc=f"dfml epoch {epoch + 1}/{s.epochs}", unit="batch",
+                        disable=None, leave=False)
+        for images_batch, labels, _ in progress:
+            images_batch = images_batch.to(self.device, non_blocking=True)
+            labels = labels.to(self.device)
+            full = self.model(images_batch)
+            with dfml.route_mode(self.model, "routed"):
+                routed = self.model(images_batch)
+            loss, parts = dfml.dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
+                                         distill_weight=self.distill_weight, temperature=self.temperature,
+                                         balance=dfml.balance_loss(self.model), balance_weight=self.balance_weight)
+            if not torch.isfinite(loss):
+                raise DcmlError(
+                    f"DFML loss became {loss.item()} at epoch {epoch + 1}, batch {batches + 1} ({parts}); stopped "
+                    f"without writing a model; lower the learning rates (lr_backbone={s.lr_backbone}, "
+                    f"lr_embedding={s.lr_embedding}, lr_router={self.lr_router})")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for key in sums:
+                sums[key] += parts[key]
+            images += len(labels)
+            batches += 1
+            progress.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
+        progress.close()
+        seconds = time.perf_counter() - t0
+        counts = dfml.routing_counts(self.model)
+        summary = dfml.routing_summary(counts)
+        entry.update({key: value / max(batches, 1) for key, value in sums.items()})
+        entry.update({
+            "batches": batches,
+            "images": images,
+            "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+            "num_slices": 1,
+            "routing": counts,
+            "routing_entropy": summary["mean_normalized_entropy"],
+            "collapsed_units": summary["collapsed_units"],
+        })
+        if s.eval_every and self.eval_rows is not None and len(self.eval_rows) and (
+                (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
+            t1 = time.perf_counter()
+            entry.update(self.evaluate())
+            entry["eval_s"] = round(time.perf_counter() - t1, 3)
+        return entry
+
+
+def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_size=128, embedding_dim=128,
+        groups=3, loss="proxy_anchor", margin=None, miner=None, classes_per_batch=20, images_per_class=4,
+        lr_backbone=1e-4, lr_embedding=1e-4, lr_proxies=None, lr_router=1e-4, weight_decay=1e-4,
+        epochs=10, routed_weight=0.5, distill_weight=0.5, temperature=0.1, balance_weight=0.0, routed_scale=None,
+        eval_every=0, eval_routed=False, freeze_bn=None, dropout=None, seed=0, num_workers=0,
+        resume=True, work_dir=None, device=None) -> dict:
+    """Train DFML and write a plain dcml checkpoint to ``out``; returns the stage record.
+
+    ``miner=None`` means "none" for proxy_anchor and "reference" for the pair
+    losses. ``lr_proxies=None`` is 100 x lr_embedding. ``routed_scale=None``
+    is G (see dcml.dfml.factorize). ``freeze_bn=None``: frozen for
+    pretrained weights.
+    """
+    params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "work_dir")}
+    from components.train.stage import device_or_default, final_metrics, load_manifest, resume_file, write_output
+    from dcml.models import build_model
+
+    if backbone not in FACTORIZABLE_BACKBONES:
+        raise DcmlError(f"backbone={backbone!r} cannot be factorised for DFML; use one of {', '.join(FACTORIZABLE_BACKBONES)}")
+    if miner is None:
+        miner = "none" if loss == "proxy_anchor" else "reference"
+    man, train_rows, eval_rows = load_manifest(manifest)
+
+    seed_everything(seed)  # the fresh head's and the routers' init are part of the run
+    plain = build_model({"backbone": backbone, "weights": weights, "image_size": image_size,
+                         "embedding_dim": embedding_dim, "num_slices": 1, "freeze_bn": freeze_bn,
+                         "dropout": dropout})
+    model = dfml.factorize(plain, groups=int(groups), routed_scale=routed_scale)
+    del plain
+
+    settings = TrainSettings(
+        epochs=int(epochs), classes_per_batch=int(classes_per_batch), images_per_class=int(images_per_class),
+        lr_backbone=float(lr_backbone), lr_embedding=float(lr_embedding),
+        lr_loss=None if lr_proxies is None else float(lr_proxies), weight_decay=float(weight_decay),
+        loss=loss, margin=margin, miner=miner, recluster_every=0, eval_every=int(eval_every),
+        seed=int(seed), num_workers=int(num_workers),
+    )
+    timer = StageTimer("train-dfml", params)
+    trainer = DFMLTrainer(model, man, train_rows, settings, lr_router=float(lr_router),
+                          routed_weight=float(routed_weight), distill_weight=float(distill_weight),
+                          temperature=float(temperature), balance_weight=float(balance_weight),
+                          eval_routed=bool(eval_routed),
+                          eval_rows=eval_rows if len(eval_rows) else None,
+                          resume_path=resume_file(out, work_dir), device=device_or_default(device))
+    history = trainer.fit(resume=resume)
+
+    merged = dfml.defactorize(trainer.model.cpu())
+    metrics = final_metrics(history)
+    if history:
+        metrics["routing_entropy"] = history[-1]["routing_entropy"]
+        metrics["collapsed_units"] = history[-1]["collapsed_units"]
+        if "routed_recall@1" in history[-1]:
+            metrics["routed_recall@1"] = history[-1]["routed_recall@1"]
+    units = dfml.routed_units(trainer.model)
+    record = timer.finish(inputs={"manifest": manifest}, metrics=metrics, history=history, extra={
+        "method": "dfml", "groups": int(groups), "routed_scale": units[0][1].routed_scale,
+        "routed_units": [name for name, _ in units],
+        "routing": history[-1]["routing"] if history else {},
+    })
+    write_output(out, merged, record, epoch=trainer.epoch)
+    trainer.resume_path.unlink(missing_ok=True)
+    return record
+
+
+@click.command("train-dfml")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="Manifest Parquet (dcml ingest).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt), a plain dcml model.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, type=click.Choice(FACTORIZABLE_BACKBONES))
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet | none | path to a local weights file.")
+@click.option("--image-size", type=int, default=128, show_default=True)
+@click.option("--embedding-dim", type=int, default=128, show_default=True)
+@click.option("--groups", type=int, default=3, show_default=True, help="G: sub-blocks per block.")
+@click.option("--loss", default="proxy_anchor", show_default=True,
+              type=click.Choice(["proxy_anchor", "margin", "triplet", "contrastive"]))
+@click.option("--margin", type=float, help="Loss margin [default: per loss].")
+@click.option("--miner", type=click.Choice(["reference", "distance_weighted", "none"]),
+              help="[default: none for proxy_anchor, reference otherwise]")
+@click.option("--classes-per-batch", type=int, default=20, show_default=True, help="P")
+@click.option("--images-per-class", type=int, default=4, show_default=True, help="M")
+@click.option("--lr-backbone", type=float, default=1e-4, show_default=True)
+@click.option("--lr-embedding", type=float, default=1e-4, show_default=True)
+@click.option("--lr-proxies", type=float, help="Proxies / learnable beta [default: 100 x lr-embedding].")
+@click.option("--lr-router", type=float, default=1e-4, show_default=True,
+              help="Routers (1e-3 collapsed the routing within 3 epochs in a test run).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--routed-weight", type=float, default=0.5, show_default=True, help="Weight of L(routed).")
+@click.option("--distill-weight", type=float, default=0.5, show_default=True, help="Weight of KD(routed -> full).")
+@click.option("--temperature", type=float, default=0.1, show_default=True, help="Softmax temperature of the KD.")
+@click.option("--balance-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the routers' load-balancing term (0 = DFML as published).")
+@click.option("--routed-scale", type=float, help="Routed output = scale x chosen sub-block [default: G].")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="R@1 on the test split every N epochs (0 = never).")
+@click.option("--eval-routed/--no-eval-routed", default=False, show_default=True,
+              help="Also evaluate the routed model and log how test images are routed.")
+@click.option("--freeze-bn/--no-freeze-bn", default=None, help="[default: frozen for pretrained weights]")
+@click.option("--dropout", type=float, help="Dropout before the head [default: 0.01].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from <out>.resume.pt if present.")
+@click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
+@click.option("--device", help="cuda | cpu [default: cuda when available].")
+def cli(**kwargs):
+    """Deep Factorized Metric Learning: factorised backbone + router, plain checkpoint out."""
+    record = run(**kwargs)
+    click.echo(f"wrote {kwargs['out']} ({record['metrics']})")

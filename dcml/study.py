@@ -1,0 +1,173 @@
+"""`dcml study`: the hyper-parameter studies of the course assignment.
+
+Each grid point is one pipeline run (locally through the cached runner, so
+ingestion and feature extraction run once for the whole study, or submitted
+to a cluster). The comparison table (Markdown + CSV) and a plot are written
+to the study folder and logged to MLflow as a study run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcml.errors import DcmlError
+
+# name -> (varied parameters per grid point, x label)
+STUDIES = {
+    # Embedding sizes 2^5 .. 2^10.
+    "embedding-size": ([{"embedding_dim": 2 ** n} for n in range(5, 11)], "embedding_dim"),
+    # Contrastive loss (the assignment's code): negative margin incl. its default 0.5.
+    "margin": ([{"loss": "contrastive", "margin": m} for m in (0.25, 0.5, 1.0)], "margin"),
+    # P classes x M images: M=1 has no positive pair, P=1 no negative.
+    "batch-size": ([{"classes_per_batch": p, "images_per_class": m}
+                    for p, m in ((2, 1), (1, 4), (2, 2), (2, 4), (4, 4), (8, 4), (16, 4))], "batch"),
+    "loss": ([{"loss": "contrastive"}, {"loss": "triplet"}, {"loss": "margin"}, {"loss": "proxy_anchor"}], "loss"),
+}
+
+
+def why_untrainable(p: int, m: int) -> str:
+    if m < 2:
+        return "M=1: no two images of a class in a batch, so no positive pair and nothing to pull together"
+    if p < 2:
+        return "P=1: one class per batch, so no negative pair and nothing to push apart"
+    return ""
+
+
+def label_of(point: dict) -> str:
+    if "classes_per_batch" in point:
+        p, m = point["classes_per_batch"], point["images_per_class"]
+        return f"{p}x{m}={p * m}"
+    return ",".join(str(v) for v in point.values())
+
+
+def run_study(name: str, base: dict, *, mode="shared", output_dir="studies", tracking_uri=None,
+              experiment=None) -> tuple[list[dict], Path]:
+    """Run the grid locally; returns (rows, study folder)."""
+    from dcml import tracking
+    from dcml.runner import run_local
+
+    points, _ = STUDIES[name]
+    folder = Path(output_dir).resolve() / name
+    experiment = experiment or base.get("experiment") or "dcml-study"
+    rows = []
+    for point in points:
+        args = {**base, **point, "experiment": experiment, "run_name": f"{name}:{label_of(point)}"}
+        row = {"setting": label_of(point), **point}
+        reason = why_untrainable(args.get("classes_per_batch", 8), args.get("images_per_class", 4))
+        try:
+            summary = run_local(args, mode=mode, output_dir=folder / "runs", tracking_uri=tracking_uri)
+        except DcmlError as exc:
+            # A setting that cannot train is a result of the study, not a crash of it.
+            rows.append({**row, "trained": False, "note": reason or str(exc)})
+            continue
+        train = _train_history(summary["metrics_file"])
+        pairs = sum(h.get("mined_pos_pairs", 0) + h.get("nonzero_terms", 0) for h in train)
+        trained = pairs > 0 and not reason
+        rows.append({**row, **summary["metrics"], "trained": trained,
+                     "note": reason if not trained else "", "run": summary["mlflow"].get("mlflow_run_id", "")})
+    write_report(name, rows, folder)
+    _log_study(name, rows, folder, experiment, tracking_uri or tracking.default_tracking_uri())
+    return rows, folder
+
+
+def _train_history(metrics_file: str) -> list[dict]:
+    from dcml import records
+
+    return [h for r in records.walk(records.read(metrics_file)) if r["stage"] == "train" for h in r.get("history", [])]
+
+
+def write_report(name: str, rows: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from dcml.io import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    metric_cols = [c for c in ("recall@1", "recall@2", "map@r", "nmi") if c in table.columns]
+    shown = table[["setting", *metric_cols, "trained", "note"]]
+    with atomic_path(folder / "results.csv") as tmp:
+        shown.to_csv(tmp, index=False)
+    with atomic_path(folder / "results.md") as tmp:
+        tmp.write_text(f"# Study: {name}\n\n" + shown.to_markdown(index=False, floatfmt=".4f") + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for col in metric_cols:
+        ax.plot(table["setting"].astype(str), table[col].astype(float), marker="o", label=col)
+    ax.set(title=f"study: {name}", xlabel=STUDIES[name][1], ylabel="metric", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(folder / "results.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _log_study(name, rows, folder, experiment, tracking_uri):
+    import mlflow
+
+    from dcml import tracking
+
+    experiment_id = tracking.setup(experiment, tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study:{name}",
+                          tags={"dcml.kind": "study", "dcml.study": name}):
+        for i, row in enumerate(rows):
+            for key in ("recall@1", "map@r", "nmi"):
+                if key in row:
+                    mlflow.log_metric(tracking.metric_key(key), float(row[key]), step=i)
+        for file in ("results.md", "results.csv", "results.png"):
+            mlflow.log_artifact(str(folder / file))
+
+
+@click.command("study")
+@click.argument("name", type=click.Choice(sorted(STUDIES)))
+@click.option("--config", default="demo", show_default=True, help="Preset or JSON file: the fixed parameters.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a fixed parameter (repeatable).")
+@click.option("--mode", type=click.Choice(["shared", "parallel"]), default="shared", show_default=True)
+@click.option("--output-dir", default="studies", show_default=True, type=click.Path(file_okay=False))
+@click.option("--experiment", default=None, help="MLflow experiment (default: the preset's).")
+@click.option("--tracking-uri", default=None)
+@click.option("--host", default=None, help="Submit every grid point to this Kubeflow endpoint instead of running locally.")
+@click.option("--image-tag", default=None, help="With --host: image tag (default: git commit).")
+def study_cli(name, config, overrides, mode, output_dir, experiment, tracking_uri, host, image_tag):
+    """Run a study (embedding-size, margin, batch-size, loss); write table + plot."""
+    from dcml.runner import _build, resolve_arguments
+
+    pipeline_fn, tag = _build(mode, "dc", 1, "average", False, "dcml", image_tag)
+    base = resolve_arguments(pipeline_fn, config, overrides)
+    if host:
+        _submit_study(name, base, host, mode, tag, experiment)
+        return
+    rows, folder = run_study(name, base, mode=mode, output_dir=output_dir, tracking_uri=tracking_uri,
+                             experiment=experiment)
+    click.echo((folder / "results.md").read_text())
+    click.echo(f"table: {folder / 'results.csv'}  plot: {folder / 'results.png'}")
+
+
+def _submit_study(name, base, host, mode, tag, experiment):
+    import tempfile
+
+    import kfp
+    from kfp import compiler
+
+    from dcml.runner import _build
+
+    pipeline_fn, _ = _build(mode, "dc", 1, "average", False, "dcml", tag,
+                            cluster=__import__("pipeline").ClusterSettings())
+    client = kfp.Client(host=host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = f"{tmp}/pipeline.yaml"
+        compiler.Compiler().compile(pipeline_fn, package_path=package)
+        for point in STUDIES[name][0]:
+            args = {**base, **point, "run_name": f"{name}:{label_of(point)}"}
+            if experiment:
+                args["experiment"] = experiment
+            run = client.create_run_from_pipeline_package(package, arguments=args, run_name=args["run_name"],
+                                                          experiment_name=f"dcml-study-{name}")
+            click.echo(f"submitted {args['run_name']}: {run.run_id}")
+    click.echo("when they finish: dcml compare --experiment " + (experiment or base.get("experiment", "dcml")))
+
