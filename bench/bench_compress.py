@@ -1,0 +1,213 @@
+"""Benchmark of weight-sharing compression: bits vs size vs retrieval quality.
+
+For a trained checkpoint and its manifest: the float model's R@1 / MAP@R, then
+for every method (uniform, kmeans, loss-aware) and bits (2, 3, 4, 6, 8), with
+and without centroid fine-tuning, the compressed file's true size on disk and
+the R@1 / MAP@R of the model loaded back from that file (the path `dcml
+evaluate --model` takes). The Fisher importance is measured once and shared by
+every loss-aware run; fine-tuning starts from the same codebooks as the run
+without it.
+
+    python -m bench.bench_compress --model runs/x/model.pt --manifest runs/x/manifest.parquet --dataset cars196
+
+writes bench/results/compress_<dataset>.json (rewritten after every run, with
+"complete": false until the last one) and compress_<dataset>.png (bits vs R@1
+and MAP@R per method; dashed = with centroid fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.compress.stage import importance_loss, training_batches
+from dcml import manifest as manifest_lib
+from dcml import quantize as Q
+from dcml.checkpoint import load_model
+from dcml.errors import DcmlError
+from dcml.inference import compute_vectors, default_device
+from dcml.io import atomic_path, write_json
+from dcml.metrics import evaluate_embeddings
+from dcml.records import git_commit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def eval_sets(man):
+    """(query rows, reference rows or None): query/gallery when the manifest has
+    them (In-Shop), else the test split retrieved against itself."""
+    splits = set(man.df["split"].unique())
+    if {"query", "gallery"} <= splits:
+        return man.split("query"), man.split("gallery")
+    if "test" in splits:
+        return man.split("test"), None
+    raise DcmlError(f"{man.path}: no test or query/gallery split to evaluate on; ingest the dataset with its evaluation split")
+
+
+class Evaluator:
+    def __init__(self, man, batch_size: int, device):
+        self.man, self.batch_size, self.device = man, batch_size, device
+        self.query, self.reference = eval_sets(man)
+
+    def __call__(self, model) -> dict:
+        kw = {"batch_size": self.batch_size, "device": self.device}
+        q = compute_vectors(model, self.man, self.query, **kw)
+        if self.reference is None:
+            m = evaluate_embeddings(q, self.query["label"].to_numpy(), ks=(1,), include=("recall", "map@r"))
+        else:
+            r = compute_vectors(model, self.man, self.reference, **kw)
+            m = evaluate_embeddings(q, self.query["label"].to_numpy(), r, self.reference["label"].to_numpy(),
+                                    ks=(1,), include=("recall", "map@r"))
+        return {"recall@1": float(m["recall@1"]), "map@r": float(m["map@r"])}
+
+
+def plot(results: dict, dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {"uniform": "tab:gray", "kmeans": "tab:blue", "loss-aware": "tab:red"}
+    for ax, key, label in ((axes[0], "recall@1", "R@1"), (axes[1], "map@r", "MAP@R")):
+        ax.axhline(100 * results["float"][key], color="black", lw=1, label="float32")
+        for method in results["methods"]:
+            for tuned, style in ((False, "-o"), (True, "--s")):
+                runs = sorted((r for r in results["runs"] if r["method"] == method and (r["finetune_steps"] > 0) == tuned),
+                              key=lambda r: r["bits"])
+                if runs:
+                    ax.plot([r["bits"] for r in runs], [100 * r[key] for r in runs], style, color=colours.get(method),
+                            label=f"{method}{' + centroid fine-tuning' if tuned else ''}", ms=4)
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_xticks(results["bits"])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"weight sharing on {results['dataset']} ({results['model_config'].get('backbone')}): "
+                 f"float {results['float']['size_bytes'] / 2**20:.1f} MiB")
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="trained dcml checkpoint")
+    ap.add_argument("--manifest", required=True, help="its manifest (train split for importance, test split for R@1)")
+    ap.add_argument("--dataset", required=True, help="name used in the output file names")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    ap.add_argument("--methods", nargs="+", default=list(Q.METHODS), choices=list(Q.METHODS))
+    ap.add_argument("--finetune-steps", type=int, default=50, help="centroid fine-tuning steps (0 = skip those runs)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--importance-batches", type=int, default=20)
+    ap.add_argument("--damping", type=float, default=0.0, help="loss-aware importance damping (x mean importance)")
+    ap.add_argument("--loss", default="margin", choices=["margin", "triplet", "contrastive"])
+    ap.add_argument("--miner", default="reference", choices=["reference", "distance_weighted", "none"])
+    ap.add_argument("--classes-per-batch", type=int, default=20)
+    ap.add_argument("--images-per-class", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device) if args.device else default_device()
+    for bits in args.bits:
+        Q.check_bits(bits)
+    out_dir = Path(args.out_dir)
+    json_path, png_path = out_dir / f"compress_{args.dataset}.json", out_dir / f"compress_{args.dataset}.png"
+
+    model, _ = load_model(args.model, device=device)
+    man = manifest_lib.read(args.manifest)
+    evaluate = Evaluator(man, args.batch_size, device)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(model).items()}
+
+    t0 = time.perf_counter()
+    float_metrics = evaluate(model)
+    results = {
+        "dataset": args.dataset, "model": str(args.model), "manifest": str(args.manifest),
+        "model_config": dict(model.config), "bits": args.bits, "methods": args.methods,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "manifest", "dataset", "out_dir")},
+        "eval": {"queries": len(evaluate.query), "references": len(evaluate.reference) if evaluate.reference is not None else None},
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": str(device), "git_commit": git_commit()},
+        "float": {**float_metrics, "size_bytes": Q.float_size_bytes(model), "eval_s": round(time.perf_counter() - t0, 1),
+                  "quantizable_weights": sum(w.numel() for w in weights.values()),
+                  "params": sum(v.numel() for v in original.values())},
+        "runs": [], "complete": False,
+    }
+    print(f"float: R@1 {100 * float_metrics['recall@1']:.2f}  MAP@R {100 * float_metrics['map@r']:.2f}  "
+          f"{results['float']['size_bytes'] / 2**20:.2f} MiB", flush=True)
+
+    train_rows = man.split("train")
+    loss_fn = importance_loss(model, args.loss, args.miner, None)
+    batch_opts = {"classes_per_batch": args.classes_per_batch, "images_per_class": args.images_per_class,
+                  "num_workers": 0}
+    importance = None
+    if "loss-aware" in args.methods:
+        t = time.perf_counter()
+        torch.manual_seed(args.seed)
+        stats = {}
+        importance = Q.compute_importance(
+            model, training_batches(man, train_rows, model.config, train=False, seed=args.seed, **batch_opts),
+            loss_fn, num_batches=args.importance_batches, stats=stats)
+        results["importance"] = {**stats, "seconds": round(time.perf_counter() - t, 1)}
+
+    def measure(quantized, tmp_dir, tag) -> dict:
+        path = Path(tmp_dir) / f"{tag}.pt"
+        size = Q.save_compressed(path, model, quantized)
+        t = time.perf_counter()
+        loaded, _ = load_model(path, device=device)
+        metrics = evaluate(loaded)
+        path.unlink()
+        errors = Q.error_summary(Q.reconstruction_errors(weights, quantized, importance))
+        return {**metrics, "size_bytes": size["compressed_size_bytes"], "budget_bytes": size["budget_bytes"],
+                "compression_ratio": results["float"]["size_bytes"] / size["compressed_size_bytes"],
+                "recon_rel_mse_mean": errors["rel_mse_mean"], "recon_mse": errors["mse"],
+                "recon_weighted_sq_error": errors.get("weighted_sq_error"), "eval_s": round(time.perf_counter() - t, 1)}
+
+    with tempfile.TemporaryDirectory(prefix="bench_compress_") as tmp_dir:
+        for method in args.methods:
+            for bits in args.bits:
+                model.load_state_dict(original)
+                t = time.perf_counter()
+                quantized = Q.quantize_model(model, bits, method, importance, damping=args.damping)
+                quantise_s = time.perf_counter() - t
+                row = {"method": method, "bits": bits, "finetune_steps": 0, "quantize_s": round(quantise_s, 1),
+                       **measure(quantized, tmp_dir, f"{method}_{bits}")}
+                results["runs"].append(row)
+                print(f"{method:>10} {bits}b      : R@1 {100 * row['recall@1']:.2f}  MAP@R {100 * row['map@r']:.2f}  "
+                      f"{row['size_bytes'] / 2**20:.2f} MiB (x{row['compression_ratio']:.1f})", flush=True)
+                if args.finetune_steps > 0:
+                    torch.manual_seed(args.seed)
+                    t = time.perf_counter()
+                    batches = training_batches(man, train_rows, model.config, train=True, seed=args.seed + 1, **batch_opts)
+                    tuned, losses = Q.finetune_centroids(model, quantized, batches, loss_fn, args.finetune_steps,
+                                                         args.finetune_lr)
+                    row = {"method": method, "bits": bits, "finetune_steps": args.finetune_steps,
+                           "finetune_s": round(time.perf_counter() - t, 1),
+                           "finetune_loss_first": losses[0], "finetune_loss_last": float(np.mean(losses[-5:])),
+                           **measure(tuned, tmp_dir, f"{method}_{bits}_ft")}
+                    results["runs"].append(row)
+                    print(f"{method:>10} {bits}b + ft : R@1 {100 * row['recall@1']:.2f}  MAP@R {100 * row['map@r']:.2f}",
+                          flush=True)
+                write_json(json_path, results)
+    results["complete"] = True
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    write_json(json_path, results)
+    plot(results, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Optional stage: k-means weight sharing of a trained embedding model.
+
+Every conv/linear weight tensor keeps 2^B shared float32 values (its codebook)
+and a B-bit index per weight (``dcml.quantize``); biases and BatchNorm stay
+float32. ``loss-aware`` weights the k-means centroid update by the diagonal
+Fisher of the metric loss, measured on class-balanced P x M batches of the
+manifest's train split (eval transforms). Optional centroid fine-tuning trains
+only the shared values on such batches (train transforms). The output is a
+``dcml.compressed/1`` checkpoint that ``dcml evaluate --model`` reads like any
+other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcml.errors import DcmlError
+from dcml.records import StageTimer
+
+STAGE = "compress"
+# The checkpoint does not carry a proxy loss's trained proxies, so only
+# pair-based losses give meaningful gradients here.
+IMPORTANCE_LOSSES = ("margin", "triplet", "contrastive")
+
+
+def training_batches(man, rows, model_config, *, train: bool, classes_per_batch: int, images_per_class: int,
+                     seed: int, num_workers: int):
+    """Class-balanced P x M batches ``(images, labels, row_index)`` of ``rows``
+    (one epoch per iteration; each new iteration draws the next epoch)."""
+    from torch.utils.data import DataLoader
+
+    from dcml.data import ManifestImageDataset, build_transform
+    from dcml.samplers import ClusterBatchSampler
+
+    dataset = ManifestImageDataset(man, rows, build_transform(model_config, train=train))
+    sampler = ClusterBatchSampler(rows["label"].to_numpy(), None, classes_per_batch=classes_per_batch,
+                                  images_per_class=images_per_class, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+def importance_loss(model, loss: str, miner: str, margin: float | None):
+    """loss(embeddings, labels): the loss of every slice of the full embedding,
+    summed (a K=1 model has one slice: the whole embedding)."""
+    from dcml.losses import build_loss, build_miner
+
+    bounds = [model.slice_bounds(k) for k in range(model.num_slices)]
+    losses = [build_loss(loss, embedding_dim=b - a, margin=margin) for a, b in bounds]
+    mine = build_miner(miner)
+
+    def fn(embeddings, labels):
+        total = 0.0
+        for (a, b), crit in zip(bounds, losses):
+            # Slices of the full embedding are normalised on their own, so
+            # embeddings[:, a:b] is exactly what learner k was trained on.
+            part = embeddings[:, a:b]
+            total = total + (crit(part, labels, mine(part, labels)) if mine is not None else crit(part, labels))
+        return total
+
+    return fn
+
+
+def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importance_batches: int = 20,
+        finetune_steps: int = 0, finetune_lr: float = 1e-4, damping: float = 0.0, loss: str = "margin",
+        miner: str = "reference",
+        margin: float | None = None, classes_per_batch: int = 20, images_per_class: int = 4, seed: int = 0,
+        num_workers: int = 0, device=None) -> dict:
+    """Quantise ``model``'s conv/linear weights to ``bits`` bits with ``method``,
+    write the compressed checkpoint ``out``, and return the stage record."""
+    import torch
+
+    from dcml import manifest as manifest_lib
+    from dcml import quantize as Q
+    from dcml.checkpoint import load_model
+    from dcml.inference import default_device
+
+    params = {"model": str(model), "bits": int(bits), "method": method, "importance_batches": int(importance_batches),
+              "finetune_steps": int(finetune_steps), "finetune_lr": float(finetune_lr), "damping": float(damping),
+              "loss": loss, "miner": miner,
+              "margin": margin, "classes_per_batch": int(classes_per_batch),
+              "images_per_class": int(images_per_class), "seed": int(seed)}
+    timer = StageTimer(STAGE, params)
+    Q.check_bits(bits)
+    Q.check_method(method)
+    if loss not in IMPORTANCE_LOSSES:
+        raise DcmlError(f"--loss {loss!r}: compression needs a pair-based loss ({', '.join(IMPORTANCE_LOSSES)}); "
+                        "a proxy loss's trained proxies are not stored in the checkpoint")
+    if method == "loss-aware" and int(importance_batches) < 1:
+        raise DcmlError(f"--importance-batches {importance_batches}: loss-aware needs at least 1 batch")
+    if int(finetune_steps) < 0 or not float(finetune_lr) > 0:
+        raise DcmlError(f"--finetune-steps {finetune_steps} / --finetune-lr {finetune_lr}: steps must be >= 0 and lr > 0")
+
+    device = torch.device(device) if device else default_device()
+    net, _ = load_model(model, device=device)
+    man = manifest_lib.read(manifest)
+    rows = man.split("train")
+    needs_data = method == "loss-aware" or int(finetune_steps) > 0
+    if needs_data and rows.empty:
+        raise DcmlError(f"{manifest}: no 'train' rows to measure the loss on; pass the manifest the model was trained with")
+    torch.manual_seed(int(seed))
+    batch_opts = {"classes_per_batch": int(classes_per_batch), "images_per_class": int(images_per_class),
+                  "seed": int(seed), "num_workers": int(num_workers)}
+    loss_fn = importance_loss(net, loss, miner, margin) if needs_data else None
+
+    original = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(net).items()}
+    importance, stats = None, {}
+    if method == "loss-aware":
+        loader = training_batches(man, rows, net.config, train=False, **batch_opts)
+        importance = Q.compute_importance(net, loader, loss_fn, num_batches=int(importance_batches), stats=stats)
+    quantized = Q.quantize_model(net, int(bits), method, importance, damping=float(damping))
+    before = Q.error_summary(Q.reconstruction_errors(original, quantized, importance))
+
+    history = []
+    if int(finetune_steps) > 0:
+        loader = training_batches(man, rows, net.config, train=True, **{**batch_opts, "seed": int(seed) + 1})
+        quantized, losses = Q.finetune_centroids(net, quantized, loader, loss_fn, int(finetune_steps),
+                                                 float(finetune_lr))
+        history = [{"step": i + 1, "loss": value} for i, value in enumerate(losses)]
+    else:
+        Q.apply_quantized(net, quantized)
+    per_layer = Q.reconstruction_errors(original, quantized, importance)
+    after = Q.error_summary(per_layer)
+
+    metrics = {
+        "bits": int(bits),
+        "method": method,
+        "quantized_layers": len(quantized),
+        "recon_mse": after["mse"],
+        "recon_rel_mse_mean": after["rel_mse_mean"],
+        "recon_rel_mse_max": after["rel_mse_max"],
+        "recon_max_abs": after["max_abs"],
+    }
+    if "weighted_sq_error" in after:
+        metrics["recon_weighted_sq_error"] = after["weighted_sq_error"]
+    if stats:
+        metrics["importance_batches_used"] = stats["batches_used"]
+    if history:
+        metrics["recon_rel_mse_mean_before_finetune"] = before["rel_mse_mean"]
+        metrics["finetune_loss_first"] = history[0]["loss"]
+        metrics["finetune_loss_last"] = history[-1]["loss"]
+    record = timer.finish(inputs={"model": model, "manifest": manifest}, metrics=metrics, history=history,
+                          extra={"device": str(device), "layers": per_layer})
+    report = Q.save_compressed(out, net.cpu(), quantized, record=record)
+    record["metrics"].update(report)
+    return record
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.2f} MiB"
+
+
+@click.command(name=STAGE, help="k-means weight quantisation of a model -> compact checkpoint (codebooks + packed indices).")
+@click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained dcml checkpoint.")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest whose train split gives the importance / fine-tuning batches.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Compressed checkpoint to write.")
+@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Bits per weight: 2^B shared values per layer.")
+@click.option("--method", default="loss-aware", show_default=True, type=click.Choice(["uniform", "kmeans", "loss-aware"]))
+@click.option("--importance-batches", default=20, show_default=True, type=int, help="Batches for the Fisher importance (loss-aware).")
+@click.option("--finetune-steps", default=0, show_default=True, type=int, help="Centroid fine-tuning steps (0 = none).")
+@click.option("--finetune-lr", default=1e-4, show_default=True, type=float, help="Adam learning rate of the centroids.")
+@click.option("--damping", default=0.0, show_default=True, type=float,
+              help="loss-aware: add this x the mean importance to every importance (shrinks towards plain kmeans).")
+@click.option("--loss", default="margin", show_default=True, type=click.Choice(list(IMPORTANCE_LOSSES)))
+@click.option("--miner", default="reference", show_default=True, type=click.Choice(["reference", "distance_weighted", "none"]))
+@click.option("--margin", default=None, type=float, help="Loss margin (default: the loss's own).")
+@click.option("--classes-per-batch", default=20, show_default=True, type=int, help="P classes per batch.")
+@click.option("--images-per-class", default=4, show_default=True, type=int, help="M images per class.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
+def cli(model, manifest, out, bits, method, importance_batches, finetune_steps, finetune_lr, damping, loss, miner, margin,
+        classes_per_batch, images_per_class, seed, num_workers, device):
+    record = run(model=model, manifest=manifest, out=out, bits=bits, method=method,
+                 importance_batches=importance_batches, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                 damping=damping, loss=loss, miner=miner, margin=margin, classes_per_batch=classes_per_batch,
+                 images_per_class=images_per_class, seed=seed, num_workers=num_workers, device=device)
+    m = record["metrics"]
+    click.echo(f"{out}: {method} {bits} bits, {m['quantized_layers']} layers, {_kib(m['compressed_size_bytes'])} "
+               f"(float {_kib(m['float_size_bytes'])}, x{m['compression_ratio']:.1f}; budget {_kib(m['budget_bytes'])}), "
+               f"relative weight MSE {m['recon_rel_mse_mean']:.4g}")

@@ -1,0 +1,104 @@
+"""The compress stage end to end on a small_cnn and a tiny embedded-image manifest."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from components.compress.stage import run
+from dcml import manifest as manifest_lib
+from dcml import quantize as Q
+from dcml import records
+from dcml.checkpoint import load, load_model
+from dcml.cli import cli
+from dcml.errors import DcmlError
+from dcml.inference import compute_vectors
+
+torch.set_num_threads(1)
+SMALL = {"classes_per_batch": 4, "images_per_class": 2, "miner": "none"}
+
+
+def test_loss_aware_with_finetuning_loads_and_embeds(tmp_path, tiny_manifest, tiny_checkpoint):
+    out = tmp_path / "compressed.pt"
+    record = run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, bits=3, method="loss-aware",
+                 importance_batches=3, finetune_steps=2, **SMALL)
+    m = record["metrics"]
+    assert m["compressed_size_bytes"] == os.path.getsize(out)
+    assert m["importance_batches_used"] == 3 and len(record["history"]) == 2
+    assert m["quantized_layers"] == 4  # three convs + the head
+    assert m["budget_bytes"] < m["compressed_size_bytes"] < m["float_size_bytes"] / 4
+    assert records.read(out)["metrics"]["compressed_size_bytes"] == m["compressed_size_bytes"]
+    assert records.read(out)["inputs"]["model"]["exec_id"] == "parent"
+    assert set(record["extra"]["layers"]) == {"backbone.net.0.weight", "backbone.net.4.weight",
+                                              "backbone.net.8.weight", "head.weight"}
+
+    base, _ = load_model(tiny_checkpoint)
+    model, ckpt = load_model(out)
+    assert ckpt["format"] == "dcml.compressed/1" and model.config == base.config
+    quantized = Q.quantizable_weights(model)
+    for name, p in model.state_dict().items():
+        if name in quantized:
+            assert torch.unique(p).numel() <= 8, name
+            assert not torch.equal(p, base.state_dict()[name])
+        else:  # biases, BatchNorm: untouched float32
+            assert torch.equal(p, base.state_dict()[name]), name
+
+    man = manifest_lib.read(tiny_manifest)
+    rows = man.split("test")
+    emb = compute_vectors(model, man, rows)
+    ref = compute_vectors(base, man, rows)
+    assert emb.shape == (12, 16) and np.isfinite(emb).all()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert (emb * ref).sum(axis=1).mean() > 0.8  # 3-bit weights: close to, not equal to, the float model
+    assert not np.allclose(emb, ref, atol=1e-4)
+
+    # same seed, same file contents
+    again = tmp_path / "again.pt"
+    run(model=tiny_checkpoint, manifest=tiny_manifest, out=again, bits=3, method="loss-aware",
+        importance_batches=3, finetune_steps=2, **SMALL)
+    first, second = load(out)["layers"], load(again)["layers"]
+    for name in first:
+        assert torch.equal(first[name]["codebook"], second[name]["codebook"])
+        assert torch.equal(first[name]["indices"], second[name]["indices"])
+
+
+def test_loss_aware_codebooks_differ_from_plain_kmeans(tmp_path, tiny_manifest, tiny_checkpoint):
+    run(model=tiny_checkpoint, manifest=tiny_manifest, out=tmp_path / "km.pt", bits=2, method="kmeans", **SMALL)
+    run(model=tiny_checkpoint, manifest=tiny_manifest, out=tmp_path / "la.pt", bits=2, method="loss-aware",
+        importance_batches=2, **SMALL)
+    km, la = load(tmp_path / "km.pt")["layers"], load(tmp_path / "la.pt")["layers"]
+    assert set(km) == set(la)
+    assert any(not torch.allclose(km[n]["codebook"], la[n]["codebook"]) for n in km)
+
+
+def test_cli_writes_a_checkpoint_evaluate_can_load(tmp_path, tiny_manifest, tiny_checkpoint):
+    out = tmp_path / "u.pt"
+    result = CliRunner().invoke(cli, ["compress", "--model", tiny_checkpoint, "--manifest", tiny_manifest,
+                                      "--bits", "2", "--method", "uniform", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "uniform 2 bits, 4 layers" in result.output
+    model, _ = load_model(out)
+    assert all(torch.unique(p).numel() <= 4 for p in Q.quantizable_weights(model).values())
+    bad = CliRunner().invoke(cli, ["compress", "--model", tiny_checkpoint, "--manifest", tiny_manifest,
+                                   "--bits", "9", "--out", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 2 and not (tmp_path / "x.pt").exists()
+
+
+def test_bad_inputs_fail_cleanly_without_output(tmp_path, tiny_manifest, tiny_checkpoint):
+    out = tmp_path / "never.pt"
+    with pytest.raises(DcmlError, match="pair-based loss"):
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, loss="proxy_anchor")
+    with pytest.raises(DcmlError, match="no such checkpoint"):
+        run(model=tmp_path / "missing.pt", manifest=tiny_manifest, out=out)
+    with pytest.raises(DcmlError, match="method"):
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, method="kmedoids")
+    # an untrained model collapses all images together: the reference miner finds
+    # no negative beyond its cutoff, so the loss (and the importance) is zero
+    with pytest.raises(DcmlError, match="zero on all"):
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, importance_batches=2,
+            classes_per_batch=4, images_per_class=2, miner="reference")
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
