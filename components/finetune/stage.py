@@ -17,6 +17,7 @@ import torch
 
 from components.train.stage import device_or_default, final_metrics, load_manifest, resume_file, set_threads, write_output
 from dcml import checkpoint
+from dcml.cli_options import training_options
 from dcml.errors import DcmlError
 from dcml.records import StageTimer
 
@@ -128,15 +129,7 @@ def run(manifest, checkpoints, out, merge="average", epochs=2, loss="margin", ma
 @click.option("--merge", type=click.Choice(MERGES), default="average", show_default=True,
               help="Backbones: average them, or take worker 0's (frozen backbones).")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs (0 = merge only).")
-@click.option("--loss", default="margin", show_default=True, type=click.Choice(["margin", "triplet", "contrastive", "proxy_anchor"]))
-@click.option("--margin", type=float, help="Loss margin [default: per loss].")
-@click.option("--miner", default="reference", show_default=True, type=click.Choice(["reference", "distance_weighted", "none"]))
-@click.option("--classes-per-batch", type=int, default=20, show_default=True, help="P")
-@click.option("--images-per-class", type=int, default=4, show_default=True, help="M")
-@click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
-@click.option("--lr-embedding", type=float, default=1e-5, show_default=True)
-@click.option("--lr-proxies", type=float, help="Loss parameters [default: 100 x lr-embedding].")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@training_options
 @click.option("--eval-every", type=int, default=0, show_default=True, help="R@1 on the test split every N epochs (0 = never).")
 @click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

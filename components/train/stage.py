@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 
 import click
+
 import numpy as np
 import pandas as pd
 
 from dcml import checkpoint
+from dcml.cli_options import training_options
 from dcml.errors import DcmlError
 from dcml.io import read_parquet_meta
 from dcml.records import StageTimer
@@ -206,15 +208,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
 @click.option("--embedding-dim", type=int, default=128, show_default=True)
 @click.option("--num-slices", type=int, help="K [default: the clusters file's k, else 1].")
 @click.option("--dropout", type=float, help="Dropout before the head [default: 0.01].")
-@click.option("--loss", default="margin", show_default=True, type=click.Choice(["margin", "triplet", "contrastive", "proxy_anchor"]))
-@click.option("--margin", type=float, help="Loss margin [default: per loss].")
-@click.option("--miner", default="reference", show_default=True, type=click.Choice(["reference", "distance_weighted", "none"]))
-@click.option("--classes-per-batch", type=int, default=20, show_default=True, help="P")
-@click.option("--images-per-class", type=int, default=4, show_default=True, help="M")
-@click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
-@click.option("--lr-embedding", type=float, default=1e-5, show_default=True)
-@click.option("--lr-proxies", type=float, help="Loss parameters (proxies, learnable beta) [default: 100 x lr-embedding].")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@training_options
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--recluster-every", type=int, default=2, show_default=True, help="R (shared mode; 0 = never).")
 @click.option("--cluster-on", type=click.Choice(["features", "embedding"]), default="features", show_default=True)
