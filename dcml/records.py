@@ -71,7 +71,7 @@ class StageTimer:
             "host": socket.gethostname(),
             "dcml_version": __version__,
             "git_commit": git_commit(),
-            "image": os.environ.get("DCML_IMAGE", ""),
+            "image_tag": os.environ.get("DCML_IMAGE_TAG", ""),  # set in the images
             "extra": dict(extra or {}),
             "inputs": upstream,
         }

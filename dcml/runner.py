@@ -168,8 +168,13 @@ def _docker_runner(args: dict, output_dir: Path):
     store = tracking.default_store_dir()
     store.mkdir(parents=True, exist_ok=True)
     mounts.append(docker.types.Mount(target=str(store), source=str(store), type="bind"))
+    extra = {}
+    if shutil.which("nvidia-smi"):
+        extra["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    # The images run as a non-root user; run as the host user so the executor
+    # can write task folders under the mounted pipeline root.
     return local.DockerRunner(mounts=mounts, environment={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]},
-                              shm_size="2g")
+                              shm_size="2g", user=f"{os.getuid()}:{os.getgid()}", **extra)
 
 
 def format_metrics(metrics: dict) -> str:

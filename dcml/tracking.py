@@ -93,9 +93,9 @@ def run_parameters(lineage: list[dict]) -> dict[str, str]:
     if train:
         merged["epochs"] = train[0].get("params", {}).get("epochs")
     commits = {r.get("git_commit") for r in lineage if r.get("git_commit")}
-    images = {r.get("image") for r in lineage if r.get("image")}
+    tags = {r.get("image_tag") for r in lineage if r.get("image_tag")}
     merged["git_commit"] = ",".join(sorted(commits)) or "unknown"
-    merged["image_tag"] = ",".join(sorted({i.rsplit(":", 1)[-1] for i in images})) or "local"
+    merged["image_tag"] = ",".join(sorted(tags)) or "local (no image)"
     return _flat_params(merged)
 
 
