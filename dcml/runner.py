@@ -145,11 +145,19 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
 
     metrics_path = Path(task.output.path) / "metrics.json"
     metrics = json.loads(metrics_path.read_text())["metrics"]
-    mlflow_info = {}
-    for info in sorted(run_dir.glob("track*/mlflow_run/record.json")):
-        mlflow_info = json.loads(info.read_text())
-    return {"run_dir": str(run_dir), "metrics_file": str(metrics_path), "metrics": metrics,
-            "mlflow": mlflow_info, "seconds": round(elapsed, 2)}
+
+    def tracked(task_name):
+        info = run_dir / task_name / "mlflow_run" / "record.json"
+        return json.loads(info.read_text()) if info.is_file() else {}
+
+    summary = {"run_dir": str(run_dir), "metrics_file": str(metrics_path), "metrics": metrics,
+               "mlflow": tracked("track"), "seconds": round(elapsed, 2)}
+    compressed = run_dir / "evaluate-2" / "metrics" / "metrics.json"
+    if compressed.is_file():  # the compress_bits > 0 branch
+        summary["compressed"] = {"metrics_file": str(compressed),
+                                 "metrics": json.loads(compressed.read_text())["metrics"],
+                                 "mlflow": tracked("track-2")}
+    return summary
 
 
 def _docker_runner(args: dict, output_dir: Path):
@@ -217,6 +225,9 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
         if info.get("cached_stages"):
             click.echo(f"cached     : {', '.join(info['cached_stages'])}")
         click.echo("             browse with `make mlflow-ui` (http://127.0.0.1:5000)")
+    if "compressed" in summary:
+        click.echo("after weight quantisation (compress_bits):")
+        click.echo(format_metrics(summary["compressed"]["metrics"]))
     click.echo(f"wall time  : {summary['seconds']:.1f} s")
     if json_out:
         from dcml.io import write_json

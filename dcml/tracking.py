@@ -82,11 +82,11 @@ def run_parameters(lineage: list[dict]) -> dict[str, str]:
                        "embeddings", "embeddings_out", "root"):
                 continue  # paths differ per run; they are not settings
             merged[key] = value
-    train = [r for r in lineage if r.get("stage") in ("train", "dfml")]
+    train = [r for r in lineage if r.get("stage") in ("train", "train-dfml")]
     if train:
         merged["num_clusters"] = train[0].get("params", {}).get("num_slices") or merged.get("k")
         merged["mode"] = train[0].get("params", {}).get("mode", "dfml")
-        merged["method"] = "dfml" if train[0]["stage"] == "dfml" else "dc"
+        merged["method"] = "dfml" if train[0]["stage"] == "train-dfml" else "dc"
     finetunes = [r for r in lineage if r.get("stage") == "finetune"]
     if finetunes:
         merged["finetune_epochs"] = finetunes[-1].get("params", {}).get("epochs")
@@ -146,8 +146,14 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     cached = _seen_exec_ids(client, experiment_id, [r["exec_id"] for r in lineage])
     final_metrics = json.loads(Path(metrics).read_text())["metrics"]
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          tags={"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"]}) as parent:
+    tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"]}
+    compress = [r for r in lineage if r.get("stage") == "compress"]
+    if compress:
+        # The pipeline's optional branch: the same run, evaluated after quantisation.
+        params = compress[-1].get("params", {})
+        tags["dcml.compressed"] = f"{params.get('method')}-{params.get('bits')}bit"
+        run_name = f"{run_name or 'run'} [{tags['dcml.compressed']}]"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as parent:
         mlflow.log_params(run_parameters(lineage))
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final_metrics.items()})
         for rec in lineage:

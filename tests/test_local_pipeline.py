@@ -135,3 +135,31 @@ def test_parallel_mode_fans_out_per_cluster_and_merges(workdir, tracking_uri):
     children = client.search_runs([summary["experiment_id"]],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
     assert sum(c.data.tags["dcml.stage"] == "train" for c in children) == TINY["num_clusters"]
+
+
+def test_compress_branch_quantises_the_cached_model(first_run, workdir, tracking_uri):
+    result = run_local({**TINY, "compress_bits": 3, "compress_method": "kmeans"}, output_dir=workdir / "runs",
+                       tracking_uri=tracking_uri)
+    # Everything up to the model is cached; the branch adds compress, its evaluation and its MLflow run.
+    assert executed_tasks(result["run_dir"]) == {"compress", "evaluate-2", "track-2", "track"}
+    assert result["metrics"] == first_run["metrics"]
+    compressed = result["compressed"]
+    assert 0.0 < compressed["metrics"]["recall@1"] <= 1.0
+    lineage = list(records.walk(records.read(compressed["metrics_file"])))
+    compress = next(r for r in lineage if r["stage"] == "compress")
+    assert compress["params"]["bits"] == 3 and compress["params"]["method"] == "kmeans"
+    run = MlflowClient(tracking_uri).get_run(compressed["mlflow"]["mlflow_run_id"])
+    assert run.data.tags["dcml.compressed"] == "kmeans-3bit"
+
+
+def test_dfml_method_trains_through_the_same_pipeline(workdir, tracking_uri):
+    args = {**TINY, "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "epochs": 1,
+            "freeze_bn": True, "loss": "proxy_anchor", "lr_proxies": 0.1}
+    result = run_local(args, method="dfml", output_dir=workdir / "runs-dfml", tracking_uri=tracking_uri)
+    assert executed_tasks(result["run_dir"]) == {"ingest", "train-dfml", "evaluate", "track"}
+    lineage = list(records.walk(records.read(result["metrics_file"])))
+    dfml = next(r for r in lineage if r["stage"] == "train-dfml")
+    assert dfml["history"][0]["routing"], "routing statistics per block"
+    assert 0.0 < result["metrics"]["recall@1"] <= 1.0
+    run = MlflowClient(tracking_uri).get_run(result["mlflow"]["mlflow_run_id"])
+    assert run.data.params["method"] == "dfml"
