@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Tests use real Fashion-MNIST when it can be had (they skip what needs it otherwise).
 test: install
+	-@$(BIN)/python -m data_prep.fashion_mnist_fetch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Fashion-MNIST from Debian's package (see ../shared/data/README.md).
