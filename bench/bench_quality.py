@@ -1,0 +1,373 @@
+"""Retrieval quality of divide-and-conquer against its baselines, through the real pipeline.
+
+For one data set, at equal epochs and seeds:
+
+* ``pretrained``: no training. The backbone's pooled features (L2-normalised;
+  1280-d for EfficientNet-Lite0) of the test images, and the untrained K=1
+  model (the same backbone + a randomly initialised 128-d head);
+* ``k1``: the pipeline with K=1 (plain metric learning, then the fine-tune stage);
+* ``k4-shared``: the paper's method, K=4 learners over one backbone with re-clustering;
+* ``k4-parallel``: one worker per cluster (own backbone copy), merge, fine-tune.
+
+The trained rows run the whole local pipeline (``dcml.runner.run_local``:
+ingest -> extract -> cluster -> train -> finetune -> evaluate -> MLflow) in one
+output folder per data set, so the stages the configurations share (ingest,
+extract) are computed once and served from the cache afterwards. Reported per
+configuration: R@1/2/4/8, NMI, MAP@R (R-Precision, AMI too), the pipeline's
+wall time, the compute seconds of its training stages and of all its stages
+(cached ones included: what a cold run costs). With several seeds: mean and
+sample standard deviation.
+
+    python -m bench.bench_quality --dataset cars196                 # 3 + 1 epochs, seed 0
+    python -m bench.bench_quality --dataset fashion-mnist --seeds 0,1,2
+
+writes bench/results/quality_<dataset>.json (after every run, "complete":
+false until the last) and quality_<dataset>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, WORK, log, mean_std, result_header, set_threads, write_result
+
+CONFIGS = {
+    "pretrained": {"label": "pretrained only (no training)"},
+    "k1": {"label": "K=1 baseline", "mode": "shared", "num_clusters": 1},
+    "k4-shared": {"label": "K=4 shared (paper)", "mode": "shared", "num_clusters": 4},
+    "k4-parallel": {"label": "K=4 parallel", "mode": "parallel", "num_clusters": 4},
+}
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision", "ami")
+
+# Pipeline parameters per data set (on top of dcml.presets), full and --quick.
+DATASETS = {
+    "cars196": {
+        "preset": "cars196",
+        "full": {"epochs": 3, "finetune_epochs": 1, "recluster_every": 2, "eval_every": 0},
+        "quick": {"epochs": 1, "finetune_epochs": 1, "recluster_every": 2, "eval_every": 0, "max_per_class": 12},
+        "seeds": [0],
+    },
+    "fashion-mnist": {
+        "preset": "demo",
+        # Class-disjoint: train on classes 0-4, retrieve among the unseen classes 5-9.
+        "full": {"max_per_class": 600, "epochs": 4, "finetune_epochs": 2, "recluster_every": 2,
+                 "eval_every": 0, "embedding_dim": 64},
+        "quick": {"max_per_class": 300, "epochs": 2, "finetune_epochs": 1, "recluster_every": 1,
+                  "eval_every": 0, "embedding_dim": 64},
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def default_data_root(dataset: str) -> str:
+    if dataset == "cars196":
+        return str((Path(__file__).resolve().parents[2] / "shared" / "data" / "cars196"))
+    return ""
+
+
+def pipeline_args(dataset: str, quick: bool, seed: int, num_clusters: int, data_root: str | None,
+                  overrides: dict) -> dict:
+    from dcml import presets
+
+    spec = DATASETS[dataset]
+    args = presets.load(spec["preset"])
+    args.update(spec["quick" if quick else "full"])
+    args.update(overrides)
+    args.update(seed=seed, num_clusters=num_clusters, experiment=f"bench-quality-{dataset}")
+    root = data_root if data_root is not None else default_data_root(dataset)
+    if root:
+        args["data_root"] = root
+    return args
+
+
+# ------------------------------------------------------------------ lineage
+
+def lineage(metrics_file: str) -> list[dict]:
+    from dcml import records
+
+    return list(records.walk(records.read(metrics_file)))
+
+
+def _started(record: dict) -> datetime:
+    return datetime.fromisoformat(record["started"])
+
+
+def stage_times(metrics_file: str, run_started: datetime) -> dict:
+    """Compute seconds of the run's stages: all of them, those executed in this run, training ones."""
+    recs = lineage(metrics_file)
+    # Record start times have 1 s resolution; a stage served from the cache started before this run.
+    executed = [r for r in recs if _started(r) >= run_started.replace(microsecond=0)]
+    training = [r for r in recs if r["stage"] in ("train", "finetune", "train-dfml")]
+    return {
+        "stages": [{"name": r.get("name") or r["stage"], "duration_s": r["duration_s"],
+                    "executed_in_this_run": r in executed} for r in recs],
+        "compute_s_all_stages": round(sum(r["duration_s"] for r in recs), 2),
+        "compute_s_executed": round(sum(r["duration_s"] for r in executed), 2),
+        "train_s": round(sum(r["duration_s"] for r in training), 2),
+        "cached_stages": [r.get("name") or r["stage"] for r in recs if r not in executed],
+    }
+
+
+def training_history(metrics_file: str) -> list[dict]:
+    """Per-epoch loss, speed and cluster sizes of the training stages (for the report's why)."""
+    keep = ("epoch", "phase", "loss", "images", "images_per_s", "cluster_sizes", "nonzero_terms", "num_slices")
+    out = []
+    for rec in lineage(metrics_file):
+        if rec["stage"] in ("train", "finetune"):
+            out.append({"stage": rec.get("name") or rec["stage"],
+                        "history": [{k: h[k] for k in keep if k in h} for h in rec.get("history", [])]})
+    return out
+
+
+# ------------------------------------------------------------- the configs
+
+def run_pretrained(manifest_path: str, args: dict, seed: int) -> dict:
+    """Evaluate without training: backbone features, and the untrained K=1 model."""
+    import torch
+
+    from dcml import manifest as manifest_lib
+    from dcml.clustering import l2_normalize
+    from dcml.inference import compute_vectors
+    from dcml.metrics import evaluate_embeddings
+    from dcml.models import build_model
+    from dcml.training import seed_everything
+
+    t0 = time.perf_counter()
+    man = manifest_lib.read(manifest_path)
+    test = man.split("test")
+    seed_everything(seed)  # the random head (and a random small_cnn) are those training would start from
+    model = build_model({"backbone": args["backbone"], "weights": args["weights"], "image_size": args["image_size"],
+                         "embedding_dim": args["embedding_dim"], "num_slices": 1}).eval()
+    features = compute_vectors(model, man, test, kind="features", batch_size=args.get("batch_size", 128),
+                               desc="pretrained features")
+    labels = test["label"].to_numpy()
+    ks = [int(k) for k in str(args.get("ks", "1,2,4,8")).split(",")]
+    backbone_metrics = evaluate_embeddings(l2_normalize(features), labels, ks=ks)
+    with torch.inference_mode():
+        head = model.embed(torch.from_numpy(features)).numpy()
+    head_metrics = evaluate_embeddings(head, labels, ks=ks)
+    seconds = time.perf_counter() - t0
+    return {
+        "metrics": {k: float(v) for k, v in backbone_metrics.items()},
+        "metrics_random_head": {k: float(v) for k, v in head_metrics.items()},
+        "what": (f"{args['backbone']} (weights={args['weights']}) pooled features of the test images, "
+                 f"L2-normalised ({features.shape[1]}-d); metrics_random_head: the untrained K=1 model "
+                 f"(same backbone + random {args['embedding_dim']}-d head)"),
+        "wall_s": round(seconds, 2),
+        "num_test_images": len(test),
+    }
+
+
+def run_pipeline(config: str, args: dict, output_dir: Path, tracking_uri: str, image_tag: str) -> dict:
+    from dcml.runner import run_local
+
+    spec = CONFIGS[config]
+    started = datetime.now(timezone.utc)
+    summary = run_local(args, mode=spec["mode"], output_dir=str(output_dir), cache=True,
+                        tracking_uri=tracking_uri, max_parallel_workers=1, image_tag=image_tag)
+    times = stage_times(summary["metrics_file"], started)
+    return {
+        "metrics": {k: float(v) for k, v in summary["metrics"].items() if k in METRIC_KEYS},
+        "wall_s": summary["seconds"],
+        **times,
+        "orchestration_s": round(summary["seconds"] - times["compute_s_executed"], 2),
+        "run_dir": summary["run_dir"],
+        "metrics_file": summary["metrics_file"],
+        "manifest": find_artifact(output_dir, "pipelines/*/ingest/manifest/manifest.parquet",
+                                  summary["metrics_file"], ("ingest",)),
+        "model": find_artifact(output_dir, "pipelines/*/*finetune/model/model.pt", summary["metrics_file"],
+                               ("finetune", "merge-finetune")),
+        "history": training_history(summary["metrics_file"]),
+        "mlflow_run_id": summary["mlflow"].get("mlflow_run_id"),
+    }
+
+
+def find_artifact(output_dir: Path, pattern: str, metrics_file: str, names: tuple[str, ...]) -> str | None:
+    """The file (under ``output_dir``) written by the lineage's stage called one of ``names``.
+
+    A stage served from the cache has no folder in the new run; its output is
+    the one written by the run that executed it, found by the record's exec_id.
+    """
+    from dcml import records
+
+    wanted = {r["exec_id"] for r in lineage(metrics_file) if (r.get("name") or r["stage"]) in names}
+    for path in sorted(Path(output_dir).glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True):
+        if records.read(path).get("exec_id") in wanted:
+            return str(path)
+    return None
+
+
+# ---------------------------------------------------------------- summary
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per configuration: mean and spread of every metric and time over its seeds."""
+    out = {}
+    for config in CONFIGS:
+        done = [r for r in runs if r["config"] == config and "error" not in r]
+        if not done:
+            continue
+        row = {"label": CONFIGS[config]["label"], "seeds": [r["seed"] for r in done]}
+        for key in METRIC_KEYS:
+            values = [r["metrics"][key] for r in done if key in r["metrics"]]
+            if values:
+                mean, std = mean_std(values)
+                row[key] = {"mean": mean, "std": std}
+        for key in ("wall_s", "train_s", "compute_s_all_stages"):
+            values = [r[key] for r in done if key in r]
+            if values:
+                mean, std = mean_std(values)
+                row[key] = {"mean": mean, "std": std}
+        if config == "pretrained":
+            values = [r["metrics_random_head"]["recall@1"] for r in done]
+            mean, std = mean_std(values)
+            row["random_head_recall@1"] = {"mean": mean, "std": std}
+            row["random_head_map@r"] = {"mean": mean_std([r["metrics_random_head"]["map@r"] for r in done])[0],
+                                        "std": mean_std([r["metrics_random_head"]["map@r"] for r in done])[1]}
+        out[config] = row
+    return out
+
+
+def plot(summary: dict, dataset: str, dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [c for c in CONFIGS if c in summary]
+    keys = [("recall@1", "R@1"), ("map@r", "MAP@R"), ("nmi", "NMI")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(keys)
+    x = np.arange(len(configs))
+    for i, (key, label) in enumerate(keys):
+        means = [100 * summary[c][key]["mean"] for c in configs]
+        errors = [100 * (summary[c][key]["std"] or 0) for c in configs]
+        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, [summary[c]["label"] for c in configs], fontsize=8)
+    ax.set_ylabel("%")
+    seeds = max(len(summary[c]["seeds"]) for c in configs)
+    ax.set_title(f"{dataset}: retrieval on unseen test classes ({seeds} seed{'s' if seeds > 1 else ''})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {','.join(CONFIGS)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: cars196 0; fashion-mnist 0,1,2)")
+    parser.add_argument("--quick", action="store_true", help="small data and 1-2 epochs (a smoke run, not a figure)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a pipeline parameter (repeatable), e.g. --set epochs=4")
+    parser.add_argument("--data-root", default=None, help="cars196 folder (default ../shared/data/cars196)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads for every stage (1 is fastest on a shared 2-core box; 0 = library default)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="pipeline outputs + cache (default runs/bench/quality-<dataset>)")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/quality_<dataset>.json)")
+    parser.add_argument("--reuse-cache", action="store_true",
+                        help="keep the output folder's pipeline cache (default: start empty, so wall times are real)")
+    a = parser.parse_args(argv)
+    set_threads(a.threads or None)
+
+    from dcml.runner import _coerce, _build, pipeline_parameters
+
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else DATASETS[a.dataset]["seeds"]
+    if a.quick and not a.seeds:
+        seeds = seeds[:1]
+    params = pipeline_parameters(_build("shared", "dc", 1, "average", False, "dcml", "bench")[0])
+    overrides = {}
+    for item in a.overrides:
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in params:
+            parser.error(f"--set {key}: not a pipeline parameter")
+        overrides[key] = _coerce(key, params[key][0], value)
+
+    output_dir = (a.output_dir or WORK / f"quality-{a.dataset}{'-quick' if a.quick else ''}").resolve()
+    if not a.reuse_cache:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{WORK.resolve() / 'mlflow.db'}"
+    report = result_header(f"quality: {a.dataset}", "bench.bench_quality", argv)
+    # The image tag is part of every stage's cache key; pinning it keeps the
+    # configurations sharing the cache even if a commit lands mid-benchmark.
+    image_tag = image_tag_now()
+    report.update(image_tag=image_tag, dataset=a.dataset, quick=a.quick, seeds=seeds, configs=configs, threads=a.threads or "default",
+                  output_dir=str(output_dir), runs=[])
+    out_path = a.out or RESULTS / f"quality_{a.dataset}{'_quick' if a.quick else ''}.json"
+    t_start = time.perf_counter()
+
+    trained = [c for c in configs if c != "pretrained"]
+    for seed in seeds:
+        manifest = None
+        for config in trained + (["pretrained"] if "pretrained" in configs else []):
+            k = CONFIGS[config].get("num_clusters", 1)
+            args = pipeline_args(a.dataset, a.quick, seed, k, a.data_root, overrides)
+            report["pipeline_args"] = {key: v for key, v in args.items() if key not in ("seed", "num_clusters")}
+            log(f"{a.dataset} seed {seed}: {config} ...")
+            entry = {"config": config, "seed": seed, "num_clusters": k}
+            try:
+                if config == "pretrained":
+                    if manifest is None:  # only pretrained asked: ingest alone
+                        manifest = _ingest_only(args, output_dir)
+                    entry.update(run_pretrained(manifest, args, seed))
+                else:
+                    entry.update(mode=CONFIGS[config]["mode"])
+                    entry.update(run_pipeline(config, args, output_dir, tracking_uri, image_tag))
+                    manifest = entry["manifest"]
+            except Exception as exc:  # keep the other configurations' figures; report the failure
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"  FAILED: {entry['error']}")
+            else:
+                m = entry["metrics"]
+                log(f"  R@1 {m['recall@1']:.4f}  MAP@R {m['map@r']:.4f}  NMI {m['nmi']:.4f}  wall {entry['wall_s']:.0f} s")
+            report["runs"].append(entry)
+            report["summary"] = aggregate(report["runs"])
+            report["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+            write_result(out_path, report, complete=False)
+
+    if report["summary"]:
+        png = out_path.with_suffix(".png")
+        plot(report["summary"], a.dataset, png)
+        report["plot"] = png.name
+    report["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    write_result(out_path, report, complete=True)
+    log(f"wrote {out_path} in {report['total_wall_s']:.0f} s")
+    print(json.dumps({c: {k: round(v["mean"], 4) for k, v in row.items() if isinstance(v, dict) and k in ("recall@1", "map@r", "nmi")}
+                      for c, row in report["summary"].items()}, indent=2))
+    return report
+
+
+def image_tag_now() -> str:
+    from dcml.records import git_commit
+
+    tag = git_commit()
+    return "dev" if tag in ("", "unknown") else tag
+
+
+def _ingest_only(args: dict, output_dir: Path) -> str:
+    from components.ingest.stage import run as ingest
+
+    dest = output_dir / "manifest-pretrained.parquet"
+    ingest(dataset=args["dataset"], out=str(dest), root=args.get("data_root") or None,
+           split_mode=args.get("split_mode"), max_per_class=args.get("max_per_class") or None)
+    return str(dest)
+
+
+if __name__ == "__main__":
+    main()
