@@ -18,6 +18,7 @@ and MAP@R per method; dashed = with centroid fine-tuning).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -36,6 +37,8 @@ from dcml.inference import compute_vectors, default_device
 from dcml.io import atomic_path, write_json
 from dcml.metrics import evaluate_embeddings
 from dcml.records import git_commit
+
+from bench.common import log_to_mlflow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,10 +101,25 @@ def plot(results: dict, dest: Path) -> None:
     plt.close(fig)
 
 
+def log_result(results: dict, json_path: Path, png_path: Path) -> str:
+    """Log a finished result (JSON + plot, one nested run per method/bits row) to MLflow."""
+    results["mlflow_run_id"] = log_to_mlflow(
+        "bench-compress", f"compress {results['dataset']}",
+        params={"dataset": results["dataset"], "model": results["model"], "manifest": results["manifest"],
+                **results["settings"]},
+        metrics={f"float.{k}": v for k, v in results["float"].items()},
+        artifacts=[json_path, png_path],
+        children=[(f"{r['method']} {r['bits']}b" + (" + centroid fine-tuning" if r["finetune_steps"] else ""),
+                   {"method": r["method"], "bits": r["bits"], "finetune_steps": r["finetune_steps"]}, r)
+                  for r in results["runs"]])
+    write_json(json_path, results)
+    return results["mlflow_run_id"]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="trained dcml checkpoint")
-    ap.add_argument("--manifest", required=True, help="its manifest (train split for importance, test split for R@1)")
+    ap.add_argument("--model", help="trained dcml checkpoint")
+    ap.add_argument("--manifest", help="its manifest (train split for importance, test split for R@1)")
     ap.add_argument("--dataset", required=True, help="name used in the output file names")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     ap.add_argument("--methods", nargs="+", default=list(Q.METHODS), choices=list(Q.METHODS))
@@ -117,6 +135,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
+    ap.add_argument("--mlflow-only", action="store_true", help="log the existing compress_<dataset>.json to MLflow, run nothing")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device) if args.device else default_device()
@@ -124,6 +144,12 @@ def main(argv=None) -> dict:
         Q.check_bits(bits)
     out_dir = Path(args.out_dir)
     json_path, png_path = out_dir / f"compress_{args.dataset}.json", out_dir / f"compress_{args.dataset}.png"
+    if args.mlflow_only:
+        results = json.loads(json_path.read_text())
+        print(f"logged {json_path} as MLflow run {log_result(results, json_path, png_path)}")
+        return results
+    if not (args.model and args.manifest):
+        ap.error("--model and --manifest are required (unless --mlflow-only)")
 
     model, _ = load_model(args.model, device=device)
     man = manifest_lib.read(args.manifest)
@@ -205,6 +231,8 @@ def main(argv=None) -> dict:
     results["total_s"] = round(time.perf_counter() - t0, 1)
     write_json(json_path, results)
     plot(results, png_path)
+    if not args.no_mlflow:
+        log_result(results, json_path, png_path)
     print(f"wrote {json_path} and {png_path}")
     return results
 

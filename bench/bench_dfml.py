@@ -21,6 +21,7 @@ sub-block).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -35,6 +36,9 @@ from dcml.inference import compute_vectors, default_device
 from dcml.io import atomic_path, write_json
 from dcml.metrics import evaluate_embeddings
 from dcml.records import git_commit
+from dcml.tracking import routing_plot
+
+from bench.common import log_to_mlflow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,60 +63,32 @@ def evaluate_checkpoint(path, manifest_path, device) -> dict:
     return metrics
 
 
-def _short(name: str) -> str:
-    # "backbone.net._blocks.7" -> "7"
-    return name.rsplit("_blocks.", 1)[-1] if "_blocks." in name else name
-
-
-def plot(result: dict, dest: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    history = result["dfml"]["history"]
-    panels = [("training images, last epoch", history[-1]["routing"])]
-    evaluated = [h for h in history if "eval_routing" in h]
-    if evaluated:
-        panels.append(("test images, final model", evaluated[-1]["eval_routing"]))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.5))
-    for ax, (title, counts) in zip(axes, panels):
-        names = list(counts)
-        table = np.array([counts[n] for n in names], dtype=float)
-        shares = table / np.maximum(table.sum(axis=1, keepdims=True), 1)
-        left = np.zeros(len(names))
-        for g in range(shares.shape[1]):
-            ax.barh(range(len(names)), shares[:, g], left=left, label=f"sub-block {g}")
-            left += shares[:, g]
-        ax.set_yticks(range(len(names)), [_short(n) for n in names])
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("share of samples")
-        ax.set_ylabel("block")
-        ax.set_title(title)
-    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=shares.shape[1], fontsize=8)
-    ax = axes[-1]
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["routing_entropy"] for h in history], marker="o", label="routing entropy (train)")
-    if evaluated:
-        ax.plot([h["epoch"] for h in evaluated], [h["recall@1"] for h in evaluated], marker="s", label="R@1 full")
-        ax.plot([h["epoch"] for h in evaluated], [h["routed_recall@1"] for h in evaluated], marker="^", label="R@1 routed")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("epoch")
-    ax.set_title("spread and retrieval per epoch")
-    ax.legend(fontsize=8)
+def plot(result: dict, dest: Path) -> Path:
     params = result["dfml"]["params"]
-    fig.suptitle(f"DFML on {result['dataset']}: G={params['groups']}, balance_weight={params['balance_weight']}")
-    fig.tight_layout()
+    title = (f"DFML on {result['dataset']}: G={params['groups']}, balance_weight={params['balance_weight']}")
     with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+        routing_plot(result["dfml"]["history"], Path(tmp), title=title)
+    return dest
+
+
+def log_result(result: dict, json_path: Path, png_path: Path) -> str:
+    """Log a finished result (JSON, routing plot, a nested run per trained model) to MLflow."""
+    children = [(name, {"method": name, **{k: v for k, v in result[name]["params"].items() if k != "manifest"}},
+                 {**result[name]["metrics"], "train_seconds": result[name]["train_seconds"] or 0})
+                for name in ("dfml", "baseline") if name in result]
+    result["mlflow_run_id"] = log_to_mlflow(
+        "bench-dfml", f"dfml vs K=1 {result['dataset']}",
+        params={"dataset": result["dataset"], "manifest": result["manifest"], **result["dfml"]["params"]},
+        metrics={"dfml.recall@1": result["dfml"]["metrics"]["recall@1"],
+                 "dfml.routing_entropy": result["dfml"]["routing_entropy"] or 0},
+        artifacts=[json_path, png_path], children=children)
+    write_json(json_path, result)
+    return result["mlflow_run_id"]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--manifest")
     parser.add_argument("--dataset", required=True, help="name used in the output file names")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=1)
@@ -135,6 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--baseline", action="store_true", help="also train the same model without DFML (K=1)")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
+    parser.add_argument("--mlflow-only", action="store_true", help="log the existing dfml_<dataset>.json to MLflow, run nothing")
     parser.add_argument("--keep-models", help="directory to keep the trained checkpoints in")
     args = parser.parse_args(argv)
 
@@ -145,6 +123,13 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"dfml_{args.dataset}.json"
     png_path = out_dir / f"dfml_{args.dataset}_routing.png"
+    if args.mlflow_only:
+        result = json.loads(json_path.read_text())
+        plot(result, png_path)
+        print(f"logged {json_path} as MLflow run {log_result(result, json_path, png_path)}")
+        return result
+    if not args.manifest:
+        parser.error("--manifest is required (unless --mlflow-only)")
     device = default_device()
     common = dict(image_size=args.image_size, embedding_dim=args.embedding_dim, loss=args.loss,
                   classes_per_batch=args.classes_per_batch, images_per_class=args.images_per_class,
@@ -196,6 +181,8 @@ def main(argv=None) -> dict:
             }
     result["process_cpu_seconds"] = round(cpu_note, 1)
     result["complete"] = True
+    if not args.no_mlflow:
+        log_result(result, json_path, png_path)
     write_json(json_path, result)
     print(f"wrote {json_path} and {png_path}")
     for name in ("dfml", "baseline"):

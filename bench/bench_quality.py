@@ -277,6 +277,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/quality_<dataset>.json)")
     parser.add_argument("--reuse-cache", action="store_true",
                         help="keep the output folder's pipeline cache (default: start empty, so wall times are real)")
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="add these seeds' runs to the existing result JSON (replacing runs of the same seeds) "
+                             "and keep the output folder, instead of starting both anew")
     a = parser.parse_args(argv)
     set_threads(a.threads or None)
 
@@ -299,7 +302,7 @@ def main(argv=None) -> dict:
         overrides[key] = _coerce(key, params[key][0], value)
 
     output_dir = (a.output_dir or WORK / f"quality-{a.dataset}{'-quick' if a.quick else ''}").resolve()
-    if not a.reuse_cache:
+    if not (a.reuse_cache or a.add_seeds):
         shutil.rmtree(output_dir, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{WORK.resolve() / 'mlflow.db'}"
@@ -310,6 +313,11 @@ def main(argv=None) -> dict:
     report.update(image_tag=image_tag, dataset=a.dataset, quick=a.quick, seeds=seeds, configs=configs, threads=a.threads or "default",
                   output_dir=str(output_dir), runs=[])
     out_path = a.out or RESULTS / f"quality_{a.dataset}{'_quick' if a.quick else ''}.json"
+    if a.add_seeds and out_path.exists():
+        earlier = json.loads(out_path.read_text())
+        report["runs"] = [r for r in earlier.get("runs", []) if r["seed"] not in seeds]
+        report["seeds"] = sorted({r["seed"] for r in report["runs"]} | set(seeds))
+        report["earlier_commands"] = earlier.get("earlier_commands", []) + [earlier.get("command")]
     t_start = time.perf_counter()
 
     trained = [c for c in configs if c != "pretrained"]

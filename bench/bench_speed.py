@@ -310,11 +310,27 @@ def _pipeline_figures(first: dict, second: dict) -> dict:
             "orchestration_s_per_stage": round(orchestration / (sum(1 for s in first["stages"] if s["executed_in_this_run"]) + 1), 2)}
 
 
+IMPORTS = "import torch, torchvision, faiss, pandas, pyarrow, kfp, dcml.models, dcml.data, dcml.training"
+
+
+def process_start_seconds(repeats: int = 3) -> float:
+    """Median wall time of a fresh Python that imports what a stage imports (a per-stage floor)."""
+    import subprocess
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times), 2)
+
+
 def part_pipeline(quick: bool, with_cars196: bool) -> dict:
     from bench.bench_quality import image_tag_now
     from dcml import presets
 
-    out = {}
+    out = {"process_start_and_imports_s": process_start_seconds(), "imports": IMPORTS}
+    log(f"  a fresh stage process needs {out['process_start_and_imports_s']} s to start and import its libraries")
     # Pinned: a commit landing between the two runs must not change the cache key.
     tag = image_tag_now()
     # demo preset, from an empty cache

@@ -155,6 +155,35 @@ def write_result(name: str | Path, payload: dict, complete: bool = True) -> Path
     return path
 
 
+BENCH_TRACKING_URI = f"sqlite:///{(WORK / 'mlflow.db').resolve()}"
+
+
+def log_to_mlflow(experiment: str, run_name: str, params: dict, metrics: dict, artifacts: list[Path],
+                  tags: dict | None = None, children: list[tuple[str, dict, dict]] = ()) -> str:
+    """One MLflow run per benchmark result (in the benchmarks' sqlite store, or
+    $MLFLOW_TRACKING_URI): params, headline metrics, the JSON and plots as
+    artifacts, and one nested run per (name, params, metrics) in ``children`` so
+    the rows can be compared in the UI. Returns the parent run id."""
+    import mlflow
+
+    from dcml import tracking
+
+    tracking.setup(experiment, os.environ.get("MLFLOW_TRACKING_URI") or BENCH_TRACKING_URI)
+    def clean(values: dict) -> dict:
+        return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    with mlflow.start_run(run_name=run_name, tags={"dcml.benchmark": experiment, **(tags or {})}) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics({tracking.metric_key(k): v for k, v in clean(metrics).items()})
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        for name, child_params, child_metrics in children:
+            with mlflow.start_run(run_name=name, nested=True):
+                mlflow.log_params({k: str(v)[:500] for k, v in child_params.items()})
+                mlflow.log_metrics({tracking.metric_key(k): v for k, v in clean(child_metrics).items()})
+        return run.info.run_id
+
+
 class Stopwatch:
     """Wall and CPU seconds of a block (CPU = this process only)."""
 

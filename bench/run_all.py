@@ -53,7 +53,7 @@ def _quality_run(dataset: str, config: str, quick: bool) -> dict | None:
     if not report:
         return None
     return next((r for r in report.get("runs", []) if r["config"] == config and "error" not in r
-                 and r.get("model") and r.get("manifest")), None)
+                 and r.get("model") and Path(r["model"]).exists() and r.get("manifest")), None)
 
 
 def commands(step: str, quick: bool, threads: int) -> list[list[str]]:
@@ -72,14 +72,14 @@ def commands(step: str, quick: bool, threads: int) -> list[list[str]]:
         return [[PY, m, "bench.bench_eval", *t, *size]]
     if step == "compress":
         out = []
-        # The K=4 shared model of the quality benchmark, per data set.
-        sweeps = {"fashion-mnist": [], "cars196": ["--bits", "2", "4", "8", "--finetune-steps", "0"]}
+        # The best trained model of the quality benchmark (K=1) per data set.
+        sweeps = {"fashion-mnist": [], "cars196": ["--bits", "2", "3", "4", "8", "--finetune-steps", "30"]}
         if quick:
             sweeps = {d: ["--bits", "4", "8", "--finetune-steps", "0"] for d in sweeps}
         for dataset, sweep in sweeps.items():
-            run = _quality_run(dataset, "k4-shared", quick)
+            run = _quality_run(dataset, "k1", quick)
             if run is None:
-                log(f"compress {dataset}: no quality_{dataset} K=4 shared model yet; run --only quality first")
+                log(f"compress {dataset}: no trained K=1 model of quality_{dataset} on disk; run --only quality first")
                 continue
             out.append([PY, m, "bench.bench_compress", "--model", run["model"], "--manifest", run["manifest"],
                         "--dataset", dataset + ("_quick" if quick else ""), *sweep])
@@ -91,7 +91,7 @@ def commands(step: str, quick: bool, threads: int) -> list[list[str]]:
             return []
         epochs = "1" if quick else "4"  # = the quality runs' 3 training + 1 fine-tuning epochs
         return [[PY, m, "bench.bench_dfml", "--manifest", run["manifest"], "--dataset", "cars196" + ("_quick" if quick else ""),
-                 "--epochs", epochs, "--eval-every", epochs, "--baseline", "--threads", str(threads)]]
+                 "--epochs", epochs, "--baseline", "--threads", str(threads)]]
     raise ValueError(step)
 
 
@@ -501,6 +501,10 @@ def speed_notes(speed: dict, eval_result: dict | None) -> list[str]:
                    "MLflow tracking step (it logs the model, plots and the run tree). A fixed few seconds per "
                    "stage is a large share of a small demo run and a small share of a real one; the cached "
                    "re-run still runs the MLflow step, which sets its floor.")
+        floor = pipe.get("process_start_and_imports_s")
+        if floor:
+            out.append(f"- Measured floor: a fresh Python process that imports what a stage imports "
+                       f"(`{pipe.get('imports')}`) takes {floor:.1f} s here, before the stage's timer starts.")
     return out + [""]
 
 
@@ -569,7 +573,7 @@ def section_compress(run_all: dict | None) -> list[str]:
     lines = ["## Compression (bench_compress)", ""]
     files = sorted(p for p in RESULTS.glob("compress_*.json"))
     if not files:
-        return lines + ["Not run yet (needs the quality benchmark's K=4 shared model): "
+        return lines + ["Not run yet (needs a trained model of the quality benchmark): "
                         f"`{PY} -m bench.run_all --only compress`.", ""]
     for path in files:
         r = json.loads(path.read_text())
@@ -578,7 +582,7 @@ def section_compress(run_all: dict | None) -> list[str]:
         lines += [f"### {dataset}", ""]
         if not r.get("complete"):
             lines += ["**Incomplete run.**", ""]
-        lines += [f"Model: {r.get('model_config', {}).get('backbone')} (the quality benchmark's K=4 shared model); "
+        lines += [f"Model: {r.get('model_config', {}).get('backbone')} (the quality benchmark's K=1 model, seed 0); "
                   f"float32 {f.get('size_bytes', 0) / 2**20:.2f} MiB, R@1 {pct(f.get('recall@1'))}, MAP@R {pct(f.get('map@r'))}.", "",
                   "| method | bits | centroid fine-tuning steps | size (MiB) | compression | R@1 | MAP@R |",
                   "|---|---:|---:|---:|---:|---:|---:|"]

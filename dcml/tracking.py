@@ -262,9 +262,67 @@ def make_plots(lineage: list[dict], final_metrics: dict, embeddings: str | None,
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "cluster_sizes.png"))
 
+    routed = [r for r in lineage if any("routing" in h for h in r.get("history", []))]
+    for rec in routed:
+        name = rec.get("name") or rec["stage"]
+        groups = rec.get("extra", {}).get("groups", "?")
+        paths.append(routing_plot(rec["history"], out_dir / f"routing_{name}.png",
+                                  title=f"DFML routing ({name}, G={groups})"))
+
     if embeddings and Path(embeddings).is_file():
         paths.append(embedding_map(embeddings, out_dir / "embedding_map.png"))
     return paths
+
+
+def _short_unit(name: str) -> str:
+    # "backbone.net._blocks.7" -> "7"; ViT "backbone.blocks.3.attn" stays readable
+    return name.rsplit("_blocks.", 1)[-1] if "_blocks." in name else name.replace("backbone.", "")
+
+
+def routing_plot(history: list[dict], dest: Path, title: str = "DFML routing") -> Path:
+    """How a DFML model spreads samples over its sub-blocks: the share sent to each
+    sub-block per routed block (training images of the last epoch, and the test
+    images of the last evaluation when there is one), plus the normalised
+    routing entropy (1 = even spread, 0 = collapsed) and R@1 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    trained = [h for h in history if "routing" in h]
+    panels = [("training images, last epoch", trained[-1]["routing"])]
+    evaluated = [h for h in history if "eval_routing" in h]
+    if evaluated:
+        panels.append(("test images, last evaluation", evaluated[-1]["eval_routing"]))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.5))
+    groups = 1
+    for ax, (panel_title, counts) in zip(axes, panels):
+        names = list(counts)
+        table = np.array([counts[n] for n in names], dtype=float)
+        shares = table / np.maximum(table.sum(axis=1, keepdims=True), 1)
+        groups = shares.shape[1]
+        left = np.zeros(len(names))
+        for g in range(groups):
+            ax.barh(range(len(names)), shares[:, g], left=left, label=f"sub-block {g}")
+            left += shares[:, g]
+        ax.set_yticks(range(len(names)), [_short_unit(n) for n in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlim=(0, 1), xlabel="share of samples", ylabel="block", title=panel_title)
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=groups, fontsize=8)
+    ax = axes[-1]
+    ax.plot([h["epoch"] for h in trained], [h["routing_entropy"] for h in trained], marker="o",
+            label="routing entropy (train)")
+    if evaluated:
+        ax.plot([h["epoch"] for h in evaluated], [h["recall@1"] for h in evaluated], marker="s", label="R@1 full")
+        routed_r1 = [(h["epoch"], h["routed_recall@1"]) for h in evaluated if "routed_recall@1" in h]
+        if routed_r1:
+            ax.plot(*zip(*routed_r1), marker="^", label="R@1 routed")
+    ax.set(ylim=(0, 1.05), xlabel="epoch", title="spread and retrieval per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, dest)
 
 
 def embedding_map(embeddings: str, dest: Path, max_points: int = 3000) -> Path:
@@ -290,7 +348,7 @@ def _save(fig, dest: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(dest, dpi=110)
+    fig.savefig(dest, dpi=110, format="png")
     plt.close(fig)
     return dest
 

@@ -161,5 +161,8 @@ def test_dfml_method_trains_through_the_same_pipeline(workdir, tracking_uri):
     dfml = next(r for r in lineage if r["stage"] == "train-dfml")
     assert dfml["history"][0]["routing"], "routing statistics per block"
     assert 0.0 < result["metrics"]["recall@1"] <= 1.0
-    run = MlflowClient(tracking_uri).get_run(result["mlflow"]["mlflow_run_id"])
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result["mlflow"]["mlflow_run_id"])
     assert run.data.params["method"] == "dfml"
+    # How samples spread over the sub-blocks, as a plot in the run.
+    assert "plots/routing_train-dfml.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
