@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
             args = pipeline_args(a.dataset, a.quick, seed, k, a.data_root, overrides)
             report["pipeline_args"] = {key: v for key, v in args.items() if key not in ("seed", "num_clusters")}
             log(f"{a.dataset} seed {seed}: {config} ...")
-            entry = {"config": config, "seed": seed, "num_clusters": k}
+            entry = {"config": config, "seed": seed, "num_clusters": k, "image_tag": image_tag}
             try:
                 if config == "pretrained":
                     if manifest is None:  # only pretrained asked: ingest alone
