@@ -38,7 +38,7 @@ from dcml.io import atomic_path, write_json
 from dcml.metrics import evaluate_embeddings
 from dcml.records import git_commit
 
-from bench.common import log_to_mlflow
+from bench.common import command_line, log_to_mlflow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -160,7 +160,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     float_metrics = evaluate(model)
     results = {
-        "dataset": args.dataset, "model": str(args.model), "manifest": str(args.manifest),
+        "dataset": args.dataset, "command": command_line("bench.bench_compress", argv),
+        "model": str(args.model), "manifest": str(args.manifest),
         "model_config": dict(model.config), "bits": args.bits, "methods": args.methods,
         "settings": {k: v for k, v in vars(args).items() if k not in ("model", "manifest", "dataset", "out_dir")},
         "eval": {"queries": len(evaluate.query), "references": len(evaluate.reference) if evaluate.reference is not None else None},

@@ -38,7 +38,7 @@ from dcml.metrics import evaluate_embeddings
 from dcml.records import git_commit
 from dcml.tracking import routing_plot
 
-from bench.common import log_to_mlflow
+from bench.common import command_line, log_to_mlflow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
                   epochs=args.epochs, eval_every=args.eval_every, seed=args.seed, num_workers=args.num_workers)
     result = {
         "dataset": args.dataset,
+        "command": command_line("bench.bench_dfml", argv),
         "manifest": str(Path(args.manifest).resolve()),
         "complete": False,
         "git_commit": git_commit(),

@@ -256,7 +256,8 @@ def section_quality(dataset: str, result: dict | None) -> list[str]:
         lines.append("")
     if result.get("plot"):
         lines += [f"![{dataset} quality](bench/results/{result['plot']})", ""]
-    lines += [f"Command: `{result.get('command')}`", ""]
+    commands = [c for c in result.get("earlier_commands", []) if c] + [result.get("command")]
+    lines += ["Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), ""]
     return lines
 
 
@@ -538,7 +539,8 @@ def section_scaling(result: dict | None) -> list[str]:
     lines.append("")
     if result.get("plot"):
         lines += [f"![scaling](bench/results/{result['plot']})", ""]
-    lines += [f"Command: `{result.get('command')}`", ""]
+    commands = [c for c in result.get("earlier_commands", []) if c] + [result.get("command")]
+    lines += ["Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), ""]
     return lines
 
 
@@ -589,11 +591,43 @@ def section_compress(run_all: dict | None) -> list[str]:
         for row in r.get("runs", []):
             lines.append(f"| {row['method']} | {row['bits']} | {row.get('finetune_steps', 0)} | {row['size_bytes'] / 2**20:.2f} "
                          f"| {row['compression_ratio']:.1f}x | {pct(row['recall@1'])} | {pct(row['map@r'])} |")
+        lines += [""] + compress_verdict(r)
         png = path.with_suffix(".png")
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
-        lines += ["", f"Command: `{_step_command(run_all, 'compress', '--dataset ' + dataset) or 'python -m bench.bench_compress --model ... --dataset ' + dataset}`", ""]
+        command = r.get("command") or _step_command(run_all, "compress", "--dataset " + dataset)
+        lines += ["", f"Command: `{command or 'python -m bench.bench_compress --model ... --dataset ' + dataset}`"
+                  + (f"; MLflow run `{r['mlflow_run_id']}` (experiment bench-compress)" if r.get("mlflow_run_id") else ""), ""]
     return lines
+
+
+def compress_verdict(r: dict) -> list[str]:
+    """The issue's two goals, read off the rows: 4-bit loss-aware within 1 R@1 point
+    of float; at 2-3 bits loss-aware above plain k-means."""
+    rows = {(x["method"], x["bits"], x.get("finetune_steps", 0)): x for x in r.get("runs", [])}
+    base = r.get("float", {}).get("recall@1")
+    out = []
+    queries = r.get("eval", {}).get("queries")
+    if queries and base is not None:
+        se = 100 * (base * (1 - base) / queries) ** 0.5
+        out.append(f"- Noise floor: R@1 is a mean over {queries:,} test queries, so its standard error is "
+                   f"≈ {se:.1f} points (binomial); differences under ~{2 * se:.1f} points are not evidence.")
+    four = rows.get(("loss-aware", 4, 0))
+    if four and base is not None:
+        gap = 100 * (base - four["recall@1"])
+        out.append(f"- 4 bits, loss-aware: R@1 {pct(four['recall@1'])} vs float {pct(base)} "
+                   f"({gap:+.1f} points lost; goal ≤ 1): **{'met' if gap <= 1 else 'missed'}**.")
+    for bits in (2, 3):
+        for ft in sorted({k[2] for k in rows if k[1] == bits}):
+            ours, theirs = rows.get(("loss-aware", bits, ft)), rows.get(("kmeans", bits, ft))
+            if not (ours and theirs):
+                continue
+            d_r1 = round(100 * (ours["recall@1"] - theirs["recall@1"]), 1) + 0.0  # no "-0.0"
+            d_map = round(100 * (ours["map@r"] - theirs["map@r"]), 1) + 0.0
+            label = f"{bits} bits{' + centroid fine-tuning' if ft else ''}"
+            out.append(f"- {label}: loss-aware vs plain k-means R@1 {d_r1:+.1f}, MAP@R {d_map:+.1f} points: "
+                       f"**{'better' if d_r1 > 0 and d_map > 0 else 'worse' if d_r1 < 0 and d_map < 0 else 'mixed'}**.")
+    return out
 
 
 def section_dfml(run_all: dict | None) -> list[str]:
@@ -608,12 +642,30 @@ def section_dfml(run_all: dict | None) -> list[str]:
         lines += [f"### {dataset}", ""]
         if not r.get("complete"):
             lines += ["**Incomplete run.**", ""]
-        lines += ["| model | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | training (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, label in (("dfml", "DFML (factorised backbone + router)"), ("baseline", "same backbone and loss, no DFML (K=1)")):
+        keys = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
+        lines += ["| model | loss | epochs | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | training (s) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, label in (("dfml", "DFML (factorised backbone + router, G sub-blocks)"),
+                            ("baseline", "same backbone, loss and batches, no DFML (K=1)")):
             if name in r:
-                m = r[name]["metrics"]
-                lines.append(f"| {label} | " + " | ".join(pct(m.get(k)) for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r"))
-                             + f" | {num(r[name].get('train_seconds'), 0)} |")
+                m, params = r[name]["metrics"], r[name].get("params", {})
+                lines.append(f"| {label} | {params.get('loss')} | {params.get('epochs')} | "
+                             + " | ".join(pct(m.get(k)) for k in keys) + f" | {num(r[name].get('train_seconds'), 0)} |")
+        # Divide and conquer at the same number of epochs: the quality benchmark's rows.
+        quality = _load(f"quality_{dataset}")
+        if quality and quality.get("summary"):
+            args = quality.get("pipeline_args", {})
+            epochs = f"{args.get('epochs')}+{args.get('finetune_epochs')}"
+            n_seeds = len(quality.get("seeds", []))
+            for config in ("pretrained", "k1", "k4-shared", "k4-parallel"):
+                row = quality["summary"].get(config)
+                if not row:
+                    continue
+                train = _ms(row, "train_s")[0] if config != "pretrained" else 0
+                lines.append(f"| quality benchmark: {row['label']} ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | "
+                             f"{args.get('loss') if config != 'pretrained' else '—'} | "
+                             f"{epochs if config != 'pretrained' else 0} | "
+                             + " | ".join(pct(_ms(row, k)[0]) for k in keys) + f" | {num(train, 0)} |")
         d = r.get("dfml", {})
         if d:
             params = d.get("params", {})
@@ -623,7 +675,9 @@ def section_dfml(run_all: dict | None) -> list[str]:
         png = RESULTS / f"dfml_{dataset}_routing.png"
         if png.exists():
             lines += ["", f"![dfml {dataset}](bench/results/{png.name})"]
-        lines += ["", f"Command: `{_step_command(run_all, 'dfml') or 'python -m bench.bench_dfml --manifest ... --dataset ' + dataset}`", ""]
+        command = r.get("command") or _step_command(run_all, "dfml")
+        lines += ["", f"Command: `{command or 'python -m bench.bench_dfml --manifest ... --dataset ' + dataset}`"
+                  + (f"; MLflow run `{r['mlflow_run_id']}` (experiment bench-dfml)" if r.get("mlflow_run_id") else ""), ""]
     return lines
 
 
