@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -298,7 +299,8 @@ def routing_plot(history: list[dict], dest: Path, title: str = "DFML routing") -
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.5))
     groups = 1
     for ax, (panel_title, counts) in zip(axes, panels):
-        names = list(counts)
+        # Network order (JSON round trips may have sorted "10" before "2").
+        names = sorted(counts, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         table = np.array([counts[n] for n in names], dtype=float)
         shares = table / np.maximum(table.sum(axis=1, keepdims=True), 1)
         groups = shares.shape[1]
