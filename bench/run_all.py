@@ -722,8 +722,9 @@ def dfml_verdict(r: dict) -> list[str]:
                    f"{d['params'].get('groups')} sub-blocks, 0 = one sub-block takes everything); "
                    f"{d.get('collapsed_units', 0)} block(s) send every sample to one sub-block (see the plot).")
     if dm["recall@1"] < bm["recall@1"]:
-        out.append("- Why we think DFML trails here: the published method trains for many tens of epochs; in 4 the "
-               "routed and distillation terms pull the shared weights towards sub-networks that are still poor "
+        out.append("- Why we think DFML trails here: the published method trains for many tens of epochs; in "
+                   f"{d['params'].get('epochs')} the "
+                   "routed and distillation terms pull the shared weights towards sub-networks that are still poor "
                    "(the routed R@1 above), which costs the full network's own loss progress.")
     return out
 
