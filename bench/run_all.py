@@ -459,7 +459,8 @@ def section_speed(speed: dict | None, eval_result: dict | None, run_all: dict | 
                 continue
             lines.append(f"| feature extraction images/s, {dataset} ({ex['model']['backbone']}) "
                          f"| {ex['real_images_per_s']:.1f} (real data) | {ex['synthetic_images_per_s']:.1f} (synthetic) "
-                         f"| {ex['ratio']:.2f} | none set | — |")
+                         f"| {ex['ratio']:.2f}" + (f" (1 DataLoader worker: {ex['ratio_1_worker']:.2f})" if "ratio_1_worker" in ex else "")
+                         + " | none set | — |")
         for name, p in (speed.get("pipeline") or {}).items():
             if not isinstance(p, dict) or "cached_rerun_ratio" not in p:
                 continue
@@ -588,7 +589,7 @@ def section_eval(result: dict | None, run_all: dict | None) -> list[str]:
 
 def section_compress(run_all: dict | None) -> list[str]:
     lines = ["## Compression (bench_compress)", ""]
-    files = sorted(p for p in RESULTS.glob("compress_*.json"))
+    files = sorted(p for p in RESULTS.glob("compress_*.json") if not p.name.startswith("compress_sensitivity"))
     if not files:
         return lines + ["Not run yet (needs a trained model of the quality benchmark): "
                         f"`{PY} -m bench.run_all --only compress`.", ""]
@@ -607,6 +608,19 @@ def section_compress(run_all: dict | None) -> list[str]:
             lines.append(f"| {row['method']} | {row['bits']} | {row.get('finetune_steps', 0)} | {row['size_bytes'] / 2**20:.2f} "
                          f"| {row['compression_ratio']:.1f}x | {pct(row['recall@1'])} | {pct(row['map@r'])} |")
         lines += [""] + compress_verdict(r)
+        sens = _load(f"compress_sensitivity_{dataset}")
+        if sens:
+            cells = "; ".join(f"{g['quantized']} ({g['layers']} layers): {g['mean_cosine_to_float']:.2f}"
+                              for g in sens["groups"])
+            lines += ["", f"Where the loss comes from (`{sens['command']}`): mean cosine between the float model's "
+                      f"embeddings and those with only some layers at {sens['bits']} bits ({sens['method']}, "
+                      f"{sens['images']} test images): {cells}. "
+                      "Depthwise convolutions are the most sensitive: each output channel is a single 3×3 or 5×5 "
+                      "filter, and we think that with one 2^B-value codebook per layer the codebook's spacing is of "
+                      "the order of a whole filter's weights, so filters lose their shape, and the BatchNorm that "
+                      "follows rescales the error. Per-channel codebooks, folding BatchNorm into the weights before "
+                      "clustering, or keeping depthwise layers at 8 bits are the known remedies; none is part of the "
+                      "per-layer method asked for here."]
         png = path.with_suffix(".png")
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
@@ -631,7 +645,7 @@ def compress_verdict(r: dict) -> list[str]:
     if four and base is not None:
         gap = 100 * (base - four["recall@1"])
         out.append(f"- 4 bits, loss-aware: R@1 {pct(four['recall@1'])} vs float {pct(base)} "
-                   f"({gap:+.1f} points lost; goal ≤ 1): **{'met' if gap <= 1 else 'missed'}**.")
+                   f"({gap:.1f} points lost; goal ≤ 1): **{'met' if gap <= 1 else 'missed'}**.")
     for bits in (2, 3):
         for ft in sorted({k[2] for k in rows if k[1] == bits}):
             ours, theirs = rows.get(("loss-aware", bits, ft)), rows.get(("kmeans", bits, ft))
