@@ -168,17 +168,20 @@ def log_to_mlflow(experiment: str, run_name: str, params: dict, metrics: dict, a
 
     from dcml import tracking
 
-    tracking.setup(experiment, os.environ.get("MLFLOW_TRACKING_URI") or BENCH_TRACKING_URI)
+    experiment_id = tracking.setup(experiment, os.environ.get("MLFLOW_TRACKING_URI") or BENCH_TRACKING_URI)
+
     def clean(values: dict) -> dict:
         return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    with mlflow.start_run(run_name=run_name, tags={"dcml.benchmark": experiment, **(tags or {})}) as run:
+    # experiment_id explicitly: the default experiment's artifacts would go to ./mlruns.
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={"dcml.benchmark": experiment, **(tags or {})}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({tracking.metric_key(k): v for k, v in clean(metrics).items()})
         for path in artifacts:
             mlflow.log_artifact(str(path))
         for name, child_params, child_metrics in children:
-            with mlflow.start_run(run_name=name, nested=True):
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True):
                 mlflow.log_params({k: str(v)[:500] for k, v in child_params.items()})
                 mlflow.log_metrics({tracking.metric_key(k): v for k, v in clean(child_metrics).items()})
         return run.info.run_id

@@ -36,6 +36,9 @@ def test_bench_writes_rows_plot_and_mlflow_runs(tiny_checkpoint, tiny_manifest, 
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.metrics["float.recall_at_1"] == pytest.approx(saved["float"]["recall@1"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"compress_tiny.json", "compress_tiny.png"}
+    # In the store's own experiment, next to the sqlite file (never the ./mlruns default).
+    assert client.get_experiment(parent.info.experiment_id).name == "bench-compress"
+    assert parent.info.artifact_uri.startswith(tmp_path.as_uri())
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == len(saved["runs"]) == 12

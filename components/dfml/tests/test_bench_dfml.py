@@ -28,5 +28,6 @@ def test_bench_compares_dfml_with_baseline_and_logs_routing_plot(cars_manifest, 
     client = MlflowClient(uri)
     run_id = result["mlflow_run_id"]
     assert {a.path for a in client.list_artifacts(run_id)} == {"dfml_tiny.json", "dfml_tiny_routing.png"}
+    assert client.get_run(run_id).info.artifact_uri.startswith(tmp_path.as_uri())
     children = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(c.info.run_name for c in children) == ["baseline", "dfml"]
