@@ -428,6 +428,8 @@ def main(argv=None) -> dict:
             report[part] = {"error": f"{type(exc).__name__}: {exc}"}
             failures.append(f"{part}: {exc}")
             log(f"  FAILED: {exc}")
+        if isinstance(report.get(part), dict):
+            report[part]["command"] = report["command"]  # parts kept from earlier runs keep theirs
         report["total_wall_s"] = round(time.perf_counter() - t0, 1)
         write_result(out_path, report, complete=False)
     write_result(out_path, report, complete=True)

@@ -423,8 +423,10 @@ def section_speed(speed: dict | None, eval_result: dict | None, run_all: dict | 
         if speed.get("quick"):
             lines += ["**Quick (smoke) run: small inputs.**", ""]
         goals = speed.get("goals", {})
-        lines += [f"Threads: {speed.get('threads')} for both sides of every ratio. "
-                  f"Command: `{speed.get('command')}`", ""]
+        commands = {part: speed[part]["command"] for part in ("clustering", "training", "extraction", "pipeline")
+                    if isinstance(speed.get(part), dict) and speed[part].get("command")}
+        lines += [f"Threads: {speed.get('threads')} for both sides of every ratio. Commands: "
+                  + ("; ".join(f"{part}: `{cmd}`" for part, cmd in commands.items()) or f"`{speed.get('command')}`"), ""]
         lines += ["| figure | dcml | alternative | ratio | goal | met |", "|---|---:|---:|---:|---:|:---:|"]
         cl = speed.get("clustering", {})
         for case in cl.get("cases", []):
