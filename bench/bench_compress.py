@@ -34,11 +34,11 @@ from dcml import quantize as Q
 from dcml.checkpoint import load_model
 from dcml.errors import DcmlError
 from dcml.inference import compute_vectors, default_device
-from dcml.io import atomic_path, write_json
+from dcml.io import write_json
 from dcml.metrics import evaluate_embeddings
 from dcml.records import git_commit
 
-from bench.common import command_line, log_to_mlflow
+from bench.common import command_line, log_to_mlflow, save_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,10 +95,7 @@ def plot(results: dict, dest: Path) -> None:
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"weight sharing on {results['dataset']} ({results['model_config'].get('backbone')}): "
                  f"float {results['float']['size_bytes'] / 2**20:.1f} MiB")
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, dest, dpi=120)
 
 
 def log_result(results: dict, json_path: Path, png_path: Path) -> str:

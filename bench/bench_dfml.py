@@ -65,7 +65,7 @@ def evaluate_checkpoint(path, manifest_path, device) -> dict:
 
 def plot(result: dict, dest: Path) -> Path:
     params = result["dfml"]["params"]
-    title = (f"DFML on {result['dataset']}: G={params['groups']}, balance_weight={params['balance_weight']}")
+    title = f"DFML on {result['dataset']}: G={params['groups']}, balance_weight={params['balance_weight']}"
     with atomic_path(dest) as tmp:
         routing_plot(result["dfml"]["history"], Path(tmp), title=title)
     return dest
@@ -74,13 +74,13 @@ def plot(result: dict, dest: Path) -> Path:
 def log_result(result: dict, json_path: Path, png_path: Path) -> str:
     """Log a finished result (JSON, routing plot, a nested run per trained model) to MLflow."""
     children = [(name, {"method": name, **{k: v for k, v in result[name]["params"].items() if k != "manifest"}},
-                 {**result[name]["metrics"], "train_seconds": result[name]["train_seconds"] or 0})
+                 {**result[name]["metrics"], "train_seconds": result[name]["train_seconds"]})
                 for name in ("dfml", "baseline") if name in result]
     result["mlflow_run_id"] = log_to_mlflow(
         "bench-dfml", f"dfml vs K=1 {result['dataset']}",
         params={"dataset": result["dataset"], "manifest": result["manifest"], **result["dfml"]["params"]},
         metrics={"dfml.recall@1": result["dfml"]["metrics"]["recall@1"],
-                 "dfml.routing_entropy": result["dfml"]["routing_entropy"] or 0},
+                 "dfml.routing_entropy": result["dfml"]["routing_entropy"]},
         artifacts=[json_path, png_path], children=children)
     write_json(json_path, result)
     return result["mlflow_run_id"]

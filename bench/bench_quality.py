@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, WORK, log, mean_std, result_header, set_threads, write_result
+from bench.common import RESULTS, WORK, log, mean_std, result_header, save_png, set_threads, write_result
 
 CONFIGS = {
     "pretrained": {"label": "pretrained only (no training)"},
@@ -255,10 +255,7 @@ def plot(summary: dict, dataset: str, dest: Path) -> None:
     seeds = max(len(summary[c]["seeds"]) for c in configs)
     ax.set_title(f"{dataset}: retrieval on unseen test classes ({seeds} seed{'s' if seeds > 1 else ''})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest, dpi=110)
-    plt.close(fig)
+    save_png(fig, dest)
 
 
 def main(argv=None) -> dict:

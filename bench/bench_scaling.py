@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO, RESULTS, log, result_header, set_threads, write_result
+from bench.common import REPO, RESULTS, log, result_header, save_png, set_threads, write_result
 
 SIZES = (10_000, 25_000, 50_000, 100_000, 200_000)
 QUICK_SIZES = (10_000, 25_000, 50_000)
@@ -140,10 +140,7 @@ def plot(rows: list[dict], dest: Path, threads) -> None:
     ax.set_title(f"Clustering (100 iterations) and evaluation time vs size, {threads} thread(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest, dpi=110)
-    plt.close(fig)
+    save_png(fig, dest)
 
 
 def main(argv=None) -> dict:

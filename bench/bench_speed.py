@@ -362,8 +362,8 @@ def part_pipeline(quick: bool, with_cars196: bool) -> dict:
         # the pinned image tag of that run the cache key is unknown: a re-run would recompute.
         k1 = next((r for r in report.get("runs", []) if r["config"] == "k1" and "error" not in r
                    and Path(r.get("run_dir", "")).is_dir() and not r.get("cached_stages")), None)
-        tag = k1 and k1.get("image_tag", report.get("image_tag"))
-        if k1 is not None and tag:
+        k1_tag = k1 and k1.get("image_tag", report.get("image_tag"))
+        if k1 is not None and k1_tag:
             from bench.bench_quality import pipeline_args
 
             args = pipeline_args("cars196", report.get("quick", False), k1["seed"], 1, None, {})
@@ -371,7 +371,7 @@ def part_pipeline(quick: bool, with_cars196: bool) -> dict:
             args.update(seed=k1["seed"], num_clusters=1)
             log("  pipeline cars196 K=1: cached re-run of bench_quality's run ...")
             second = _pipeline_run(args, "shared", Path(report["output_dir"]),
-                                   f"sqlite:///{(WORK / 'mlflow.db').resolve()}", tag)
+                                   f"sqlite:///{(WORK / 'mlflow.db').resolve()}", k1_tag)
             first = {key: k1[key] for key in ("wall_s", "compute_s_executed", "compute_s_all_stages", "cached_stages", "stages")}
             first["metrics"] = k1["metrics"]
             log(f"  cached re-run {second['wall_s']:.1f} s vs first {first['wall_s']:.1f} s")

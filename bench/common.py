@@ -155,6 +155,19 @@ def write_result(name: str | Path, payload: dict, complete: bool = True) -> Path
     return path
 
 
+def save_png(fig, dest: Path, dpi: int = 110) -> Path:
+    """Lay out, write atomically (no half-written plot beside a finished JSON) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    from dcml.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return dest
+
+
 BENCH_TRACKING_URI = f"sqlite:///{(WORK / 'mlflow.db').resolve()}"
 
 
@@ -170,7 +183,7 @@ def log_to_mlflow(experiment: str, run_name: str, params: dict, metrics: dict, a
 
     experiment_id = tracking.setup(experiment, os.environ.get("MLFLOW_TRACKING_URI") or BENCH_TRACKING_URI)
 
-    def clean(values: dict) -> dict:
+    def clean(values: dict) -> dict:  # numbers only: None, strings and nested dicts are not metrics
         return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     # experiment_id explicitly: the default experiment's artifacts would go to ./mlruns.

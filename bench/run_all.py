@@ -158,8 +158,14 @@ def _ms(row: dict, key: str):
     return v, None
 
 
-def _command(result: dict | None, fallback: str = "") -> str:
-    return (result or {}).get("command") or fallback
+def commands_line(result: dict, fallback: str = "", experiment: str | None = None) -> str:
+    """'Command: `...`' for a result (earlier runs first, e.g. seeds added later),
+    with the MLflow run it was logged as."""
+    commands = [c for c in result.get("earlier_commands", []) if c] + [result.get("command") or fallback]
+    line = "Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands)
+    if experiment and result.get("mlflow_run_id"):
+        line += f"; MLflow run `{result['mlflow_run_id']}` (experiment {experiment})"
+    return line
 
 
 def _step_command(run_all: dict, step: str, contains: str = "") -> str:
@@ -256,8 +262,7 @@ def section_quality(dataset: str, result: dict | None) -> list[str]:
         lines.append("")
     if result.get("plot"):
         lines += [f"![{dataset} quality](bench/results/{result['plot']})", ""]
-    commands = [c for c in result.get("earlier_commands", []) if c] + [result.get("command")]
-    lines += ["Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), ""]
+    lines += [commands_line(result), ""]
     return lines
 
 
@@ -557,8 +562,7 @@ def section_scaling(result: dict | None) -> list[str]:
     lines.append("")
     if result.get("plot"):
         lines += [f"![scaling](bench/results/{result['plot']})", ""]
-    commands = [c for c in result.get("earlier_commands", []) if c] + [result.get("command")]
-    lines += ["Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), ""]
+    lines += [commands_line(result), ""]
     return lines
 
 
@@ -585,7 +589,7 @@ def section_eval(result: dict | None, run_all: dict | None) -> list[str]:
                   f"those take {pct(s.get('dcml_cpu_share_knn'), digits=0)}% and "
                   f"{pct(s.get('dcml_cpu_share_kmeans'), digits=0)}% of dcml's CPU time, which bounds any speed-up "
                   f"at {s.get('speedup_cpu_bound_with_same_knn_and_kmeans')}x CPU."]
-    lines += ["", f"Command: `{result.get('command') or _step_command(run_all, 'eval')}`", ""]
+    lines += ["", commands_line(result, _step_command(run_all, "eval")), ""]
     return lines
 
 
@@ -626,9 +630,9 @@ def section_compress(run_all: dict | None) -> list[str]:
         png = path.with_suffix(".png")
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
-        command = r.get("command") or _step_command(run_all, "compress", "--dataset " + dataset)
-        lines += ["", f"Command: `{command or 'python -m bench.bench_compress --model ... --dataset ' + dataset}`"
-                  + (f"; MLflow run `{r['mlflow_run_id']}` (experiment bench-compress)" if r.get("mlflow_run_id") else ""), ""]
+        fallback = (_step_command(run_all, "compress", "--dataset " + dataset)
+                    or f"python -m bench.bench_compress --model ... --dataset {dataset}")
+        lines += ["", commands_line(r, fallback, "bench-compress"), ""]
     return lines
 
 
@@ -707,9 +711,8 @@ def section_dfml(run_all: dict | None) -> list[str]:
         png = RESULTS / f"dfml_{dataset}_routing.png"
         if png.exists():
             lines += ["", f"![dfml {dataset}](bench/results/{png.name})"]
-        command = r.get("command") or _step_command(run_all, "dfml")
-        lines += ["", f"Command: `{command or 'python -m bench.bench_dfml --manifest ... --dataset ' + dataset}`"
-                  + (f"; MLflow run `{r['mlflow_run_id']}` (experiment bench-dfml)" if r.get("mlflow_run_id") else ""), ""]
+        fallback = _step_command(run_all, "dfml") or f"python -m bench.bench_dfml --manifest ... --dataset {dataset}"
+        lines += ["", commands_line(r, fallback, "bench-dfml"), ""]
     return lines
 
 
