@@ -593,19 +593,30 @@ def section_eval(result: dict | None, run_all: dict | None) -> list[str]:
     return lines
 
 
+def _per_dataset(pattern: str, skip: str | None = None) -> list[tuple[str, dict]]:
+    """(dataset, result) of every bench/results file matching ``pattern`` (one file per data set)."""
+    out = []
+    for path in sorted(RESULTS.glob(pattern)):
+        if skip and path.name.startswith(skip):
+            continue
+        result = json.loads(path.read_text())
+        out.append((result.get("dataset", path.stem), result))
+    return out
+
+
+def _dataset_heading(dataset: str, result: dict) -> list[str]:
+    return [f"### {dataset}", ""] + ([] if result.get("complete") else ["**Incomplete run.**", ""])
+
+
 def section_compress(run_all: dict | None) -> list[str]:
     lines = ["## Compression (bench_compress)", ""]
-    files = sorted(p for p in RESULTS.glob("compress_*.json") if not p.name.startswith("compress_sensitivity"))
-    if not files:
+    found = _per_dataset("compress_*.json", skip="compress_sensitivity")
+    if not found:
         return lines + ["Not run yet (needs a trained model of the quality benchmark): "
                         f"`{PY} -m bench.run_all --only compress`.", ""]
-    for path in files:
-        r = json.loads(path.read_text())
-        dataset = r.get("dataset", path.stem)
+    for dataset, r in found:
         f = r.get("float", {})
-        lines += [f"### {dataset}", ""]
-        if not r.get("complete"):
-            lines += ["**Incomplete run.**", ""]
+        lines += _dataset_heading(dataset, r)
         lines += [f"Model: {r.get('model_config', {}).get('backbone')} (the quality benchmark's K=1 model, seed 0); "
                   f"float32 {f.get('size_bytes', 0) / 2**20:.2f} MiB, R@1 {pct(f.get('recall@1'))}, MAP@R {pct(f.get('map@r'))}.", "",
                   "| method | bits | centroid fine-tuning steps | size (MiB) | compression | R@1 | MAP@R |",
@@ -627,7 +638,7 @@ def section_compress(run_all: dict | None) -> list[str]:
                       "follows rescales the error. Per-channel codebooks, folding BatchNorm into the weights before "
                       "clustering, or keeping depthwise layers at 8 bits are the known remedies; none is part of the "
                       "per-layer method asked for here."]
-        png = path.with_suffix(".png")
+        png = RESULTS / f"compress_{dataset}.png"
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
         fallback = (_step_command(run_all, "compress", "--dataset " + dataset)
@@ -667,16 +678,12 @@ def compress_verdict(r: dict) -> list[str]:
 
 def section_dfml(run_all: dict | None) -> list[str]:
     lines = ["## DFML (bench_dfml)", ""]
-    files = sorted(RESULTS.glob("dfml_*.json"))
-    if not files:
+    found = _per_dataset("dfml_*.json")
+    if not found:
         return lines + ["Not run yet (needs the quality benchmark's cars196 manifest): "
                         f"`{PY} -m bench.run_all --only dfml`.", ""]
-    for path in files:
-        r = json.loads(path.read_text())
-        dataset = r.get("dataset", path.stem)
-        lines += [f"### {dataset}", ""]
-        if not r.get("complete"):
-            lines += ["**Incomplete run.**", ""]
+    for dataset, r in found:
+        lines += _dataset_heading(dataset, r)
         keys = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
         lines += ["| model | loss | epochs | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | training (s) |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
