@@ -4,9 +4,11 @@ For a trained checkpoint and its manifest: the float model's R@1 / MAP@R, then
 for every method (uniform, kmeans, loss-aware) and bits (2, 3, 4, 6, 8), with
 and without centroid fine-tuning, the compressed file's true size on disk and
 the R@1 / MAP@R of the model loaded back from that file (the path `dcml
-evaluate --model` takes). The Fisher importance is measured once and shared by
-every loss-aware run; fine-tuning starts from the same codebooks as the run
-without it.
+evaluate --model` takes). As in `dcml compress`: channel equalisation before
+clustering and BatchNorm bias correction after it (each can be switched off),
+fine-tuning by distillation from the float model. The Fisher importance is
+measured once and shared by every loss-aware run; fine-tuning starts from the
+same codebooks as the run without it.
 
     python -m bench.bench_compress --model runs/x/model.pt --manifest runs/x/manifest.parquet --dataset cars196
 
@@ -18,6 +20,7 @@ and MAP@R per method; dashed = with centroid fine-tuning).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.compress.stage import importance_loss, training_batches
+from components.compress.stage import calibration_images, importance_loss, training_batches
 from dcml import manifest as manifest_lib
 from dcml import quantize as Q
 from dcml.checkpoint import load_model
@@ -120,8 +123,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", required=True, help="name used in the output file names")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     ap.add_argument("--methods", nargs="+", default=list(Q.METHODS), choices=list(Q.METHODS))
-    ap.add_argument("--finetune-steps", type=int, default=50, help="centroid fine-tuning steps (0 = skip those runs)")
-    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--finetune-steps", type=int, default=100, help="centroid fine-tuning steps (0 = skip those runs)")
+    ap.add_argument("--finetune-bits", type=int, nargs="+", default=None, help="fine-tune only at these bits (default: all)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-loss", default="distill", choices=["distill", "metric"])
+    ap.add_argument("--centroids-only", action="store_true", help="fine-tune the centroids only, not biases / BatchNorm")
+    ap.add_argument("--no-equalize", action="store_true", help="skip channel equalisation")
+    ap.add_argument("--no-bias-correction", action="store_true", help="skip BatchNorm bias correction")
+    ap.add_argument("--calibration-images", type=int, default=256)
     ap.add_argument("--importance-batches", type=int, default=20)
     ap.add_argument("--damping", type=float, default=0.0, help="loss-aware importance damping (x mean importance)")
     ap.add_argument("--loss", default="margin", choices=["margin", "triplet", "contrastive"])
@@ -151,6 +160,10 @@ def main(argv=None) -> dict:
     model, _ = load_model(args.model, device=device)
     man = manifest_lib.read(args.manifest)
     evaluate = Evaluator(man, args.batch_size, device)
+    train_rows = man.split("train")
+    calibration = calibration_images(man, train_rows, model.config, args.calibration_images, args.seed)
+    equalized = [] if args.no_equalize else Q.equalize_channels(model, calibration[:8].to(device))
+    float_model = copy.deepcopy(model)  # after equalisation (same function): reference and teacher
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     weights = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(model).items()}
 
@@ -161,6 +174,7 @@ def main(argv=None) -> dict:
         "model": str(args.model), "manifest": str(args.manifest),
         "model_config": dict(model.config), "bits": args.bits, "methods": args.methods,
         "settings": {k: v for k, v in vars(args).items() if k not in ("model", "manifest", "dataset", "out_dir")},
+        "equalized_layers": len(equalized),
         "eval": {"queries": len(evaluate.query), "references": len(evaluate.reference) if evaluate.reference is not None else None},
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": str(device), "git_commit": git_commit()},
@@ -172,7 +186,6 @@ def main(argv=None) -> dict:
     print(f"float: R@1 {100 * float_metrics['recall@1']:.2f}  MAP@R {100 * float_metrics['map@r']:.2f}  "
           f"{results['float']['size_bytes'] / 2**20:.2f} MiB", flush=True)
 
-    train_rows = man.split("train")
     loss_fn = importance_loss(model, args.loss, args.miner, None)
     batch_opts = {"classes_per_batch": args.classes_per_batch, "images_per_class": args.images_per_class,
                   "num_workers": 0}
@@ -205,18 +218,23 @@ def main(argv=None) -> dict:
                 model.load_state_dict(original)
                 t = time.perf_counter()
                 quantized = Q.quantize_model(model, bits, method, importance, damping=args.damping)
+                Q.apply_quantized(model, quantized)
+                if not args.no_bias_correction:
+                    Q.correct_bias(model, float_model, calibration)
                 quantise_s = time.perf_counter() - t
                 row = {"method": method, "bits": bits, "finetune_steps": 0, "quantize_s": round(quantise_s, 1),
                        **measure(quantized, tmp_dir, f"{method}_{bits}")}
                 results["runs"].append(row)
                 print(f"{method:>10} {bits}b      : R@1 {100 * row['recall@1']:.2f}  MAP@R {100 * row['map@r']:.2f}  "
                       f"{row['size_bytes'] / 2**20:.2f} MiB (x{row['compression_ratio']:.1f})", flush=True)
-                if args.finetune_steps > 0:
+                if args.finetune_steps > 0 and (args.finetune_bits is None or bits in args.finetune_bits):
                     torch.manual_seed(args.seed)
                     t = time.perf_counter()
                     batches = training_batches(man, train_rows, model.config, train=True, seed=args.seed + 1, **batch_opts)
-                    tuned, losses = Q.finetune_centroids(model, quantized, batches, loss_fn, args.finetune_steps,
-                                                         args.finetune_lr)
+                    tuned, losses = Q.finetune_centroids(
+                        model, quantized, batches, loss_fn, args.finetune_steps, args.finetune_lr,
+                        teacher=float_model if args.finetune_loss == "distill" else None,
+                        train_float=not args.centroids_only)
                     row = {"method": method, "bits": bits, "finetune_steps": args.finetune_steps,
                            "finetune_s": round(time.perf_counter() - t, 1),
                            "finetune_loss_first": losses[0], "finetune_loss_last": float(np.mean(losses[-5:])),

@@ -98,6 +98,98 @@ def quantizable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+# -- channel equalisation (function-preserving, before clustering) --------------
+
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm name) for every conv whose output goes straight
+    into a BatchNorm with running statistics, found by running ``example``
+    through the model (eval mode, no gradients) with forward hooks."""
+    names = {id(m): n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+
+    def after_conv(module, _inputs, output):
+        produced[id(output)] = (names[id(module)], output)
+
+    def before_bn(module, inputs):
+        hit = produced.get(id(inputs[0]))
+        if hit is not None and hit[1] is inputs[0]:
+            pairs.append((hit[0], names[id(module)]))
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            hooks.append(module.register_forward_hook(after_conv))
+        elif (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+              and module.track_running_stats and module.running_var is not None):
+            hooks.append(module.register_forward_pre_hook(before_bn))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return list(dict.fromkeys(pairs))
+
+
+@torch.no_grad()
+def equalize_channels(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-3) -> list[str]:
+    """Give every output channel of each conv that feeds a BatchNorm the same
+    largest |weight|, moving the scale into the BatchNorm; returns the convs changed.
+
+    One codebook per layer has to serve every channel of it. In depthwise and
+    1x1 convs the channels' weight ranges differ by orders of magnitude, so a
+    shared 16-value codebook rounds the small channels to a single value --
+    and their BatchNorm, which divides by their small running std, then
+    magnifies that error. A BatchNorm makes the conv's per-channel scale a free
+    choice: for conv channel c scaled by a_c, the BatchNorm's running mean is
+    scaled by a_c, its running variance by a_c^2, and its gamma corrected by
+    sqrt(a_c^2 var + eps) / (a_c sqrt(var + eps)), which leaves the eval-mode
+    output unchanged. Then every channel gets the same share of the codebook.
+    The model's output on ``example`` is checked before and after; if it moved
+    (a conv output that also feeds something else), the model is restored and
+    a DcmlError raised.
+    """
+    modules = dict(model.named_modules())
+    pairs = conv_bn_pairs(model, example)
+    if not pairs:
+        return []
+    was_training = model.training
+    model.eval()
+    before = model(example)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = []
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        w = conv.weight
+        peak = w.reshape(w.shape[0], -1).abs().amax(dim=1).double()
+        # Channels with (almost) no weights have nothing to share; leave them.
+        alive = peak > peak.max() * 1e-6
+        if int(alive.sum()) < 2:
+            continue
+        scale = torch.where(alive, peak[alive].mean() / peak.clamp_min(1e-30), torch.ones_like(peak))
+        var = bn.running_var.double()
+        gamma_fix = torch.sqrt(scale * scale * var + bn.eps) / (scale * torch.sqrt(var + bn.eps))
+        w.mul_(scale.to(w.dtype).view(-1, *[1] * (w.dim() - 1)))
+        if conv.bias is not None:
+            conv.bias.mul_(scale.to(conv.bias.dtype))
+        bn.weight.mul_(gamma_fix.to(bn.weight.dtype))
+        bn.running_mean.mul_(scale.to(bn.running_mean.dtype))
+        bn.running_var.mul_((scale * scale).to(bn.running_var.dtype))
+        changed.append(conv_name)
+    after = model(example)
+    model.train(was_training)
+    drift = float((after - before).abs().max())
+    if not drift <= rtol * max(float(before.abs().max()), 1e-12):
+        model.load_state_dict(saved)
+        raise DcmlError(f"channel equalisation changed the model's output by {drift:.3g} on a training batch (a conv "
+                        "output feeds more than its BatchNorm in this architecture); compress with --no-equalize")
+    return changed
+
+
 def check_bits(bits: int) -> int:
     if isinstance(bits, bool) or int(bits) != bits or not MIN_BITS <= int(bits) <= MAX_BITS:
         raise DcmlError(f"bits={bits!r}: weights are quantised to 2^B shared values with B from {MIN_BITS} to {MAX_BITS}; pick one in that range")
@@ -352,6 +444,55 @@ def error_summary(errors: Mapping[str, dict]) -> dict:
     return summary
 
 
+@torch.no_grad()
+def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor, *, forward=None) -> int:
+    """Shift each BatchNorm's running mean by the change quantisation caused in
+    the mean of its input (Nagel et al., ICCV 2019, "empirical bias correction");
+    returns the number of BatchNorms corrected.
+
+    Rounding a filter's weights changes its response to the image's average
+    intensity: with zero-sum filters (edges) the output mean moves by much
+    more than the output's own spread. ``reference`` (the float model, same
+    architecture) is run on ``images`` to record every BatchNorm's per-channel
+    input mean; then ``model`` (quantised) runs on the same images and each
+    BatchNorm first moves its running mean by the difference, so layers further
+    down already see the corrected activations. Eval-mode outputs on these
+    images then match the float model's per-channel means at every BatchNorm.
+    """
+    def batchnorms(net):
+        return {name: m for name, m in net.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+
+    targets: dict[str, torch.Tensor] = {}
+    ours, theirs = batchnorms(model), batchnorms(reference)
+    if set(ours) != set(theirs):
+        raise DcmlError("bias correction needs the float model of the same architecture as the quantised one")
+
+    def channel_mean(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).reshape(x.shape[1], -1).mean(dim=1)
+
+    def record(name):
+        return lambda _module, inputs: targets.__setitem__(name, channel_mean(inputs[0]))
+
+    def shift(name):
+        def hook(module, inputs):
+            module.running_mean.add_((channel_mean(inputs[0]) - targets[name]).to(module.running_mean.dtype))
+        return hook
+
+    run = forward if forward is not None else (lambda net, x: net(x))
+    for net, hook_of in ((reference, record), (model, shift)):
+        hooks = [m.register_forward_pre_hook(hook_of(name)) for name, m in batchnorms(net).items()]
+        was_training = net.training
+        try:
+            net.eval()
+            run(net, images.to(_device_of(net)))
+        finally:
+            for h in hooks:
+                h.remove()
+            net.train(was_training)
+    return len(ours)
+
+
 # -- importance and centroid fine-tuning -------------------------------------------
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -448,47 +589,78 @@ def compute_importance(model: nn.Module, batches: Iterable, loss_fn: LossFn, *,
     return {name: h.cpu() for name, h in importance.items()}
 
 
+def distillation_loss(embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Half the squared distance to the float model's embedding, batch mean
+    (for unit-norm embeddings: 1 - cosine; for K slices, summed over slices)."""
+    return 0.5 * ((embeddings - target) ** 2).sum(dim=1).mean()
+
+
+def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter that is not a quantised weight: biases, BatchNorm gamma/beta."""
+    quantized = {id(p) for p in quantizable_weights(model).values()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in quantized}
+
+
 def finetune_centroids(model: nn.Module, codebooks: Mapping[str, QuantizedTensor], batches: Iterable,
-                       loss_fn: LossFn, steps: int, lr: float, *, optimizer: str = "adam",
+                       loss_fn: LossFn | None, steps: int, lr: float, *, optimizer: str = "adam",
+                       teacher: nn.Module | None = None, train_float: bool = False,
                        forward=None, desc: str = "finetune centroids") -> tuple[dict[str, QuantizedTensor], list[float]]:
-    """Train only the shared values (Deep Compression's centroid fine-tuning).
+    """Train the shared values (Deep Compression's centroid fine-tuning).
 
     Each step materialises every quantised weight from its codebook and fixed
     indices, back-propagates the loss of one batch, and gives centroid j the
     summed gradient of its members (the exact gradient of the loss w.r.t. the
     shared value); ``optimizer`` ("adam" or "sgd") then moves the centroids.
-    Indices, biases and BatchNorm stay fixed; the model runs in eval mode.
-    Returns (new codebooks, loss per step); the model ends up holding the
-    fine-tuned quantised weights.
+    The loss is ``loss_fn(embeddings, labels)`` or, with a ``teacher`` (the
+    float model), :func:`distillation_loss` to the teacher's embedding of the
+    same images: a dense signal on every image, where a metric loss on a
+    trained model is near zero on most pairs. ``train_float`` also trains the
+    float parameters (biases, BatchNorm gamma/beta; stored in float32 anyway)
+    at the same learning rate. Indices and BatchNorm statistics stay fixed;
+    the model runs in eval mode. Returns (new codebooks, loss per step); the
+    model ends up holding the fine-tuned quantised weights.
     """
     if steps < 0:
         raise DcmlError(f"finetune steps={steps}: must be >= 0")
     if lr <= 0:
         raise DcmlError(f"finetune lr={lr}: must be > 0")
+    if loss_fn is None and teacher is None:
+        raise DcmlError("centroid fine-tuning needs a loss: pass loss_fn or a teacher model to distil from")
     layers = quantizable_weights(model)
     device = _device_of(model)
     centroids = {name: q.codebook.detach().to(device, torch.float32).clone().requires_grad_(True)
                  for name, q in codebooks.items()}
     indices = {name: q.indices.to(device) for name, q in codebooks.items()}
+    extra = float_parameters(model) if train_float else {}
+    trainable = list(centroids.values()) + list(extra.values())
     if optimizer == "adam":
-        opt = torch.optim.Adam(list(centroids.values()), lr=lr)
+        opt = torch.optim.Adam(trainable, lr=lr)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(list(centroids.values()), lr=lr)
+        opt = torch.optim.SGD(trainable, lr=lr)
     else:
         raise DcmlError(f"optimizer={optimizer!r}: use 'adam' or 'sgd'")
+    if teacher is not None:
+        teacher.eval()
 
     def materialise():
         with torch.no_grad():
             for name, c in centroids.items():
                 layers[name].copy_(c[indices[name]].reshape(layers[name].shape))
 
+    def batch_loss(batch):
+        if teacher is None:
+            return _loss_on_batch(model, batch, loss_fn, forward, device)
+        with torch.no_grad():
+            target = _loss_on_batch(teacher, batch, lambda e, _labels: e, forward, device)
+        return _loss_on_batch(model, batch, lambda e, _labels: distillation_loss(e, target), forward, device)
+
     losses: list[float] = []
     materialise()
-    with _EvalWithGrads(model, centroids):
+    with _EvalWithGrads(model, [*centroids, *extra]):
         for batch in tqdm(_cycle(batches, steps) if steps else [], desc=desc, total=steps, disable=None, leave=False):
             model.zero_grad(set_to_none=True)
             opt.zero_grad(set_to_none=True)
-            loss = _loss_on_batch(model, batch, loss_fn, forward, device)
+            loss = batch_loss(batch)
             losses.append(float(loss.detach()))
             if not loss.requires_grad:
                 continue
@@ -668,6 +840,7 @@ def dequantize_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
 __all__ = [
     "FORMAT", "METHODS", "QuantizedTensor", "quantizable_weights", "uniform_quantize", "kmeans_quantize",
     "lloyd_1d", "quantize_tensor", "quantize_model", "apply_quantized", "reconstruction_errors",
-    "error_summary", "compute_importance", "finetune_centroids", "pack_indices", "unpack_indices",
+    "error_summary", "compute_importance", "finetune_centroids", "distillation_loss", "float_parameters",
+    "conv_bn_pairs", "equalize_channels", "correct_bias", "pack_indices", "unpack_indices",
     "compressed_checkpoint", "save_compressed", "dequantize_state_dict", "float_size_bytes", "budget_bytes",
 ]

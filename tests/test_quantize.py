@@ -366,3 +366,106 @@ def test_finetune_lowers_the_loss():
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:2])
     with pytest.raises(DcmlError):
         Q.finetune_centroids(model, codebooks, data, sq_loss, steps=1, lr=0.0)
+
+
+# -- channel equalisation, bias correction, distillation ------------------------------
+
+def uneven_tiny_net() -> TinyNet:
+    """TinyNet whose conv channels differ in scale by up to 10^2.5, like depthwise convs."""
+    model = TinyNet()
+    with torch.no_grad():
+        scale = 10.0 ** (-torch.arange(6.0) / 2)
+        model.conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        model.conv.bias.mul_(scale)
+        model.bn.running_mean.mul_(scale)
+        model.bn.running_var.mul_(scale ** 2)
+    return model.eval()
+
+
+def test_conv_bn_pairs_follow_the_data_flow():
+    assert Q.conv_bn_pairs(TinyNet(), batches(n=1)[0][0]) == [("conv", "bn")]
+
+    class NoBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):  # the BatchNorm sees a ReLU's output, not the conv's
+            return self.bn(torch.relu(self.conv(x)))
+
+    assert Q.conv_bn_pairs(NoBN(), batches(n=1)[0][0]) == []
+
+
+def test_equalisation_keeps_the_function_and_equalises_channel_ranges():
+    model = uneven_tiny_net()
+    x = batches(n=1)[0][0]
+    before = model(x).detach()
+    assert Q.equalize_channels(model, x) == ["conv"]
+    assert torch.allclose(model(x), before, atol=1e-5)
+    peaks = model.conv.weight.detach().abs().amax(dim=(1, 2, 3))
+    assert torch.allclose(peaks, peaks.mean().expand(6), rtol=1e-5)
+    # one shared 3-bit codebook now serves every channel: the output error drops
+    raw = uneven_tiny_net()
+    errors = []
+    for net in (raw, model):
+        quantized = Q.quantize_model(net, 3, "kmeans", progress=False)
+        Q.apply_quantized(net, quantized)
+        errors.append(float((net(x).detach() - before).pow(2).mean()))
+    assert errors[1] < 0.1 * errors[0]
+
+
+def test_equalisation_refuses_a_conv_output_used_twice():
+    class Shared(TinyNet):
+        def forward(self, x):
+            z = self.conv(x)  # also read past its BatchNorm: rescaling it would change the output
+            return self.head((torch.relu(self.bn(z)) + z).mean(dim=(2, 3)))
+
+    model = Shared()
+    with torch.no_grad():
+        model.conv.weight[0].mul_(100)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DcmlError, match="--no-equalize"):
+        Q.equalize_channels(model, batches(n=1)[0][0])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_bias_correction_restores_the_float_channel_means():
+    reference = uneven_tiny_net()
+    model = uneven_tiny_net()
+    Q.apply_quantized(model, Q.quantize_model(model, 2, "kmeans", progress=False))
+    x = torch.cat([images for images, _, _ in batches(n=4)])
+
+    def bn_output_means(net):
+        out = {}
+        handle = net.bn.register_forward_hook(lambda m, i, o: out.__setitem__("mean", o.mean(dim=(0, 2, 3))))
+        with torch.no_grad():
+            net(x)
+        handle.remove()
+        return out["mean"]
+
+    target = bn_output_means(reference)
+    shifted = (bn_output_means(model) - target).abs().max()
+    assert Q.correct_bias(model, reference, x) == 1
+    assert shifted > 1e-3 and torch.allclose(bn_output_means(model), target, atol=1e-5)
+    assert model.bn.running_var.equal(uneven_tiny_net().bn.running_var)  # only the means move
+
+
+def test_distillation_finetune_trains_centroids_and_float_parameters():
+    teacher = TinyNet()
+    model = TinyNet()
+    codebooks = Q.quantize_model(model, 2, "uniform", progress=False)
+    data = batches(n=2, size=16)
+    gamma = model.bn.weight.detach().clone()
+    tuned, losses = Q.finetune_centroids(model, codebooks, data, None, steps=40, lr=0.01, teacher=teacher,
+                                         train_float=True)
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2])
+    assert not torch.equal(model.bn.weight.detach(), gamma)
+    assert all(p.grad is None for p in model.parameters())
+    # the first loss is the distance to the teacher's embedding of the same batch
+    start = TinyNet()
+    Q.apply_quantized(start, codebooks)
+    start.eval()
+    first = Q.distillation_loss(start(data[0][0]), teacher(data[0][0])).item()
+    assert losses[0] == pytest.approx(first, rel=1e-5)
+    with pytest.raises(DcmlError, match="needs a loss"):
+        Q.finetune_centroids(model, codebooks, data, None, steps=1, lr=0.01)

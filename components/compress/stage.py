@@ -2,12 +2,17 @@
 
 Every conv/linear weight tensor keeps 2^B shared float32 values (its codebook)
 and a B-bit index per weight (``dcml.quantize``); biases and BatchNorm stay
-float32. ``loss-aware`` weights the k-means centroid update by the diagonal
-Fisher of the metric loss, measured on class-balanced P x M batches of the
-manifest's train split (eval transforms). Optional centroid fine-tuning trains
-only the shared values on such batches (train transforms). The output is a
-``dcml.compressed/1`` checkpoint that ``dcml evaluate --model`` reads like any
-other.
+float32. Before clustering, every conv that feeds a BatchNorm gets equal
+per-channel weight ranges (the scale moves into the BatchNorm, the function
+is unchanged); after it, each BatchNorm's running mean is corrected for the
+mean shift quantisation caused, measured on train images. ``loss-aware``
+weights the k-means centroid update by the diagonal Fisher of the metric
+loss, measured on class-balanced P x M batches of the manifest's train split
+(eval transforms). Optional centroid fine-tuning trains the shared values
+(and the float biases / BatchNorm affine parameters) on such batches (train
+transforms), by default to reproduce the float model's embeddings. The output
+is a ``dcml.compressed/1`` checkpoint that ``dcml evaluate --model`` reads
+like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ STAGE = "compress"
 # The checkpoint does not carry a proxy loss's trained proxies, so only
 # pair-based losses give meaningful gradients here.
 IMPORTANCE_LOSSES = ("margin", "triplet", "contrastive")
+FINETUNE_LOSSES = ("distill", "metric")
 
 
 def training_batches(man, rows, model_config, *, train: bool, classes_per_batch: int, images_per_class: int,
@@ -38,6 +44,17 @@ def training_batches(man, rows, model_config, *, train: bool, classes_per_batch:
     sampler = ClusterBatchSampler(rows["label"].to_numpy(), None, classes_per_batch=classes_per_batch,
                                   images_per_class=images_per_class, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+def calibration_images(man, rows, model_config, count: int, seed: int):
+    """``count`` train images (eval transforms), drawn at random with ``seed``, as one tensor."""
+    import torch
+
+    from dcml.data import ManifestImageDataset, build_transform
+
+    picked = rows.sample(min(int(count), len(rows)), random_state=int(seed))
+    dataset = ManifestImageDataset(man, picked, build_transform(model_config, train=False))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
 def importance_loss(model, loss: str, miner: str, margin: float | None):
@@ -62,12 +79,15 @@ def importance_loss(model, loss: str, miner: str, margin: float | None):
 
 
 def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importance_batches: int = 20,
-        finetune_steps: int = 0, finetune_lr: float = 1e-4, damping: float = 0.0, loss: str = "margin",
-        miner: str = "reference",
+        finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_loss: str = "distill",
+        finetune_float: bool = True, equalize: bool = True, bias_correction: bool = True,
+        calibration_images_count: int = 256, damping: float = 0.0, loss: str = "margin", miner: str = "reference",
         margin: float | None = None, classes_per_batch: int = 20, images_per_class: int = 4, seed: int = 0,
         num_workers: int = 0, device=None) -> dict:
     """Quantise ``model``'s conv/linear weights to ``bits`` bits with ``method``,
     write the compressed checkpoint ``out``, and return the stage record."""
+    import copy
+
     import torch
 
     from dcml import manifest as manifest_lib
@@ -76,8 +96,10 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
     from dcml.inference import default_device
 
     params = {"model": str(model), "bits": int(bits), "method": method, "importance_batches": int(importance_batches),
-              "finetune_steps": int(finetune_steps), "finetune_lr": float(finetune_lr), "damping": float(damping),
-              "loss": loss, "miner": miner,
+              "finetune_steps": int(finetune_steps), "finetune_lr": float(finetune_lr),
+              "finetune_loss": finetune_loss, "finetune_float": bool(finetune_float), "equalize": bool(equalize),
+              "bias_correction": bool(bias_correction), "calibration_images": int(calibration_images_count),
+              "damping": float(damping), "loss": loss, "miner": miner,
               "margin": margin, "classes_per_batch": int(classes_per_batch),
               "images_per_class": int(images_per_class), "seed": int(seed)}
     timer = StageTimer(STAGE, params)
@@ -86,23 +108,34 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
     if loss not in IMPORTANCE_LOSSES:
         raise DcmlError(f"--loss {loss!r}: compression needs a pair-based loss ({', '.join(IMPORTANCE_LOSSES)}); "
                         "a proxy loss's trained proxies are not stored in the checkpoint")
+    if finetune_loss not in FINETUNE_LOSSES:
+        raise DcmlError(f"--finetune-loss {finetune_loss!r}: use one of {', '.join(FINETUNE_LOSSES)}")
     if method == "loss-aware" and int(importance_batches) < 1:
         raise DcmlError(f"--importance-batches {importance_batches}: loss-aware needs at least 1 batch")
     if int(finetune_steps) < 0 or not float(finetune_lr) > 0:
         raise DcmlError(f"--finetune-steps {finetune_steps} / --finetune-lr {finetune_lr}: steps must be >= 0 and lr > 0")
+    if (equalize or bias_correction) and int(calibration_images_count) < 2:
+        raise DcmlError(f"--calibration-images {calibration_images_count}: equalisation and bias correction need "
+                        "at least 2 train images")
 
     device = torch.device(device) if device else default_device()
     net, _ = load_model(model, device=device)
     man = manifest_lib.read(manifest)
     rows = man.split("train")
-    needs_data = method == "loss-aware" or int(finetune_steps) > 0
-    if needs_data and rows.empty:
-        raise DcmlError(f"{manifest}: no 'train' rows to measure the loss on; pass the manifest the model was trained with")
+    if rows.empty:
+        raise DcmlError(f"{manifest}: no 'train' rows to calibrate on; pass the manifest the model was trained with")
     torch.manual_seed(int(seed))
     batch_opts = {"classes_per_batch": int(classes_per_batch), "images_per_class": int(images_per_class),
                   "seed": int(seed), "num_workers": int(num_workers)}
-    loss_fn = importance_loss(net, loss, miner, margin) if needs_data else None
+    needs_metric_loss = method == "loss-aware" or (int(finetune_steps) > 0 and finetune_loss == "metric")
+    loss_fn = importance_loss(net, loss, miner, margin) if needs_metric_loss else None
+    calibration = calibration_images(man, rows, net.config, calibration_images_count, seed) \
+        if equalize or bias_correction else None
 
+    equalized = Q.equalize_channels(net, calibration[:8].to(device)) if equalize else []
+    # The float model (after the function-preserving equalisation): reference
+    # for bias correction and teacher for distillation.
+    float_net = copy.deepcopy(net) if bias_correction or finetune_loss == "distill" else None
     original = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(net).items()}
     importance, stats = None, {}
     if method == "loss-aware":
@@ -110,15 +143,16 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
         importance = Q.compute_importance(net, loader, loss_fn, num_batches=int(importance_batches), stats=stats)
     quantized = Q.quantize_model(net, int(bits), method, importance, damping=float(damping))
     before = Q.error_summary(Q.reconstruction_errors(original, quantized, importance))
+    Q.apply_quantized(net, quantized)
+    corrected = Q.correct_bias(net, float_net, calibration) if bias_correction else 0
 
     history = []
     if int(finetune_steps) > 0:
         loader = training_batches(man, rows, net.config, train=True, **{**batch_opts, "seed": int(seed) + 1})
+        teacher = float_net if finetune_loss == "distill" else None
         quantized, losses = Q.finetune_centroids(net, quantized, loader, loss_fn, int(finetune_steps),
-                                                 float(finetune_lr))
+                                                 float(finetune_lr), teacher=teacher, train_float=finetune_float)
         history = [{"step": i + 1, "loss": value} for i, value in enumerate(losses)]
-    else:
-        Q.apply_quantized(net, quantized)
     per_layer = Q.reconstruction_errors(original, quantized, importance)
     after = Q.error_summary(per_layer)
 
@@ -126,6 +160,8 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
         "bits": int(bits),
         "method": method,
         "quantized_layers": len(quantized),
+        "equalized_layers": len(equalized),
+        "bias_corrected_batchnorms": corrected,
         "recon_mse": after["mse"],
         "recon_rel_mse_mean": after["rel_mse_mean"],
         "recon_rel_mse_max": after["rel_mse_max"],
@@ -159,7 +195,17 @@ def _kib(n: int) -> str:
 @click.option("--method", default="loss-aware", show_default=True, type=click.Choice(["uniform", "kmeans", "loss-aware"]))
 @click.option("--importance-batches", default=20, show_default=True, type=int, help="Batches for the Fisher importance (loss-aware).")
 @click.option("--finetune-steps", default=0, show_default=True, type=int, help="Centroid fine-tuning steps (0 = none).")
-@click.option("--finetune-lr", default=1e-4, show_default=True, type=float, help="Adam learning rate of the centroids.")
+@click.option("--finetune-lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the centroids.")
+@click.option("--finetune-loss", default="distill", show_default=True, type=click.Choice(list(FINETUNE_LOSSES)),
+              help="distill: match the float model's embeddings; metric: the --loss metric loss on the labels.")
+@click.option("--finetune-float/--centroids-only", default=True, show_default=True,
+              help="Fine-tuning also trains the float biases and BatchNorm gamma/beta.")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Equalise per-channel weight ranges of convs followed by BatchNorm before clustering.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Correct BatchNorm running means for the mean shift quantisation causes.")
+@click.option("--calibration-images", default=256, show_default=True, type=int,
+              help="Train images (eval transforms) for equalisation check and bias correction.")
 @click.option("--damping", default=0.0, show_default=True, type=float,
               help="loss-aware: add this x the mean importance to every importance (shrinks towards plain kmeans).")
 @click.option("--loss", default="margin", show_default=True, type=click.Choice(list(IMPORTANCE_LOSSES)))
@@ -170,10 +216,13 @@ def _kib(n: int) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
-def cli(model, manifest, out, bits, method, importance_batches, finetune_steps, finetune_lr, damping, loss, miner, margin,
+def cli(model, manifest, out, bits, method, importance_batches, finetune_steps, finetune_lr, finetune_loss,
+        finetune_float, equalize, bias_correction, calibration_images, damping, loss, miner, margin,
         classes_per_batch, images_per_class, seed, num_workers, device):
     record = run(model=model, manifest=manifest, out=out, bits=bits, method=method,
                  importance_batches=importance_batches, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                 finetune_loss=finetune_loss, finetune_float=finetune_float, equalize=equalize,
+                 bias_correction=bias_correction, calibration_images_count=calibration_images,
                  damping=damping, loss=loss, miner=miner, margin=margin, classes_per_batch=classes_per_batch,
                  images_per_class=images_per_class, seed=seed, num_workers=num_workers, device=device)
     m = record["metrics"]

@@ -16,12 +16,14 @@ def test_bench_writes_rows_plot_and_mlflow_runs(tiny_checkpoint, tiny_manifest, 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = bench_compress.main(["--model", tiny_checkpoint, "--manifest", tiny_manifest, "--dataset", "tiny",
-                                  "--bits", "2", "8", "--finetune-steps", "2", "--importance-batches", "2", "--miner", "none",
+                                  "--bits", "2", "8", "--finetune-steps", "2", "--finetune-bits", "2", "--importance-batches", "2", "--miner", "none",
                                   "--classes-per-batch", "3", "--images-per-class", "2", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "compress_tiny.json").read_text())
     assert saved["complete"] and (tmp_path / "compress_tiny.png").stat().st_size > 0
     rows = {(r["method"], r["bits"], r["finetune_steps"]) for r in saved["runs"]}
-    assert rows == {(m, b, f) for m in ("uniform", "kmeans", "loss-aware") for b in (2, 8) for f in (0, 2)}
+    # fine-tuned only where asked (--finetune-bits 2)
+    assert rows == {(m, b, f) for m in ("uniform", "kmeans", "loss-aware") for b, f in ((2, 0), (2, 2), (8, 0))}
+    assert saved["equalized_layers"] == 3
     for row in saved["runs"]:
         # bit budget + codebooks + float remainder, plus the checkpoint container's few kB
         assert row["budget_bytes"] < row["size_bytes"] <= row["budget_bytes"] + 16 * 1024
@@ -41,7 +43,7 @@ def test_bench_writes_rows_plot_and_mlflow_runs(tiny_checkpoint, tiny_manifest, 
     assert parent.info.artifact_uri.startswith(tmp_path.as_uri())
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == len(saved["runs"]) == 12
+    assert len(children) == len(saved["runs"]) == 9
     child = next(c for c in children if c.info.run_name == "loss-aware 2b + centroid fine-tuning")
     row = next(r for r in saved["runs"] if (r["method"], r["bits"], r["finetune_steps"]) == ("loss-aware", 2, 2))
     assert child.data.metrics["recall_at_1"] == pytest.approx(row["recall@1"])

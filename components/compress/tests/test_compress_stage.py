@@ -30,6 +30,7 @@ def test_loss_aware_with_finetuning_loads_and_embeds(tmp_path, tiny_manifest, ti
     assert m["compressed_size_bytes"] == os.path.getsize(out)
     assert m["importance_batches_used"] == 3 and len(record["history"]) == 2
     assert m["quantized_layers"] == 4  # three convs + the head
+    assert m["equalized_layers"] == 3 and m["bias_corrected_batchnorms"] == 3  # each conv feeds a BatchNorm
     assert m["budget_bytes"] < m["compressed_size_bytes"] < m["float_size_bytes"] / 4
     assert records.read(out)["metrics"]["compressed_size_bytes"] == m["compressed_size_bytes"]
     assert records.read(out)["inputs"]["model"]["exec_id"] == "parent"
@@ -44,8 +45,9 @@ def test_loss_aware_with_finetuning_loads_and_embeds(tmp_path, tiny_manifest, ti
         if name in quantized:
             assert torch.unique(p).numel() <= 8, name
             assert not torch.equal(p, base.state_dict()[name])
-        else:  # biases, BatchNorm: untouched float32
-            assert torch.equal(p, base.state_dict()[name]), name
+    # equalisation, bias correction and fine-tuning moved the BatchNorms
+    assert not torch.equal(model.state_dict()["backbone.net.1.running_mean"],
+                           base.state_dict()["backbone.net.1.running_mean"])
 
     man = manifest_lib.read(tiny_manifest)
     rows = man.split("test")
@@ -53,17 +55,56 @@ def test_loss_aware_with_finetuning_loads_and_embeds(tmp_path, tiny_manifest, ti
     ref = compute_vectors(base, man, rows)
     assert emb.shape == (12, 16) and np.isfinite(emb).all()
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    assert (emb * ref).sum(axis=1).mean() > 0.8  # 3-bit weights: close to, not equal to, the float model
+    assert (emb * ref).sum(axis=1).mean() > 0.9  # 3-bit weights: close to, not equal to, the float model
     assert not np.allclose(emb, ref, atol=1e-4)
 
     # same seed, same file contents
     again = tmp_path / "again.pt"
     run(model=tiny_checkpoint, manifest=tiny_manifest, out=again, bits=3, method="loss-aware",
         importance_batches=3, finetune_steps=2, **SMALL)
-    first, second = load(out)["layers"], load(again)["layers"]
-    for name in first:
-        assert torch.equal(first[name]["codebook"], second[name]["codebook"])
-        assert torch.equal(first[name]["indices"], second[name]["indices"])
+    first, second = load(out), load(again)
+    for name in first["layers"]:
+        assert torch.equal(first["layers"][name]["codebook"], second["layers"][name]["codebook"])
+        assert torch.equal(first["layers"][name]["indices"], second["layers"][name]["indices"])
+    for name in first["float"]:
+        assert torch.equal(first["float"][name], second["float"][name]), name
+
+
+def test_plain_codebooks_keep_every_float_parameter(tmp_path, tiny_manifest, tiny_checkpoint):
+    """Without equalisation, bias correction and float fine-tuning, only the
+    conv/linear weights change; metric-loss fine-tuning moves the centroids."""
+    out = tmp_path / "plain.pt"
+    record = run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, bits=3, method="kmeans",
+                 finetune_steps=3, finetune_loss="metric", finetune_float=False, equalize=False,
+                 bias_correction=False, **SMALL)
+    assert record["metrics"]["equalized_layers"] == 0 and record["metrics"]["bias_corrected_batchnorms"] == 0
+    base, _ = load_model(tiny_checkpoint)
+    model, _ = load_model(out)
+    quantized = Q.quantizable_weights(model)
+    for name, p in model.state_dict().items():
+        if name not in quantized:  # biases, BatchNorm: untouched float32
+            assert torch.equal(p, base.state_dict()[name]), name
+    km = Q.quantize_model(base, 3, "kmeans", progress=False)
+    tuned = load(out)["layers"]
+    assert any(not torch.allclose(tuned[n]["codebook"], km[n].codebook) for n in km)
+
+
+def test_equalisation_and_bias_correction_bring_2_bit_weights_closer_to_float(tmp_path, tiny_manifest,
+                                                                                 tiny_checkpoint):
+    man = manifest_lib.read(tiny_manifest)
+    rows = man.split("test")
+    base, _ = load_model(tiny_checkpoint)
+    ref = compute_vectors(base, man, rows)
+
+    def cosine(**opts):
+        out = tmp_path / f"{len(opts)}.pt"
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, bits=2, method="kmeans", **opts, **SMALL)
+        return float((compute_vectors(load_model(out)[0], man, rows) * ref).sum(axis=1).mean())
+
+    plain = cosine(equalize=False, bias_correction=False)
+    corrected = cosine(equalize=False)
+    both = cosine()
+    assert corrected > plain and both > plain
 
 
 def test_loss_aware_codebooks_differ_from_plain_kmeans(tmp_path, tiny_manifest, tiny_checkpoint):
@@ -96,6 +137,10 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, tiny_manifest, tiny_ch
         run(model=tmp_path / "missing.pt", manifest=tiny_manifest, out=out)
     with pytest.raises(DcmlError, match="method"):
         run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, method="kmedoids")
+    with pytest.raises(DcmlError, match="finetune-loss"):
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, finetune_steps=1, finetune_loss="mse")
+    with pytest.raises(DcmlError, match="calibration-images"):
+        run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, method="kmeans", calibration_images_count=1)
     # an untrained model collapses all images together: the reference miner finds
     # no negative beyond its cutoff, so the loss (and the importance) is zero
     with pytest.raises(DcmlError, match="zero on all"):
