@@ -165,6 +165,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         eval_batch_size: int = 256,
         compress_bits: int = 0,
         compress_method: str = "loss-aware",
+        compress_finetune_steps: int = 0,
         experiment: str = "dcml",
         run_name: str = "",
     ) -> Metrics:
@@ -222,7 +223,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
 
         with dsl.If(compress_bits > 0, name="compress-enabled"):
             compressed = task("compress", manifest=manifest, model=model, bits=compress_bits,
-                              method=compress_method, loss=loss, seed=seed).outputs["compressed"]
+                              method=compress_method, loss=loss, seed=seed,
+                              finetune_steps=compress_finetune_steps).outputs["compressed"]
             evaluated_q = task("evaluate", manifest=manifest, model=compressed, ks=ks,
                                batch_size=eval_batch_size, num_workers=num_workers)
             task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,

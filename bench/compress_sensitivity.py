@@ -4,8 +4,10 @@ time and measure how far the embeddings move.
 For a checkpoint and a sample of its test images: the mean cosine similarity
 between the float model's embeddings and those of the model with only some
 layers quantised (plain k-means, ``--bits``), for the groups all / all but
-depthwise convolutions / depthwise only / all but the first conv and the head.
-1.0 = unchanged; retrieval falls apart well before 0.5.
+depthwise convolutions / depthwise only / all but the first conv and the head;
+each on the plain weights, after channel equalisation, and after equalisation
+plus BatchNorm bias correction (no fine-tuning anywhere). 1.0 = unchanged;
+retrieval falls apart well before 0.5.
 
     python -m bench.compress_sensitivity --model M.pt --manifest M.parquet --dataset cars196
 
@@ -15,6 +17,7 @@ writes bench/results/compress_sensitivity_<dataset>.json.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -29,10 +32,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--method", default="kmeans", choices=["uniform", "kmeans"])
     ap.add_argument("--images", type=int, default=300, help="test images sampled")
+    ap.add_argument("--calibration-images", type=int, default=256, help="train images for bias correction")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     set_threads(args.threads or None)
 
+    import copy
+
+    from components.compress.stage import calibration_images
     from dcml import manifest as manifest_lib
     from dcml import quantize as Q
     from dcml.checkpoint import load_model
@@ -42,25 +50,43 @@ def main(argv=None) -> dict:
     man = manifest_lib.read(args.manifest)
     test = man.split("test")
     test = test.sample(min(args.images, len(test)), random_state=0)
-    reference = torch.nn.functional.normalize(torch.as_tensor(compute_vectors(model, man, test)), dim=1)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = calibration_images(man, man.split("train"), model.config, args.calibration_images, 0)
+
+    def embed(net):
+        return torch.nn.functional.normalize(torch.as_tensor(compute_vectors(net, man, test)), dim=1)
+
+    reference = embed(model)
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
     layers = Q.quantizable_weights(model)
-    depthwise = {n for n, p in layers.items() if p.dim() == 4 and p.shape[1] == 1}
+    # one filter per input channel (groups == in_channels); a 1-channel stem conv is not one
+    depthwise = {n for n in layers if isinstance(conv := model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Conv2d)
+                 and conv.groups == conv.in_channels > 1}
     names = list(layers)
     groups = {"all": set(names), "all but depthwise": set(names) - depthwise, "depthwise only": depthwise,
               "all but first conv and last layer": set(names[1:-1])}
-    quantized = Q.quantize_model(model, args.bits, args.method)
     result = {"command": command_line("bench.compress_sensitivity", argv), "dataset": args.dataset,
               "model": args.model, "bits": args.bits, "method": args.method, "images": len(test),
-              "layers": len(names), "depthwise_layers": len(depthwise), "groups": []}
-    for name, keep in groups.items():
-        model.load_state_dict(original)
-        Q.apply_quantized(model, {k: v for k, v in quantized.items() if k in keep})
-        moved = torch.nn.functional.normalize(torch.as_tensor(compute_vectors(model, man, test)), dim=1)
-        cos = float((moved * reference).sum(1).mean())
-        result["groups"].append({"quantized": name, "layers": len(keep), "mean_cosine_to_float": round(cos, 4)})
-        log(f"{name:35s} {len(keep):3d} layers  mean cos(float, {args.bits}-bit) {cos:.3f}")
-    write_result(RESULTS / f"compress_sensitivity_{args.dataset}.json", result)
+              "calibration_images": len(calibration), "layers": len(names), "depthwise_layers": len(depthwise),
+              "groups": [{"quantized": name, "layers": len(keep)} for name, keep in groups.items()]}
+    # (result key, equalise, bias-correct); the first keeps the key older results used.
+    variants = (("mean_cosine_to_float", False, False), ("mean_cosine_equalized", True, False),
+                ("mean_cosine_equalized_bias_corrected", True, True))
+    for key, equalize, correct in variants:
+        model.load_state_dict(plain_state)
+        if equalize:
+            Q.equalize_channels(model, calibration[:8])
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        float_model = copy.deepcopy(model)
+        quantized = Q.quantize_model(model, args.bits, args.method)
+        for row, keep in zip(result["groups"], groups.values()):
+            model.load_state_dict(start)
+            Q.apply_quantized(model, {k: v for k, v in quantized.items() if k in keep})
+            if correct:
+                Q.correct_bias(model, float_model, calibration)
+            cos = float((embed(model) * reference).sum(1).mean())
+            row[key] = round(cos, 4)
+            log(f"{key:38s} {row['quantized']:35s} {len(keep):3d} layers  mean cos(float, {args.bits}-bit) {cos:.3f}")
+    write_result(Path(args.out_dir) / f"compress_sensitivity_{args.dataset}.json", result)
     return result
 
 

@@ -619,6 +619,7 @@ def section_compress(run_all: dict | None) -> list[str]:
         lines += _dataset_heading(dataset, r)
         lines += [f"Model: {r.get('model_config', {}).get('backbone')} (the quality benchmark's K=1 model, seed 0); "
                   f"float32 {f.get('size_bytes', 0) / 2**20:.2f} MiB, R@1 {pct(f.get('recall@1'))}, MAP@R {pct(f.get('map@r'))}.", "",
+                  compress_settings(r), "",
                   "| method | bits | centroid fine-tuning steps | size (MiB) | compression | R@1 | MAP@R |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for row in r.get("runs", []):
@@ -629,15 +630,13 @@ def section_compress(run_all: dict | None) -> list[str]:
         if sens:
             cells = "; ".join(f"{g['quantized']} ({g['layers']} layers): {g['mean_cosine_to_float']:.2f}"
                               for g in sens["groups"])
-            lines += ["", f"Where the loss comes from (`{sens['command']}`): mean cosine between the float model's "
-                      f"embeddings and those with only some layers at {sens['bits']} bits ({sens['method']}, "
-                      f"{sens['images']} test images): {cells}. "
-                      "Depthwise convolutions are the most sensitive: each output channel is a single 3×3 or 5×5 "
-                      "filter, and we think that with one 2^B-value codebook per layer the codebook's spacing is of "
-                      "the order of a whole filter's weights, so filters lose their shape, and the BatchNorm that "
-                      "follows rescales the error. Per-channel codebooks, folding BatchNorm into the weights before "
-                      "clustering, or keeping depthwise layers at 8 bits are the known remedies; none is part of the "
-                      "per-layer method asked for here."]
+            lines += ["", f"Where the loss comes from without equalisation and bias correction (`{sens['command']}`): "
+                      f"mean cosine between the float model's embeddings and those with only some layers at "
+                      f"{sens['bits']} bits ({sens['method']}, {sens['images']} test images): {cells}. "
+                      "Depthwise convolutions are the most sensitive: their channels' weight ranges differ by orders "
+                      "of magnitude, so one 2^B-value codebook per layer rounds the small channels to one value, and "
+                      "the BatchNorm that follows divides by their small running std. That is what channel "
+                      "equalisation (the scale moves into the BatchNorm) and bias correction address."]
         png = RESULTS / f"compress_{dataset}.png"
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
@@ -645,6 +644,23 @@ def section_compress(run_all: dict | None) -> list[str]:
                     or f"python -m bench.bench_compress --model ... --dataset {dataset}")
         lines += ["", commands_line(r, fallback, "bench-compress"), ""]
     return lines
+
+
+def compress_settings(r: dict) -> str:
+    """One line: which of the preprocessing / fine-tuning options this run used."""
+    st = r.get("settings", {})
+    if "no_equalize" not in st:  # results from before these options existed
+        return ("Settings: no channel equalisation, no bias correction; fine-tuning of the centroids only on the "
+                f"metric loss ({st.get('loss')}), Adam lr {st.get('finetune_lr')}.")
+    eq = "off" if st["no_equalize"] else f"on ({r.get('equalized_layers')} convs)"
+    bc = "off" if st["no_bias_correction"] else f"on ({st.get('calibration_images')} train images)"
+    what = "centroids only" if st.get("centroids_only") else "centroids + biases and BatchNorm gamma/beta"
+    loss = "distillation to the float model's embeddings" if st.get("finetune_loss") == "distill" \
+        else f"the metric loss ({st.get('loss')})"
+    bits = st.get("finetune_bits") or r.get("bits")
+    return (f"Settings: channel equalisation {eq}; BatchNorm bias correction {bc}; fine-tuning ({', '.join(map(str, bits))} "
+            f"bits) trains the {what} on {loss}, {st.get('classes_per_batch')}×{st.get('images_per_class')}-image "
+            f"batches, Adam lr {st.get('finetune_lr')}.")
 
 
 def compress_verdict(r: dict) -> list[str]:
@@ -658,11 +674,13 @@ def compress_verdict(r: dict) -> list[str]:
         se = 100 * (base * (1 - base) / queries) ** 0.5
         out.append(f"- Noise floor: R@1 is a mean over {queries:,} test queries, so its standard error is "
                    f"≈ {se:.1f} points (binomial); differences under ~{2 * se:.1f} points are not evidence.")
-    four = rows.get(("loss-aware", 4, 0))
-    if four and base is not None:
-        gap = 100 * (base - four["recall@1"])
-        out.append(f"- 4 bits, loss-aware: R@1 {pct(four['recall@1'])} vs float {pct(base)} "
-                   f"({gap:.1f} points lost; goal ≤ 1): **{'met' if gap <= 1 else 'missed'}**.")
+    for ft in sorted({k[2] for k in rows if k[:2] == ("loss-aware", 4)}):
+        four = rows[("loss-aware", 4, ft)]
+        if base is not None:
+            gap = 100 * (base - four["recall@1"])
+            label = "4 bits, loss-aware" + (f" + {ft} fine-tuning steps" if ft else "")
+            out.append(f"- {label}: R@1 {pct(four['recall@1'])} vs float {pct(base)} "
+                       f"({gap:.1f} points lost; goal ≤ 1): **{'met' if gap <= 1 else 'missed'}**.")
     for bits in (2, 3):
         for ft in sorted({k[2] for k in rows if k[1] == bits}):
             ours, theirs = rows.get(("loss-aware", bits, ft)), rows.get(("kmeans", bits, ft))

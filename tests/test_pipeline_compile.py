@@ -142,6 +142,11 @@ def test_compress_is_switched_by_a_parameter(tmp_path):
     condition = [t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
     assert len(condition) == 1
     assert "compress_bits" in condition[0]["triggerPolicy"]["condition"]
+    branch = spec["components"][condition[0]["componentRef"]["name"]]["dag"]["tasks"]
+    inputs = branch["compress"]["inputs"]["parameters"]
+    assert inputs["finetune_steps"] == {"componentInputParameter": "pipelinechannel--compress_finetune_steps"}
+    assert inputs["bits"] == {"componentInputParameter": "pipelinechannel--compress_bits"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["compress_finetune_steps"]["defaultValue"] == 0
 
 
 def test_pipeline_module_importable_without_the_cli():

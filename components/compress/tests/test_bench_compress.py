@@ -9,7 +9,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import bench_compress
+from bench import bench_compress, compress_sensitivity
 
 
 def test_bench_writes_rows_plot_and_mlflow_runs(tiny_checkpoint, tiny_manifest, tmp_path, monkeypatch):
@@ -51,3 +51,21 @@ def test_bench_writes_rows_plot_and_mlflow_runs(tiny_checkpoint, tiny_manifest, 
     # --mlflow-only logs the saved result again without running anything.
     again = bench_compress.main(["--dataset", "tiny", "--out-dir", str(tmp_path), "--mlflow-only"])
     assert again["mlflow_run_id"] != result["mlflow_run_id"]
+
+
+def test_sensitivity_measures_each_layer_group_plain_equalised_and_corrected(tiny_checkpoint, tiny_manifest, tmp_path):
+    result = compress_sensitivity.main(["--model", tiny_checkpoint, "--manifest", tiny_manifest, "--dataset", "tiny",
+                                        "--bits", "2", "--images", "12", "--calibration-images", "24",
+                                        "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "compress_sensitivity_tiny.json").read_text())
+    assert saved["groups"] == result["groups"] and saved["complete"]
+    groups = {g["quantized"]: g for g in saved["groups"]}
+    assert groups["all"]["layers"] == 4 and groups["depthwise only"]["layers"] == 0  # small_cnn has none
+    keys = ("mean_cosine_to_float", "mean_cosine_equalized", "mean_cosine_equalized_bias_corrected")
+    for g in saved["groups"]:
+        assert all(-1.0 <= g[k] <= 1.0 for k in keys)
+    # no layer quantised: the float model itself, whatever the preprocessing
+    assert all(groups["depthwise only"][k] == pytest.approx(1.0, abs=1e-5) for k in keys)
+    # 2-bit weights move the embeddings; bias correction brings them back closer
+    assert groups["all"]["mean_cosine_to_float"] < 0.99
+    assert groups["all"]["mean_cosine_equalized_bias_corrected"] > groups["all"]["mean_cosine_equalized"]
