@@ -73,7 +73,7 @@ def commands(step: str, quick: bool, threads: int) -> list[list[str]]:
     if step == "compress":
         out = []
         # The best trained model of the quality benchmark (K=1) per data set.
-        sweeps = {"fashion-mnist": [], "cars196": ["--bits", "2", "3", "4", "8", "--finetune-steps", "30"]}
+        sweeps = {"fashion-mnist": [], "cars196": ["--bits", "2", "3", "4", "8", "--finetune-bits", "2", "3", "4"]}
         if quick:
             sweeps = {d: ["--bits", "4", "8", "--finetune-steps", "0"] for d in sweeps}
         for dataset, sweep in sweeps.items():
@@ -628,15 +628,22 @@ def section_compress(run_all: dict | None) -> list[str]:
         lines += [""] + compress_verdict(r)
         sens = _load(f"compress_sensitivity_{dataset}")
         if sens:
-            cells = "; ".join(f"{g['quantized']} ({g['layers']} layers): {g['mean_cosine_to_float']:.2f}"
-                              for g in sens["groups"])
-            lines += ["", f"Where the loss comes from without equalisation and bias correction (`{sens['command']}`): "
-                      f"mean cosine between the float model's embeddings and those with only some layers at "
-                      f"{sens['bits']} bits ({sens['method']}, {sens['images']} test images): {cells}. "
-                      "Depthwise convolutions are the most sensitive: their channels' weight ranges differ by orders "
-                      "of magnitude, so one 2^B-value codebook per layer rounds the small channels to one value, and "
-                      "the BatchNorm that follows divides by their small running std. That is what channel "
-                      "equalisation (the scale moves into the BatchNorm) and bias correction address."]
+            variants = (("mean_cosine_to_float", "plain"), ("mean_cosine_equalized", "equalised"),
+                        ("mean_cosine_equalized_bias_corrected", "equalised + bias correction"))
+            variants = [v for v in variants if all(v[0] in g for g in sens["groups"])]
+            lines += ["", f"Which layers move the embeddings (`{sens['command']}`): mean cosine between the float "
+                      f"model's embeddings and those with only some layers at {sens['bits']} bits ({sens['method']}, "
+                      f"{sens['images']} test images, no fine-tuning; 1 = unchanged).", "",
+                      "| layers quantised | count | " + " | ".join(label for _, label in variants) + " |",
+                      "|---|---:|" + "---:|" * len(variants)]
+            for g in sens["groups"]:
+                lines.append(f"| {g['quantized']} | {g['layers']} | "
+                             + " | ".join(f"{g[key]:.2f}" for key, _ in variants) + " |")
+            lines += ["", "Depthwise convolutions are the most sensitive on plain weights: their channels' weight "
+                      "ranges differ by orders of magnitude, so one 2^B-value codebook per layer rounds the small "
+                      "channels to one value, and the BatchNorm that follows divides by their small running std. "
+                      "Channel equalisation (the scale moves into the BatchNorm) removes most of that; bias "
+                      "correction removes the mean shift rounding leaves in every layer."]
         png = RESULTS / f"compress_{dataset}.png"
         if png.exists():
             lines += ["", f"![compression {dataset}](bench/results/{png.name})"]
@@ -670,6 +677,7 @@ def compress_verdict(r: dict) -> list[str]:
     base = r.get("float", {}).get("recall@1")
     out = []
     queries = r.get("eval", {}).get("queries")
+    se = None
     if queries and base is not None:
         se = 100 * (base * (1 - base) / queries) ** 0.5
         out.append(f"- Noise floor: R@1 is a mean over {queries:,} test queries, so its standard error is "
@@ -689,8 +697,12 @@ def compress_verdict(r: dict) -> list[str]:
             d_r1 = round(100 * (ours["recall@1"] - theirs["recall@1"]), 1) + 0.0  # no "-0.0"
             d_map = round(100 * (ours["map@r"] - theirs["map@r"]), 1) + 0.0
             label = f"{bits} bits{' + centroid fine-tuning' if ft else ''}"
+            if se is not None and abs(d_r1) < 2 * se:
+                verdict = "no difference beyond noise"
+            else:
+                verdict = "better" if d_r1 > 0 and d_map > 0 else "worse" if d_r1 < 0 and d_map < 0 else "mixed"
             out.append(f"- {label}: loss-aware vs plain k-means R@1 {d_r1:+.1f}, MAP@R {d_map:+.1f} points: "
-                       f"**{'better' if d_r1 > 0 and d_map > 0 else 'worse' if d_r1 < 0 and d_map < 0 else 'mixed'}**.")
+                       f"**{verdict}**.")
     return out
 
 
