@@ -609,7 +609,9 @@ def _dataset_heading(dataset: str, result: dict) -> list[str]:
 
 
 def section_compress(run_all: dict | None) -> list[str]:
-    lines = ["## Compression (bench_compress)", ""]
+    lines = ["## Compression (bench_compress)", "",
+             "One section per `bench_compress` run; its Settings line says which corrections around the "
+             "clustering were on and what fine-tuning did.", ""]
     found = _per_dataset("compress_*.json", skip="compress_sensitivity")
     if not found:
         return lines + ["Not run yet (needs a trained model of the quality benchmark): "

@@ -24,7 +24,13 @@ of the sorted weights, so an iteration is two ``searchsorted`` calls on the
 centroid midpoints plus differences of prefix sums -- O(k log n) after one
 sort, no per-weight distance matrix.
 
-Biases, BatchNorm parameters and buffers are left in float32. The compressed
+Biases, BatchNorm parameters and buffers are left in float32. Two
+function-level corrections keep one codebook per layer usable on networks
+with BatchNorm (MobileNet/EfficientNet style): :func:`equalize_channels`
+before clustering (per-channel weight ranges made equal, the scale moved into
+the BatchNorm, the float function unchanged) and :func:`correct_bias` after it
+(BatchNorm running means shifted back to the float model's activation means).
+:func:`finetune_centroids` can distil the float model's embeddings. The compressed
 checkpoint (``format`` ``dcml.compressed/1``, see :func:`save_compressed`)
 stores each layer's float32 codebook and its indices bit-packed at B bits;
 :func:`dequantize_state_dict` turns it back into a normal state_dict, which is

@@ -122,8 +122,10 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
     net, _ = load_model(model, device=device)
     man = manifest_lib.read(manifest)
     rows = man.split("train")
-    if rows.empty:
-        raise DcmlError(f"{manifest}: no 'train' rows to calibrate on; pass the manifest the model was trained with")
+    needs_data = equalize or bias_correction or method == "loss-aware" or int(finetune_steps) > 0
+    if needs_data and rows.empty:
+        raise DcmlError(f"{manifest}: no 'train' rows to calibrate and measure the loss on; pass the manifest the "
+                        "model was trained with (or --no-equalize --no-bias-correction with uniform / kmeans)")
     torch.manual_seed(int(seed))
     batch_opts = {"classes_per_batch": int(classes_per_batch), "images_per_class": int(images_per_class),
                   "seed": int(seed), "num_workers": int(num_workers)}

@@ -147,3 +147,16 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, tiny_manifest, tiny_ch
         run(model=tiny_checkpoint, manifest=tiny_manifest, out=out, importance_batches=2,
             classes_per_batch=4, images_per_class=2, miner="reference")
     assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_train_rows_are_needed_only_for_calibration_importance_or_finetuning(tmp_path, tiny_manifest, tiny_checkpoint):
+    man = manifest_lib.read(tiny_manifest)
+    test_only = tmp_path / "test_only.parquet"
+    manifest_lib.write(test_only, man.df[man.df["split"] == "test"].reset_index(drop=True), man.meta)
+    out = tmp_path / "q.pt"
+    with pytest.raises(DcmlError, match="no 'train' rows.*--no-equalize"):
+        run(model=tiny_checkpoint, manifest=test_only, out=out, method="kmeans")
+    assert not out.exists()
+    record = run(model=tiny_checkpoint, manifest=test_only, out=out, method="kmeans", equalize=False,
+                 bias_correction=False)
+    assert out.exists() and record["metrics"]["quantized_layers"] == 4
