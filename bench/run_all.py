@@ -612,7 +612,9 @@ def section_compress(run_all: dict | None) -> list[str]:
     lines = ["## Compression (bench_compress)", "",
              "One section per `bench_compress` run; its Settings line says which corrections around the "
              "clustering were on and what fine-tuning did.", ""]
-    found = _per_dataset("compress_*.json", skip="compress_sensitivity")
+    # Each data set's main run first, then its variants (cars196, cars196-ft300, cars196-plain, ...).
+    found = sorted(_per_dataset("compress_*.json", skip="compress_sensitivity"),
+                   key=lambda item: (item[0].partition("-")[0], len(item[0]), item[0]))
     if not found:
         return lines + ["Not run yet (needs a trained model of the quality benchmark): "
                         f"`{PY} -m bench.run_all --only compress`.", ""]
