@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.compress.stage import calibration_images, importance_loss, training_batches
+from components.compress.stage import calibration_images, equalize_checked, importance_loss, training_batches
 from dcml import manifest as manifest_lib
 from dcml import quantize as Q
 from dcml.checkpoint import load_model
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     evaluate = Evaluator(man, args.batch_size, device)
     train_rows = man.split("train")
     calibration = calibration_images(man, train_rows, model.config, args.calibration_images, args.seed)
-    equalized = [] if args.no_equalize else Q.equalize_channels(model, calibration[:8].to(device))
+    equalized = [] if args.no_equalize else equalize_checked(model, calibration)
     float_model = copy.deepcopy(model)  # after equalisation (same function): reference and teacher
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     weights = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(model).items()}

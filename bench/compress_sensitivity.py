@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
 
     import copy
 
-    from components.compress.stage import calibration_images
+    from components.compress.stage import calibration_images, equalize_checked
     from dcml import manifest as manifest_lib
     from dcml import quantize as Q
     from dcml.checkpoint import load_model
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     for key, equalize, correct in variants:
         model.load_state_dict(plain_state)
         if equalize:
-            Q.equalize_channels(model, calibration[:8])
+            equalize_checked(model, calibration)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         float_model = copy.deepcopy(model)
         quantized = Q.quantize_model(model, args.bits, args.method)

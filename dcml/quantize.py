@@ -104,6 +104,13 @@ def quantizable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 # -- channel equalisation (function-preserving, before clustering) --------------
 
 def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -133,7 +140,7 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            model(example.to(_device_of(model)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -160,6 +167,7 @@ def equalize_channels(model: nn.Module, example: torch.Tensor, *, rtol: float = 
     a DcmlError raised.
     """
     modules = dict(model.named_modules())
+    example = example.to(_device_of(model))
     pairs = conv_bn_pairs(model, example)
     if not pairs:
         return []
@@ -451,7 +459,7 @@ def error_summary(errors: Mapping[str, dict]) -> dict:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor, *, forward=None) -> int:
+def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> int:
     """Shift each BatchNorm's running mean by the change quantisation caused in
     the mean of its input (Nagel et al., ICCV 2019, "empirical bias correction");
     returns the number of BatchNorms corrected.
@@ -485,13 +493,12 @@ def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor, *
             module.running_mean.add_((channel_mean(inputs[0]) - targets[name]).to(module.running_mean.dtype))
         return hook
 
-    run = forward if forward is not None else (lambda net, x: net(x))
     for net, hook_of in ((reference, record), (model, shift)):
         hooks = [m.register_forward_pre_hook(hook_of(name)) for name, m in batchnorms(net).items()]
         was_training = net.training
         try:
             net.eval()
-            run(net, images.to(_device_of(net)))
+            net(images.to(_device_of(net)))
         finally:
             for h in hooks:
                 h.remove()
@@ -501,19 +508,10 @@ def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor, *
 
 # -- importance and centroid fine-tuning -------------------------------------------
 
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _loss_on_batch(model, batch, loss_fn: LossFn, forward, device) -> torch.Tensor:
+def _images_and_labels(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise DcmlError("each batch must be a tuple (images, labels, ...); use a DataLoader over dcml.data.ManifestImageDataset")
-    images, labels = batch[0].to(device), batch[1].to(device)
-    embeddings = forward(model, images) if forward is not None else model(images)
-    return loss_fn(embeddings, labels)
+    return batch[0].to(device), batch[1].to(device)
 
 
 def _cycle(batches: Iterable, count: int):
@@ -556,7 +554,7 @@ class _EvalWithGrads:
 
 
 def compute_importance(model: nn.Module, batches: Iterable, loss_fn: LossFn, *,
-                       num_batches: int | None = None, forward=None, stats: dict | None = None,
+                       num_batches: int | None = None, stats: dict | None = None,
                        desc: str = "importance") -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the metric loss for every conv/linear weight.
 
@@ -577,7 +575,8 @@ def compute_importance(model: nn.Module, batches: Iterable, loss_fn: LossFn, *,
     with _EvalWithGrads(model, layers):
         for batch in tqdm(stream, desc=desc, total=num_batches, disable=None, leave=False):
             model.zero_grad(set_to_none=True)
-            loss = _loss_on_batch(model, batch, loss_fn, forward, device)
+            images, labels = _images_and_labels(batch, device)
+            loss = loss_fn(model(images), labels)
             # A zero loss (no active pair/triplet) carries no information.
             if not loss.requires_grad or float(loss.detach()) == 0.0:
                 skipped += 1
@@ -610,7 +609,7 @@ def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def finetune_centroids(model: nn.Module, codebooks: Mapping[str, QuantizedTensor], batches: Iterable,
                        loss_fn: LossFn | None, steps: int, lr: float, *, optimizer: str = "adam",
                        teacher: nn.Module | None = None, train_float: bool = False,
-                       forward=None, desc: str = "finetune centroids") -> tuple[dict[str, QuantizedTensor], list[float]]:
+                       desc: str = "finetune centroids") -> tuple[dict[str, QuantizedTensor], list[float]]:
     """Train the shared values (Deep Compression's centroid fine-tuning).
 
     Each step materialises every quantised weight from its codebook and fixed
@@ -654,11 +653,13 @@ def finetune_centroids(model: nn.Module, codebooks: Mapping[str, QuantizedTensor
                 layers[name].copy_(c[indices[name]].reshape(layers[name].shape))
 
     def batch_loss(batch):
+        images, labels = _images_and_labels(batch, device)
+        embeddings = model(images)
         if teacher is None:
-            return _loss_on_batch(model, batch, loss_fn, forward, device)
+            return loss_fn(embeddings, labels)
         with torch.no_grad():
-            target = _loss_on_batch(teacher, batch, lambda e, _labels: e, forward, device)
-        return _loss_on_batch(model, batch, lambda e, _labels: distillation_loss(e, target), forward, device)
+            target = teacher(images)
+        return distillation_loss(embeddings, target)
 
     losses: list[float] = []
     materialise()

@@ -29,6 +29,7 @@ STAGE = "compress"
 # pair-based losses give meaningful gradients here.
 IMPORTANCE_LOSSES = ("margin", "triplet", "contrastive")
 FINETUNE_LOSSES = ("distill", "metric")
+EQUALIZE_CHECK_IMAGES = 8
 
 
 def training_batches(man, rows, model_config, *, train: bool, classes_per_batch: int, images_per_class: int,
@@ -55,6 +56,15 @@ def calibration_images(man, rows, model_config, count: int, seed: int):
     picked = rows.sample(min(int(count), len(rows)), random_state=int(seed))
     dataset = ManifestImageDataset(man, picked, build_transform(model_config, train=False))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def equalize_checked(net, calibration) -> list[str]:
+    """Channel equalisation of ``net``, its function checked on the first few
+    calibration images (a handful show a conv output that feeds more than its
+    BatchNorm; all of them would triple a costly forward pass for nothing)."""
+    from dcml import quantize as Q
+
+    return Q.equalize_channels(net, calibration[:EQUALIZE_CHECK_IMAGES])
 
 
 def importance_loss(model, loss: str, miner: str, margin: float | None):
@@ -134,24 +144,25 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
     calibration = calibration_images(man, rows, net.config, calibration_images_count, seed) \
         if equalize or bias_correction else None
 
-    equalized = Q.equalize_channels(net, calibration[:8].to(device)) if equalize else []
+    equalized = equalize_checked(net, calibration) if equalize else []
     # The float model (after the function-preserving equalisation): reference
     # for bias correction and teacher for distillation.
-    float_net = copy.deepcopy(net) if bias_correction or finetune_loss == "distill" else None
+    distill = int(finetune_steps) > 0 and finetune_loss == "distill"
+    float_net = copy.deepcopy(net) if bias_correction or distill else None
     original = {name: p.detach().cpu().clone() for name, p in Q.quantizable_weights(net).items()}
     importance, stats = None, {}
     if method == "loss-aware":
         loader = training_batches(man, rows, net.config, train=False, **batch_opts)
         importance = Q.compute_importance(net, loader, loss_fn, num_batches=int(importance_batches), stats=stats)
     quantized = Q.quantize_model(net, int(bits), method, importance, damping=float(damping))
-    before = Q.error_summary(Q.reconstruction_errors(original, quantized, importance))
     Q.apply_quantized(net, quantized)
     corrected = Q.correct_bias(net, float_net, calibration) if bias_correction else 0
 
     history = []
     if int(finetune_steps) > 0:
+        before = Q.error_summary(Q.reconstruction_errors(original, quantized, importance))
         loader = training_batches(man, rows, net.config, train=True, **{**batch_opts, "seed": int(seed) + 1})
-        teacher = float_net if finetune_loss == "distill" else None
+        teacher = float_net if distill else None
         quantized, losses = Q.finetune_centroids(net, quantized, loader, loss_fn, int(finetune_steps),
                                                  float(finetune_lr), teacher=teacher, train_float=finetune_float)
         history = [{"step": i + 1, "loss": value} for i, value in enumerate(losses)]
