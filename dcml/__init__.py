@@ -6,3 +6,30 @@ import logging as _logging
 
 # faiss logs every SIMD variant it fails to load at INFO; stage logs stay readable.
 _logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
+
+
+def _keep_large_buffers() -> None:
+    """Stop glibc from returning every large tensor buffer to the kernel.
+
+    glibc serves allocations above its mmap threshold (at most 32 MiB by
+    default) with a fresh mmap and unmaps them on free, so every batch's large
+    activations are page-faulted and zeroed anew: measured here, EfficientNet
+    feature extraction at batch 64 spent more time in the kernel than in
+    PyTorch (sys 4.7 s vs user 4.0 s for 384 images). Raising the mmap and trim
+    thresholds keeps those buffers in the heap for reuse (sys 0.3 s, 2.2x
+    faster overall). A no-op where glibc is not the allocator.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_large_buffers()

@@ -2,8 +2,8 @@
 
 import click
 
-LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor")
-MINERS = ("reference", "distance_weighted", "none")
+LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity")
+MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")
 
 
 def training_options(f):
@@ -19,6 +19,23 @@ def training_options(f):
         click.option("--lr-proxies", type=float,
                      help="Loss parameters (proxies, learnable beta) [default: 100 x lr-embedding]."),
         click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def selection_options(f):
+    """Warm-up, schedule, and the validation choice of the epoch kept."""
+    options = [
+        click.option("--warmup-epochs", type=int, default=0, show_default=True,
+                     help="First epochs train the head only (backbone frozen)."),
+        click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+                     help="Learning-rate schedule after the warm-up (cosine: per step, down to 0)."),
+        click.option("--select-on", type=click.Choice(["recall@1", "map@r"]), default="recall@1", show_default=True,
+                     help="Validation metric that picks the epoch kept (needs a 'val' split: ingest --val-fraction)."),
+        click.option("--patience", type=int, default=0, show_default=True,
+                     help="Stop after this many epochs without a better validation score (0 = never)."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -16,9 +16,14 @@ reference code's sampler as a PML miner, so any PML loss can use it.
 - "proxy_anchor": ProxyAnchorLoss(margin=0.1, alpha=32); needs ``num_classes``
   (labels must be 0..num_classes-1) and ``embedding_dim``. Its proxies are
   returned by ``loss_parameters`` (give them a larger learning rate, ~x100).
+- "multi_similarity": MultiSimilarityLoss(alpha=2, beta=50, base=0.5), PML's
+  defaults (Wang et al. 2019); ``margin`` sets ``base``.
 
 Miners: "reference" (:class:`ReferenceMiner`), "distance_weighted" (PML's
-DistanceWeightedMiner, cutoff 0.5, nonzero_loss_cutoff 1.4), "none" (None).
+DistanceWeightedMiner, cutoff 0.5, nonzero_loss_cutoff 1.4),
+"multi_similarity" (PML's MultiSimilarityMiner, epsilon 0.1), "none" (None),
+and "auto": the loss's own (reference for margin, multi_similarity for
+multi_similarity, none for the others, which weigh all pairs themselves).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from pytorch_metric_learning.miners import BaseMiner
 
 from dcml.errors import DcmlError
 
-LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor")
-MINERS = ("reference", "distance_weighted", "none")
+LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity")
+MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")
+AUTO_MINER = {"margin": "reference", "multi_similarity": "multi_similarity"}
 
 
 def build_loss(name: str, *, embedding_dim: int, num_classes: int | None = None,
@@ -66,6 +72,11 @@ def build_loss(name: str, *, embedding_dim: int, num_classes: int | None = None,
             if margin is not None:
                 opts["margin"] = float(margin)
             return pml_losses.ProxyAnchorLoss(num_classes=int(num_classes), embedding_size=int(embedding_dim), **opts)
+        if name == "multi_similarity":
+            opts = {"alpha": 2.0, "beta": 50.0, "base": 0.5, **kwargs}
+            if margin is not None:
+                opts["base"] = float(margin)
+            return pml_losses.MultiSimilarityLoss(**opts)
     except TypeError as exc:  # an unknown keyword for the PML class
         raise DcmlError(f"loss {name!r}: bad option ({exc}); see the pytorch-metric-learning docs for its arguments") from None
     raise DcmlError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
@@ -121,8 +132,10 @@ class ReferenceMiner(BaseMiner):
         return a1, p, a2, n
 
 
-def build_miner(name: str | None, **kwargs):
-    """A PML miner by name, or None for "none"."""
+def build_miner(name: str | None, loss: str | None = None, **kwargs):
+    """A PML miner by name, or None for "none"; "auto" picks the one that goes with ``loss``."""
+    if name == "auto":
+        name = AUTO_MINER.get(loss, "none")
     if name in (None, "none"):
         return None
     try:
@@ -130,6 +143,8 @@ def build_miner(name: str | None, **kwargs):
             return ReferenceMiner(**{"cutoff": 0.5, **kwargs})
         if name == "distance_weighted":
             return pml_miners.DistanceWeightedMiner(**{"cutoff": 0.5, "nonzero_loss_cutoff": 1.4, **kwargs})
+        if name == "multi_similarity":
+            return pml_miners.MultiSimilarityMiner(**{"epsilon": 0.1, **kwargs})
     except TypeError as exc:
         raise DcmlError(f"miner {name!r}: bad option ({exc})") from None
     raise DcmlError(f"unknown miner {name!r}; use one of {', '.join(MINERS)}")

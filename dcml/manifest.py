@@ -9,7 +9,8 @@ A manifest is a Parquet file with one row per image:
 | image_bytes | binary  | the encoded image (null when ``path`` is used)        |
 | label       | int64   | class id, unique per class_name                       |
 | class_name  | string  | human-readable class                                  |
-| split       | string  | ``train``/``test`` or ``train``/``query``/``gallery`` |
+| split       | string  | ``train``/``test`` or ``train``/``query``/``gallery``, |
+|             |         | plus ``val`` (validation classes carved out of train) |
 
 and file-level metadata (Parquet schema metadata, key ``dcml``):
 ``schema_version``, ``dataset``, ``root`` (absolute), ``fingerprint`` (sha256
@@ -30,7 +31,7 @@ from dcml.errors import DcmlError
 from dcml.io import read_parquet_meta, write_parquet
 
 SCHEMA_VERSION = 1
-SPLITS = ("train", "test", "query", "gallery")
+SPLITS = ("train", "val", "test", "query", "gallery")
 COLUMNS = ("image_id", "path", "image_bytes", "label", "class_name", "split")
 
 ARROW_SCHEMA = pa.schema([
@@ -61,6 +62,34 @@ class Manifest:
 
     def split(self, *names: str) -> pd.DataFrame:
         return self.df[self.df["split"].isin(names)].reset_index(drop=True)
+
+
+def carve_validation(df: pd.DataFrame, fraction: float, source: str = "manifest") -> tuple[pd.DataFrame, dict]:
+    """Move ``fraction`` of the training classes (all their images) to split ``val``.
+
+    The classes are picked by a hash of their names, so the choice is fixed
+    for a dataset (the same for every seed and run) and spread over the class
+    list instead of one end of it. Validation needs at least two classes; a
+    fraction that yields fewer (or leaves fewer than two training classes)
+    carves nothing and says so in the returned summary.
+    """
+    if not (0.0 <= fraction < 1.0):
+        raise DcmlError(f"val_fraction={fraction}: must be in [0, 1) (0 = no validation split)")
+    train_names = sorted(df.loc[df["split"] == "train", "class_name"].unique())
+    wanted = int(round(fraction * len(train_names)))
+    info = {"val_fraction": fraction, "val_classes": 0, "train_classes": len(train_names)}
+    if fraction == 0:
+        return df, info
+    if wanted < 2 or len(train_names) - wanted < 2:
+        info["note"] = (f"no validation split: {fraction:.0%} of {len(train_names)} training classes is {wanted}; "
+                        "validation needs >= 2 classes and training keeps >= 2")
+        return df, info
+    ranked = sorted(train_names, key=lambda name: hashlib.sha256(f"dcml-val/{name}".encode()).hexdigest())
+    chosen = set(ranked[:wanted])
+    df = df.copy()
+    df.loc[(df["split"] == "train") & df["class_name"].isin(chosen), "split"] = "val"
+    info.update(val_classes=wanted, train_classes=len(train_names) - wanted)
+    return df, info
 
 
 def fingerprint(items) -> str:

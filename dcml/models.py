@@ -16,6 +16,15 @@ Config keys (``default_config`` fills them):
   when training from scratch)
 - ``image_size``: input side length the transforms produce
 - ``in_channels``: 3 for the ImageNet backbones, 1 or 3 for small_cnn
+- ``train_blocks``: how many of the backbone's last blocks train (-1 = the
+  whole backbone, stem included; 0 = none, only the embedding head). The
+  frozen lower part keeps its weights and BatchNorm statistics, runs without
+  autograd, and is what the fast mode caches (``dcml.activations``).
+
+Every backbone is a chain of *units*: stem, blocks 0..n-1 (MBConv blocks of
+EfficientNet, residual blocks of ResNet, conv blocks of the small CNN) and a
+tail (last 1x1 conv where there is one, global pool). ``train_blocks = t``
+trains the last t blocks and the tail.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +51,7 @@ _BACKBONE_DEFAULTS = {
 }
 
 CONFIG_KEYS = ("backbone", "weights", "embedding_dim", "num_slices", "freeze_bn",
-               "dropout", "image_size", "in_channels")
+               "dropout", "image_size", "in_channels", "train_blocks")
 
 
 def default_config(**overrides) -> dict:
@@ -67,6 +77,7 @@ def default_config(**overrides) -> dict:
         "dropout": 0.01,
         "image_size": image_size,
         "in_channels": in_channels,
+        "train_blocks": -1,
     }
     config.update({k: v for k, v in overrides.items() if v is not None})
     config["weights"] = str(config["weights"])
@@ -78,17 +89,20 @@ def _validated(config: dict) -> dict:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise DcmlError(f"model config: unknown key(s) {unknown}; known keys are {', '.join(CONFIG_KEYS)}")
+    config.setdefault("train_blocks", -1)  # checkpoints written before the key existed trained everything
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise DcmlError(f"model config: missing key(s) {missing}; build it with dcml.models.default_config(...)")
     if config["backbone"] not in BACKBONES:
         raise DcmlError(f"model config: unknown backbone {config['backbone']!r}; use one of {', '.join(BACKBONES)}")
-    for key in ("embedding_dim", "num_slices", "image_size", "in_channels"):
+    for key in ("embedding_dim", "num_slices", "image_size", "in_channels", "train_blocks"):
         config[key] = int(config[key])
     config["dropout"] = float(config["dropout"])
     config["freeze_bn"] = bool(config["freeze_bn"])
     if not 1 <= config["num_slices"] <= config["embedding_dim"]:
         raise DcmlError(f"model config: num_slices={config['num_slices']} must be between 1 and embedding_dim={config['embedding_dim']}")
+    if config["train_blocks"] < -1:
+        raise DcmlError(f"model config: train_blocks={config['train_blocks']} must be -1 (all), 0 (none) or a block count")
     if not 0.0 <= config["dropout"] < 1.0:
         raise DcmlError(f"model config: dropout={config['dropout']} must be in [0, 1)")
     if config["backbone"] != "small_cnn" and config["in_channels"] != 3:
@@ -135,8 +149,58 @@ def _load_backbone_weights(module: nn.Module, state: dict, source: str, classifi
             f"unexpected {result.unexpected_keys[:3]}); pass weights saved from the same architecture")
 
 
-class ResNetBackbone(nn.Module):
-    """torchvision ResNet up to its global average pool."""
+class Backbone(nn.Module):
+    """Images -> pooled features [N, out_features], as a chain of units.
+
+    Units: 0 = stem, 1..n = blocks 0..n-1, n+1 = tail (ends with the global
+    pool). Subclasses implement ``_stem``, ``_block(i, x)``, ``_tail`` and say
+    which modules each unit owns; modules are looked up at call time, so a
+    block swapped in place (DFML's factorised blocks) is the one that runs.
+    """
+
+    out_features: int
+    num_blocks: int
+
+    @property
+    def num_units(self) -> int:
+        return self.num_blocks + 2
+
+    def first_trainable_unit(self, train_blocks: int) -> int:
+        """The first unit that trains: 0 for -1 (all), num_units for 0 (none)."""
+        if train_blocks < 0:
+            return 0
+        if train_blocks == 0:
+            return self.num_units
+        if train_blocks > self.num_blocks:
+            raise DcmlError(f"model config: train_blocks={train_blocks} but {type(self).__name__} has "
+                            f"{self.num_blocks} blocks; use -1 (all) or 0..{self.num_blocks}")
+        return self.num_blocks + 1 - train_blocks
+
+    def unit_modules(self, unit: int) -> list[nn.Module]:
+        if unit == 0:
+            return self._stem_modules()
+        if unit == self.num_units - 1:
+            return self._tail_modules()
+        return [self._block_module(unit - 1)]
+
+    def run_units(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Apply units ``start .. stop-1`` to ``x`` (the input of unit ``start``)."""
+        stop = self.num_units if stop is None else stop
+        for unit in range(start, stop):
+            if unit == 0:
+                x = self._stem(x)
+            elif unit == self.num_units - 1:
+                x = self._tail(x)
+            else:
+                x = self._block(unit - 1, x)
+        return x
+
+    def forward(self, x):
+        return self.run_units(x)
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet up to its global average pool; blocks = its residual blocks."""
 
     def __init__(self, arch: str, weights: str):
         super().__init__()
@@ -160,9 +224,29 @@ class ResNetBackbone(nn.Module):
         self.out_features = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
+        self._layout = [(layer, i) for layer in ("layer1", "layer2", "layer3", "layer4")
+                        for i in range(len(getattr(net, layer)))]
+        self.num_blocks = len(self._layout)
 
-    def forward(self, x):
-        return self.net(x)
+    def _stem_modules(self):
+        return [self.net.conv1, self.net.bn1]
+
+    def _block_module(self, i):
+        layer, j = self._layout[i]
+        return getattr(self.net, layer)[j]
+
+    def _tail_modules(self):
+        return []
+
+    def _stem(self, x):
+        n = self.net
+        return n.maxpool(n.relu(n.bn1(n.conv1(x))))
+
+    def _block(self, i, x):
+        return self._block_module(i)(x)
+
+    def _tail(self, x):
+        return torch.flatten(self.net.avgpool(x), 1)
 
 
 def efficientnet_lite0_weights_path() -> str:
@@ -196,8 +280,13 @@ def _use_native_padding(net: nn.Module) -> None:
                 setattr(parent, name, plain)
 
 
-class EfficientNetLite0Backbone(nn.Module):
-    """EfficientNet-Lite0 (efficientnet-lite-pytorch) up to its global average pool."""
+class EfficientNetLite0Backbone(Backbone):
+    """EfficientNet-Lite0 (efficientnet-lite-pytorch) up to its global average pool.
+
+    Blocks are its 16 MBConv blocks; the tail is the 1x1 head conv (320 ->
+    1280) with its BatchNorm, then the pool. Stochastic depth (drop-connect
+    rate 0.2 x block index / 16) applies in training mode, as in the package.
+    """
 
     classifier_prefix = "_fc."
 
@@ -216,14 +305,38 @@ class EfficientNetLite0Backbone(nn.Module):
         del net._fc, net._dropout
         _use_native_padding(net)
         self.net = net
+        self.num_blocks = len(net._blocks)
 
-    def forward(self, x):
-        x = self.net.extract_features(x)
+    def _stem_modules(self):
+        return [self.net._conv_stem, self.net._bn0]
+
+    def _block_module(self, i):
+        return self.net._blocks[i]
+
+    def _tail_modules(self):
+        return [self.net._conv_head, self.net._bn1]
+
+    def _stem(self, x):
+        n = self.net
+        return n._swish(n._bn0(n._conv_stem(x)))
+
+    def _block(self, i, x):
+        rate = self.net._global_params.drop_connect_rate
+        if rate:
+            rate *= float(i) / self.num_blocks
+        return self.net._blocks[i](x, drop_connect_rate=rate)
+
+    def _tail(self, x):
+        n = self.net
+        x = n._swish(n._bn1(n._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-class SmallCNN(nn.Module):
-    """A small CNN for 28x28 images (Fashion-MNIST), cheap enough to train on a CPU."""
+class SmallCNN(Backbone):
+    """A small CNN for 28x28 images (Fashion-MNIST), cheap enough to train on a CPU.
+
+    Units: stem = conv block 1 + pool, blocks = [conv block 2 + pool, conv block 3], tail = pool.
+    """
 
     def __init__(self, in_channels: int = 1, width: int = 32, weights: str = "none"):
         super().__init__()
@@ -238,11 +351,31 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.out_features = 4 * width
+        self.num_blocks = 2
+        # Positions in self.net of each unit's layers (stem, block 0, block 1, tail).
+        self._spans = [(0, 4), (4, 8), (8, 11), (11, 13)]
         if weights not in ("none", "imagenet"):
             _load_backbone_weights(self, _load_state_dict_file(weights), weights, "\0")
 
-    def forward(self, x):
-        return self.net(x)
+    def _span(self, unit):
+        a, b = self._spans[unit]
+        return list(self.net[a:b])
+
+    def _stem_modules(self):
+        return self._span(0)
+
+    def _block_module(self, i):
+        return nn.Sequential(*self._span(i + 1))
+
+    def _tail_modules(self):
+        return []
+
+    def run_units(self, x, start=0, stop=None):
+        stop = self.num_units if stop is None else stop
+        for unit in range(start, stop):
+            for layer in self._span(unit):
+                x = layer(x)
+        return x
 
 
 def build_backbone(config: dict, load_weights: bool = True) -> nn.Module:
@@ -288,11 +421,16 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Linear(self.backbone.out_features, self.config["embedding_dim"])
         self._bounds = slice_bounds(self.config["embedding_dim"], self.config["num_slices"])
         self.init_head()
+        # Units before `split` form the frozen lower part (see train_blocks).
+        self.split = self.backbone.first_trainable_unit(self.config["train_blocks"])
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
         if self.config["freeze_bn"]:
             for bn in self._batchnorms():
                 for p in bn.parameters():
                     p.requires_grad_(False)
-            self.train(self.training)
+        self.train(self.training)
 
     # --- slices ---------------------------------------------------------------
     @property
@@ -329,11 +467,76 @@ class EmbeddingModel(nn.Module):
             nn.init.xavier_normal_(self.head.weight[start:stop], gain=1.0)
             nn.init.uniform_(self.head.bias[start:stop], -bound, bound)
 
+    @torch.no_grad()
+    def init_head_from_features(self, features, groups=None) -> None:
+        """Initialise the head with principal components of backbone features.
+
+        ``features`` [N, F]: pooled features of the training images (eval
+        transform). ``groups``: row indices per slice (slice k = learner k's
+        cluster), or None. With groups, slice k's rows are the top principal
+        directions of group k's features; without, slice k takes the k-th run
+        of the global principal directions (slice 0 the top ones). Each slice's
+        bias centres its projection (b = -W mean), so an untrained model
+        embeds the images as a centred PCA of what the backbone already knows
+        instead of a random projection of it. Rows are unit vectors; a group
+        with fewer images than its slice has dimensions keeps random rows
+        (``init_head``) for the rest.
+        """
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.head.in_features:
+            raise DcmlError(f"head init: features must be [N, {self.head.in_features}], got {list(x.shape)}")
+        if groups is not None and len(groups) != self.num_slices:
+            raise DcmlError(f"head init: {len(groups)} groups for {self.num_slices} slices; pass one per slice")
+
+        def components(rows):
+            part = x if rows is None else x[torch.as_tensor(np.asarray(rows, dtype=np.int64))]
+            if len(part) < 2:
+                return None, None
+            mean = part.mean(dim=0)
+            _, _, vh = torch.linalg.svd(part - mean, full_matrices=False)
+            return vh, mean
+
+        shared = components(None) if groups is None else None
+        for k, (start, stop) in enumerate(self._bounds):
+            if groups is None:
+                vh, mean = shared
+                offset = start
+            else:
+                vh, mean = components(groups[k])
+                offset = 0
+            if vh is None:
+                continue
+            rows = vh[offset:offset + stop - start]
+            n = len(rows)
+            self.head.weight[start:start + n] = rows.to(self.head.weight.dtype)
+            self.head.bias[start:start + n] = (-(rows @ mean)).to(self.head.bias.dtype)
+
     # --- forward --------------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules of the frozen lower part (units before ``split``)."""
+        return [m for unit in range(self.split) for m in self.backbone.unit_modules(unit)]
+
+    @property
+    def has_frozen_part(self) -> bool:
+        return 0 < self.split
+
+    def lower(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen lower part's output for images ``x`` (no autograd): what the fast mode caches."""
+        with torch.no_grad():
+            return self.backbone.run_units(x.contiguous(memory_format=torch.channels_last), 0, self.split)
+
+    def features_from_lower(self, a: torch.Tensor) -> torch.Tensor:
+        """Pooled features [N, F] from the lower part's output ``a`` (the trainable top only)."""
+        if a.ndim == 4:
+            a = a.contiguous(memory_format=torch.channels_last)
+        return self.backbone.run_units(a, self.split)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features [N, F] (no dropout, not normalised)."""
         # oneDNN runs convolutions (depthwise ones above all) faster in NHWC;
         # the layout propagates through the network from the input.
+        if self.has_frozen_part and torch.is_grad_enabled():
+            return self.features_from_lower(self.lower(x))
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
     def embed(self, features: torch.Tensor, learner: int | None = None) -> torch.Tensor:
@@ -353,12 +556,19 @@ class EmbeddingModel(nn.Module):
     def forward(self, x: torch.Tensor, learner: int | None = None) -> torch.Tensor:
         return self.embed(self.features(x), learner=learner)
 
+    def forward_from_lower(self, a: torch.Tensor, learner: int | None = None) -> torch.Tensor:
+        """The embedding from cached lower-part activations (the fast mode's forward)."""
+        return self.embed(self.features_from_lower(a), learner=learner)
+
     # --- frozen BatchNorm ---------------------------------------------------
     def _batchnorms(self):
         return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if mode:
+            for module in self.frozen_modules():  # frozen lower part: statistics and drop-connect off
+                module.eval()
         if self.config["freeze_bn"]:
             for bn in self._batchnorms():
                 bn.eval()
@@ -366,7 +576,8 @@ class EmbeddingModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"backbone={c['backbone']}, embedding_dim={c['embedding_dim']}, num_slices={c['num_slices']}, freeze_bn={c['freeze_bn']}"
+        return (f"backbone={c['backbone']}, embedding_dim={c['embedding_dim']}, num_slices={c['num_slices']}, "
+                f"freeze_bn={c['freeze_bn']}, train_blocks={c['train_blocks']}")
 
 
 def build_model(config: dict, *, load_weights: bool = True) -> EmbeddingModel:

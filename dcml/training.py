@@ -51,6 +51,9 @@ from dcml.clustering import cluster_sizes, drop_singletons, kmeans, match_to_pre
 from dcml.errors import DcmlError
 
 CLUSTER_INPUTS = ("features", "embedding")
+HEAD_INITS = ("auto", "pca", "random")
+SCHEDULES = ("constant", "cosine")
+SELECT_ON = ("recall@1", "map@r")
 
 
 @dataclass
@@ -73,9 +76,14 @@ class TrainSettings:
     kmeans_niter: int = 100
     kmeans_nredo: int = 1
     finetune_epoch: int | None = None  # F: from this epoch on, K=1 on all data
-    eval_every: int = 0  # 0 = no R@1 during training
+    eval_every: int = 0  # 0 = no test R@1 during training (curves only; never used for a choice)
     eval_batch_size: int = 128
     freeze_backbone: bool = False
+    head_init: str = "auto"  # "pca" | "random" | "auto" (pca for pretrained backbones); fresh models only
+    warmup_epochs: int = 0  # first epochs train the head only (backbone frozen, BatchNorm included)
+    schedule: str = "constant"  # "constant" | "cosine" (per step, after the warm-up)
+    select_on: str = "recall@1"  # validation metric that picks the epoch kept ("recall@1" | "map@r")
+    patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
     seed: int = 0
     num_workers: int = 0
 
@@ -90,6 +98,14 @@ class TrainSettings:
                 raise DcmlError(f"{name}={value}: must be a finite number >= 0")
         if self.recluster_every < 0 or self.eval_every < 0:
             raise DcmlError("recluster_every and eval_every must be >= 0 (0 = never)")
+        if self.head_init not in HEAD_INITS:
+            raise DcmlError(f"head_init={self.head_init!r}: use one of {', '.join(HEAD_INITS)}")
+        if self.schedule not in SCHEDULES:
+            raise DcmlError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.select_on not in SELECT_ON:
+            raise DcmlError(f"select_on={self.select_on!r}: use one of {', '.join(SELECT_ON)}")
+        if self.warmup_epochs < 0 or self.patience < 0:
+            raise DcmlError("warmup_epochs and patience must be >= 0")
 
     @property
     def loss_lr(self) -> float:
@@ -167,17 +183,30 @@ class Trainer:
         clusters: initial cluster id per train row (-1 = left out), or None.
             With a K>1 model and no clusters, the trainer clusters at epoch 0.
         only_learner: worker mode: train slice k on cluster k's rows only.
-        eval_rows: rows for the periodic R@1 ("test" rows, or "query" and
-            "gallery" rows for a query-vs-gallery protocol).
+        eval_rows: rows for the periodic test R@1 / MAP@R curve ("test" rows,
+            or "query" and "gallery" rows). Never used for any choice.
+        val_rows: validation rows (classes disjoint from the training ones):
+            scored before training and after every epoch; the best epoch
+            (the initial model included) is the one ``fit`` leaves in the model.
+        activations: a :class:`dcml.activations.ActivationCache` of the
+            model's frozen lower part: train the top on it (the fast mode).
+        fresh_head: the head was just built (not loaded), so ``head_init``
+            applies to it.
         resume_path: where the per-epoch resume checkpoint lives; an existing
             one written by the same settings is resumed.
         fingerprint_extra: anything else that makes this run distinct (e.g.
             the lineage of the input files), mixed into the resume check.
+
+    Subclasses change one step, not the loop: ``param_groups`` (what the
+    optimiser trains), ``train_step`` (one batch: forward, loss, backward,
+    returns the numbers to average), ``epoch_started`` / ``epoch_finished``
+    (per-epoch state and history fields), ``evaluate``.
     """
 
     def __init__(self, model, manifest, train_rows: pd.DataFrame, settings: TrainSettings, *,
                  clusters: Sequence[int] | None = None, only_learner: int | None = None,
-                 eval_rows: pd.DataFrame | None = None, resume_path: str | Path | None = None,
+                 eval_rows: pd.DataFrame | None = None, val_rows: pd.DataFrame | None = None,
+                 activations=None, fresh_head: bool = False, resume_path: str | Path | None = None,
                  device=None, fingerprint_extra=None):
         self.model = model
         self.manifest = manifest
@@ -188,10 +217,15 @@ class Trainer:
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.num_learners = int(model.num_slices)
         self.only_learner = only_learner
-        self.eval_rows = eval_rows
+        self.eval_rows = eval_rows if eval_rows is not None and len(eval_rows) else None
+        self.val_rows = val_rows.reset_index(drop=True) if val_rows is not None and len(val_rows) else None
+        self.activations = activations
         self.resume_path = Path(resume_path) if resume_path else None
         self.history: list[dict] = []
         self.epoch = 0  # epochs finished
+        self.best: dict | None = None  # {"epoch", "score", "state", "num_slices"} of the best validation score
+        self.stopped_early = False
+        self.head_init = self._resolved_head_init(fresh_head)
 
         if only_learner is not None:
             if not 0 <= only_learner < self.num_learners:
@@ -200,13 +234,17 @@ class Trainer:
                 raise DcmlError("worker mode needs cluster assignments; pass the clusters file")
         self.clusters = None if clusters is None else self._checked_clusters(clusters)
         self.clustered_at: int | None = 0 if clusters is not None else None
+        if activations is not None:
+            activations.check_model(model)
+            self._cache_rows = activations.locate(self.train_rows["image_id"], "train")
 
         self.model.to(self.device)
         if settings.freeze_backbone:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
         self._build_losses()
-        self._build_optimizer()
+        self.optimizer = torch.optim.Adam(self.param_groups(), weight_decay=settings.weight_decay)
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if only_learner is not None:
             # Worker: the other slices' head rows must come out untouched.
             start, stop = self.model.slice_bounds(only_learner)
@@ -217,6 +255,15 @@ class Trainer:
         self.fingerprint = self._fingerprint(fingerprint_extra)
 
     # -- setup -----------------------------------------------------------------
+    def _resolved_head_init(self, fresh_head: bool) -> str | None:
+        """"pca" / "random" for a fresh head, None for a loaded one (left as it is)."""
+        if not fresh_head:
+            return None
+        choice = self.settings.head_init
+        if choice == "auto":
+            choice = "pca" if self.model.config["weights"] != "none" else "random"
+        return choice
+
     def _checked_clusters(self, clusters) -> np.ndarray:
         clusters = np.asarray(clusters, dtype=np.int64)
         if clusters.shape != (len(self.train_rows),):
@@ -241,32 +288,41 @@ class Trainer:
         if self.num_learners > 1:  # the fine-tuning phase trains the whole embedding as one
             losses.append(make(self.model.embedding_dim))
         self.losses = torch.nn.ModuleList(losses).to(self.device)
-        self.miner = build_miner(s.miner)
+        self.miner = build_miner(s.miner, loss=s.loss)
 
     def _loss_for(self, learner: int | None):
         return self.losses[-1] if learner is None else self.losses[learner]
 
-    def _build_optimizer(self) -> None:
+    def backbone_parameters(self) -> list:
+        return [p for p in self.model.backbone.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser groups (hook): backbone, embedding head, loss parameters."""
         from dcml.losses import loss_parameters
 
         s = self.settings
         groups = []
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        backbone = self.backbone_parameters()
         if backbone:
             groups.append({"params": backbone, "lr": s.lr_backbone, "name": "backbone"})
         groups.append({"params": list(self.model.head.parameters()), "lr": s.lr_embedding, "name": "embedding"})
         extra = [p for loss in self.losses for p in loss_parameters(loss)]
         if extra:
             groups.append({"params": extra, "lr": s.loss_lr, "name": "loss"})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=s.weight_decay)
+        return groups
 
     def _fingerprint(self, extra) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(dataclasses.asdict(self.settings), sort_keys=True, default=str).encode())
         h.update(json.dumps(self.model.config, sort_keys=True).encode())
-        h.update(json.dumps([self.only_learner, extra], sort_keys=True, default=str).encode())
+        h.update(json.dumps([self.only_learner, extra, self.head_init], sort_keys=True, default=str).encode())
         h.update("\0".join(self.train_rows["image_id"].astype(str)).encode())
         h.update(self.labels.tobytes())
+        if self.val_rows is not None:
+            h.update("\0".join(self.val_rows["image_id"].astype(str)).encode())
+        if self.activations is not None:
+            h.update(json.dumps({k: self.activations.meta.get(k) for k in ("views", "seed", "shape", "manifest_fingerprint")},
+                                sort_keys=True).encode())
         if self.clusters is not None:
             h.update(self.clusters.tobytes())
         for key, tensor in self.model.state_dict().items():
@@ -277,6 +333,10 @@ class Trainer:
     # -- resume ----------------------------------------------------------------
     def state(self) -> dict:
         """The resume checkpoint after ``self.epoch`` finished epochs."""
+        best = None
+        if self.best is not None:
+            best = {"epoch": int(self.best["epoch"]), "score": float(self.best["score"]),
+                    "num_slices": int(self.best["num_slices"]), "state": self.best["state"]}
         return {
             "format": checkpoint.FORMAT,
             "model_config": dict(self.model.config),
@@ -290,6 +350,8 @@ class Trainer:
             "sampler_state": {"epoch": self.epoch, "position": 0},
             "rng": rng_state(),
             "history": json.dumps(self.history),
+            "best": best,
+            "stopped_early": bool(self.stopped_early),
             "fingerprint": self.fingerprint,
         }
 
@@ -327,22 +389,70 @@ class Trainer:
         self.clustered_at = None if cs["clustered_at"] < 0 else cs["clustered_at"]
         self.epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
+        self.best = state.get("best")
+        self.stopped_early = bool(state.get("stopped_early", False))
         set_rng_state(state["rng"])
         return True
+
+    # -- vectors of rows (eval transform; cached activations in the fast mode) --
+    def vectors(self, rows: pd.DataFrame, kind: str, desc: str) -> np.ndarray:
+        """Features or embeddings of ``rows`` with the current model, in eval mode."""
+        from dcml.inference import compute_vectors
+
+        s = self.settings
+        if self.activations is None:
+            return compute_vectors(self.model, self.manifest, rows.reset_index(drop=True), kind=kind,
+                                   batch_size=s.eval_batch_size, device=self.device, num_workers=s.num_workers,
+                                   desc=desc)
+        array, positions, is_train = self.activations.array_of(rows["image_id"].astype(str).tolist())
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(positions), s.eval_batch_size):
+                    chunk = positions[start:start + s.eval_batch_size]
+                    order = np.argsort(chunk)  # memory-map reads in file order
+                    block = array[chunk[order], 0] if is_train else array[chunk[order]]
+                    a = torch.from_numpy(np.asarray(block, dtype=np.float32)).to(self.device)
+                    f = self.model.features_from_lower(a)
+                    v = f if kind == "features" else self.model.embed(f)
+                    part = np.empty((len(chunk), v.shape[1]), dtype=np.float32)
+                    part[order] = v.float().cpu().numpy()
+                    out.append(part)
+        finally:
+            self.model.train(was_training)
+        dim = self.model.backbone.out_features if kind == "features" else self.model.embedding_dim
+        return np.concatenate(out) if out else np.empty((0, dim), dtype=np.float32)
 
     # -- phases ----------------------------------------------------------------
     def finetuning(self, epoch: int) -> bool:
         f = self.settings.finetune_epoch
         return f is not None and epoch >= f
 
+    def warming_up(self, epoch: int) -> bool:
+        return epoch < self.settings.warmup_epochs
+
+    def initialise_head(self) -> None:
+        """Head from principal components of the training images' backbone features (``head_init="pca"``).
+
+        With K slices and clusters, slice k gets its own cluster's components.
+        """
+        features = self.vectors(self.train_rows, "features", f"head init: features of {len(self.train_rows)} images")
+        groups = None
+        if self.num_learners > 1 and self.clusters is not None:
+            groups = [np.flatnonzero(self.clusters == k) for k in range(self.num_learners)]
+        self.model.init_head_from_features(features, groups)
+        if self.only_learner is not None:  # worker: only its own slice may change
+            with torch.no_grad():
+                self.model.head.weight[self._keep_rows] = self._kept_weight
+                self.model.head.bias[self._keep_rows] = self._kept_bias
+
     def recluster(self, epoch: int) -> np.ndarray:
         """New cluster per train row from the current model, matched to the learners."""
-        from dcml.inference import compute_vectors
-
         s = self.settings
-        vectors = compute_vectors(self.model, self.manifest, self.train_rows, kind=s.cluster_on,
-                                  batch_size=s.eval_batch_size, device=self.device, num_workers=s.num_workers,
-                                  desc=f"re-clustering: {s.cluster_on} of {len(self.train_rows)} images")
+        vectors = self.vectors(self.train_rows, s.cluster_on,
+                               f"re-clustering: {s.cluster_on} of {len(self.train_rows)} images")
         result = kmeans(vectors, self.num_learners, niter=s.kmeans_niter, nredo=s.kmeans_nredo,
                         seed=s.seed + epoch, normalize=True)
         assignments = result.assignments
@@ -350,31 +460,48 @@ class Trainer:
             assignments = match_to_previous(self.clusters, assignments, self.num_learners)
         return drop_singletons(assignments, self.labels)
 
-    def evaluate(self) -> dict:
-        """R@1 of the current model on ``eval_rows``."""
-        from dcml.inference import compute_vectors
+    def _score(self, rows: pd.DataFrame, desc: str) -> dict:
+        """R@1 and MAP@R of ``rows`` (query vs gallery when both are there, else each row vs the rest)."""
         from dcml.metrics import evaluate_embeddings
 
-        s = self.settings
-        rows = self.eval_rows
         splits = set(rows["split"])
         if "query" in splits and "gallery" in splits:
             query, gallery = rows[rows["split"] == "query"], rows[rows["split"] == "gallery"]
+            metrics = evaluate_embeddings(self.vectors(query, "embedding", desc), query["label"].to_numpy(),
+                                          self.vectors(gallery, "embedding", desc), gallery["label"].to_numpy(),
+                                          ks=(1,), include=("recall", "map@r"))
         else:
-            query, gallery = rows, None
+            metrics = evaluate_embeddings(self.vectors(rows, "embedding", desc), rows["label"].to_numpy(),
+                                          ks=(1,), include=("recall", "map@r"))
+        return {"recall@1": float(metrics["recall@1"]), "map@r": float(metrics["map@r"])}
 
-        def embed(part):
-            return compute_vectors(self.model, self.manifest, part.reset_index(drop=True), kind="embedding",
-                                   batch_size=s.eval_batch_size, device=self.device, num_workers=s.num_workers,
-                                   desc=f"R@1 on {len(part)} images")
+    def evaluate(self) -> dict:
+        """Test R@1 and MAP@R of the current model on ``eval_rows`` (curves only)."""
+        return self._score(self.eval_rows, f"test metrics on {len(self.eval_rows)} images")
 
-        q = embed(query)
-        if gallery is None:
-            metrics = evaluate_embeddings(q, query["label"].to_numpy(), ks=(1,), include=("recall",))
-        else:
-            metrics = evaluate_embeddings(q, query["label"].to_numpy(), embed(gallery), gallery["label"].to_numpy(),
-                                          ks=(1,), include=("recall",))
-        return {"recall@1": float(metrics["recall@1"])}
+    def validate(self) -> dict:
+        """Validation R@1 and MAP@R (keys prefixed ``val_``)."""
+        scores = self._score(self.val_rows, f"validation on {len(self.val_rows)} images")
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    def _consider(self, epoch: int, scores: dict) -> None:
+        """Keep the model when its validation score beats the best so far (ties keep the earlier)."""
+        score = scores[f"val_{self.settings.select_on}"]
+        if self.best is None or score > self.best["score"]:
+            self.best = {"epoch": epoch, "score": score, "num_slices": int(self.model.num_slices),
+                         "state": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}}
+
+    def restore_best(self) -> None:
+        """Put the best validated weights back in the model."""
+        if self.best is None:
+            return
+        if self.best["num_slices"] != self.model.num_slices:
+            self.model.set_num_slices(self.best["num_slices"])
+        self.model.load_state_dict(self.best["state"])
+
+    @property
+    def best_epoch(self) -> int | None:
+        return None if self.best is None else int(self.best["epoch"])
 
     def _sampler(self, epoch: int):
         from dcml.samplers import ClusterBatchSampler
@@ -384,10 +511,14 @@ class Trainer:
         return ClusterBatchSampler(self.labels, clusters, classes_per_batch=s.classes_per_batch,
                                    images_per_class=s.images_per_class, seed=s.seed, epoch=epoch)
 
-    def _loader(self, sampler, epoch: int) -> DataLoader:
+    def _loader(self, sampler, epoch: int):
+        s = self.settings
+        if self.activations is not None:
+            from dcml.activations import TrainViews, batch_loader
+
+            return batch_loader(TrainViews(self.activations, self._cache_rows, self.labels, s.seed, epoch), sampler)
         from dcml.data import ManifestImageDataset, build_transform
 
-        s = self.settings
         rows = self.train_rows.assign(label=self.labels)
         dataset = ManifestImageDataset(self.manifest, rows, build_transform(self.model.config, train=True))
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
@@ -395,98 +526,179 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", generator=generator,
                           worker_init_fn=_seed_worker if s.num_workers else None)
 
+    def _set_lr(self, epoch: int, step: int, steps: int) -> None:
+        """Learning rates of this step: backbone off while warming up, then the schedule."""
+        s = self.settings
+        factor = 1.0
+        if s.schedule == "cosine" and not self.warming_up(epoch):
+            span = max(s.epochs - s.warmup_epochs, 1)
+            progress = (epoch - s.warmup_epochs + step / max(steps, 1)) / span
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            off = group.get("name") == "backbone" and self.warming_up(epoch)
+            group["lr"] = 0.0 if off else base * factor
+
     # -- the loop ----------------------------------------------------------------
     def fit(self, callbacks: Sequence[Callable[["Trainer", dict], None]] = (), resume: bool = True) -> list[dict]:
-        """Train up to ``settings.epochs``; returns the per-epoch history."""
+        """Train up to ``settings.epochs``; returns the per-epoch history.
+
+        With validation rows the model ends with the weights of its best
+        validated epoch (``best_epoch``; 0 = the initial model) and training
+        stops early after ``patience`` epochs without improvement.
+        """
         s = self.settings
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         if not (resume and self.try_resume()):
             seed_everything(s.seed)
-        while self.epoch < s.epochs:
+            self.start()
+        while self.epoch < s.epochs and not self.stopped_early:
             entry = self._run_epoch(self.epoch)
             self.epoch += 1
             self.history.append(entry)
             self.save_resume()
             for callback in callbacks:
                 callback(self, entry)
+        self.restore_best()
         return self.history
 
-    def _run_epoch(self, epoch: int) -> dict:
+    def start(self) -> None:
+        """Before epoch 1: the initial clustering, the head init, the initial model's scores."""
+        if self.num_learners > 1 and self.only_learner is None and self.clusters is None:
+            self.clusters = self.recluster(0)
+            self.clustered_at = 0
+        if self.head_init == "pca":
+            self.initialise_head()
+        if self.val_rows is not None:
+            entry = {"epoch": 0, "phase": "initial", **self.validate()}
+            if self.eval_rows is not None and self.settings.eval_every:
+                entry.update(self.evaluate())
+            self._consider(0, entry)
+            self.history.append(entry)
+
+    def epoch_started(self, epoch: int, entry: dict) -> None:
+        """Hook: per-epoch state before the first batch."""
+
+    def epoch_finished(self, epoch: int, entry: dict) -> None:
+        """Hook: extra history fields after the last batch."""
+
+    def forward(self, inputs: torch.Tensor, learner: int | None) -> torch.Tensor:
+        """The embedding of a training batch: images, or cached activations in the fast mode."""
+        if self.activations is not None:
+            return self.model.forward_from_lower(inputs, learner=learner)
+        return self.model(inputs, learner=learner)
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, learner: int | None) -> dict:
+        """One batch (hook): forward, loss, backward, optimiser step; returns numbers to average."""
+        embeddings = self.forward(inputs, learner)
+        loss_fn = self._loss_for(learner)
+        pairs = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = loss_fn(embeddings, labels, pairs)
+        self.check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        pos, neg = _mined_counts(pairs)
+        return {"loss": float(loss.detach()), "mined_pos_pairs": pos, "mined_neg_pairs": neg,
+                "nonzero_terms": _nonzero_terms(loss_fn) or 0}
+
+    def check_finite(self, loss: torch.Tensor, detail: str = "") -> None:
+        if not torch.isfinite(loss):
+            s = self.settings
+            raise DcmlError(
+                f"training loss became {loss.item()} at epoch {self._epoch_now + 1}, batch {self._batch_now + 1}{detail}; "
+                f"stopped without writing a model; lower the learning rates (lr_backbone={s.lr_backbone}, "
+                f"lr_embedding={s.lr_embedding}) or check the input images")
+
+    def _phase(self, epoch: int, entry: dict) -> None:
         s = self.settings
-        entry: dict = {"epoch": epoch + 1}
         if self.finetuning(epoch):
             if self.model.num_slices != 1:
                 self.model.set_num_slices(1)
             entry["phase"] = "finetune"
-        else:
-            entry["phase"] = "worker" if self.only_learner is not None else ("clusters" if self.num_learners > 1 else "plain")
-            due = (self.clusters is None
-                   or (s.recluster_every and epoch > 0 and epoch % s.recluster_every == 0 and self.clustered_at != epoch))
-            if self.num_learners > 1 and self.only_learner is None and due:
-                t0 = time.perf_counter()
-                self.clusters = self.recluster(epoch)
-                self.clustered_at = epoch
-                entry["clustering_s"] = round(time.perf_counter() - t0, 3)
-                entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
-            elif epoch == 0 and self.clusters is not None:
-                entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
+            return
+        entry["phase"] = "worker" if self.only_learner is not None else ("clusters" if self.num_learners > 1 else "plain")
+        due = (self.clusters is None
+               or (s.recluster_every and epoch > 0 and epoch % s.recluster_every == 0 and self.clustered_at != epoch))
+        if self.num_learners > 1 and self.only_learner is None and due:
+            t0 = time.perf_counter()
+            self.clusters = self.recluster(epoch)
+            self.clustered_at = epoch
+            entry["clustering_s"] = round(time.perf_counter() - t0, 3)
+            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
+        elif epoch == 0 and self.clusters is not None:
+            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
 
+    def _run_epoch(self, epoch: int) -> dict:
+        s = self.settings
+        entry: dict = {"epoch": epoch + 1}
+        self._phase(epoch, entry)
+        if self.warming_up(epoch):
+            entry["warmup"] = True
+        self.epoch_started(epoch, entry)
         sampler = self._sampler(epoch)
         loader = self._loader(sampler, epoch)
         self.model.train()
-        if s.freeze_backbone:
+        frozen = s.freeze_backbone or self.warming_up(epoch)
+        if frozen:
             self.model.backbone.eval()  # no BatchNorm statistics updates either
+        backbone = self.backbone_parameters()
+        for p in backbone:
+            p.requires_grad_(not frozen)
         whole = self.model.num_slices == 1
-        total_loss, images, batches, positives, negatives, nonzero = 0.0, 0, 0, 0, 0, 0
+        sums: dict[str, float] = {}
+        images, batches = 0, 0
+        steps = len(sampler)
         t0 = time.perf_counter()
-        progress = tqdm(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
+        self._epoch_now = epoch
+        progress = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
                         disable=None, leave=False)
-        for images_batch, labels, index in progress:
-            images_batch = images_batch.to(self.device, non_blocking=True)
-            labels = labels.to(self.device)
-            learner = None if whole else int(self.clusters[int(index[0])])
-            embeddings = self.model(images_batch, learner=learner)
-            loss_fn = self._loss_for(learner)
-            pairs = self.miner(embeddings, labels) if self.miner is not None else None
-            loss = loss_fn(embeddings, labels, pairs)
-            if not torch.isfinite(loss):
-                raise DcmlError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, batch {batches + 1}; stopped without "
-                    f"writing a model; lower the learning rates (lr_backbone={s.lr_backbone}, lr_embedding={s.lr_embedding}) "
-                    "or check the input images")
-            self.optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                self.optimizer.step()
-            if self.only_learner is not None:
-                with torch.no_grad():
-                    self.model.head.weight[self._keep_rows] = self._kept_weight
-                    self.model.head.bias[self._keep_rows] = self._kept_bias
-            total_loss += float(loss.detach())
-            images += len(labels)
-            batches += 1
-            pos, neg = _mined_counts(pairs)
-            positives, negatives = positives + pos, negatives + neg
-            nonzero += _nonzero_terms(loss_fn) or 0
-            progress.set_postfix(loss=f"{total_loss / batches:.4f}", refresh=False)
-        progress.close()
+        try:
+            for inputs, labels, index in progress:
+                self._batch_now = batches
+                self._set_lr(epoch, batches, steps)
+                inputs = inputs.to(self.device, non_blocking=True)
+                labels = labels.to(self.device)
+                learner = None if whole else int(self.clusters[int(index[0])])
+                numbers = self.train_step(inputs, labels, learner)
+                if self.only_learner is not None:
+                    with torch.no_grad():
+                        self.model.head.weight[self._keep_rows] = self._kept_weight
+                        self.model.head.bias[self._keep_rows] = self._kept_bias
+                for key, value in numbers.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                images += len(labels)
+                batches += 1
+                progress.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
+        finally:
+            progress.close()
+            for p in backbone:
+                p.requires_grad_(True)
         seconds = time.perf_counter() - t0
+        entry.update({key: value / max(batches, 1) for key, value in sums.items()})
+        entry.setdefault("loss", 0.0)
         entry.update({
-            "loss": total_loss / max(batches, 1),
             "batches": batches,
             "images": images,
-            "mined_pos_pairs": positives / max(batches, 1),
-            "mined_neg_pairs": negatives / max(batches, 1),
-            "nonzero_terms": nonzero / max(batches, 1),
             "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
             "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
             "num_slices": int(self.model.num_slices),
         })
-        if s.eval_every and self.eval_rows is not None and len(self.eval_rows) and (
-                (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
+        self.epoch_finished(epoch, entry)
+        if self.val_rows is not None:
+            t1 = time.perf_counter()
+            entry.update(self.validate())
+            entry["val_s"] = round(time.perf_counter() - t1, 3)
+            self._consider(epoch + 1, entry)
+            entry["best_epoch"] = self.best_epoch
+            if s.patience and epoch + 1 - self.best_epoch >= s.patience:
+                self.stopped_early = True
+                entry["stopped_early"] = True
+        if s.eval_every and self.eval_rows is not None and (
+                (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs or self.stopped_early):
             t1 = time.perf_counter()
             entry.update(self.evaluate())
             entry["eval_s"] = round(time.perf_counter() - t1, 3)

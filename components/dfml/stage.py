@@ -17,11 +17,7 @@ each of its sub-blocks.
 
 from __future__ import annotations
 
-import time
-
 import click
-import torch
-from tqdm.auto import tqdm
 
 from dcml import dfml
 from dcml.errors import DcmlError
@@ -62,21 +58,16 @@ class DFMLTrainer(Trainer):
         super().__init__(model, manifest, train_rows, settings,
                          fingerprint_extra={"dfml": options, "extra": fingerprint_extra}, **kwargs)
 
-    def _build_optimizer(self) -> None:
-        from dcml.losses import loss_parameters
-
-        s = self.settings
+    def backbone_parameters(self) -> list:
         routers = {id(p) for p in dfml.router_parameters(self.model)}
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad and id(p) not in routers]
-        groups = []
-        if backbone:
-            groups.append({"params": backbone, "lr": s.lr_backbone, "name": "backbone"})
-        groups.append({"params": list(self.model.head.parameters()), "lr": s.lr_embedding, "name": "embedding"})
-        groups.append({"params": dfml.router_parameters(self.model), "lr": self.lr_router, "name": "router"})
-        extra = [p for loss in self.losses for p in loss_parameters(loss)]
-        if extra:
-            groups.append({"params": extra, "lr": s.loss_lr, "name": "loss"})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=s.weight_decay)
+        return [p for p in super().backbone_parameters() if id(p) not in routers]
+
+    def param_groups(self) -> list[dict]:
+        """The Trainer's groups plus the routers' (their own learning rate)."""
+        groups = super().param_groups()
+        groups.insert(2 if groups[0]["name"] == "backbone" else 1,
+                      {"params": dfml.router_parameters(self.model), "lr": self.lr_router, "name": "router"})
+        return groups
 
     def evaluate(self) -> dict:
         """R@1 of the full model; with ``eval_routed`` also of the routed model and its routing."""
@@ -91,68 +82,35 @@ class DFMLTrainer(Trainer):
                 unit.route_counts.copy_(saved[name])
         return metrics
 
-    def _run_epoch(self, epoch: int) -> dict:
-        s = self.settings
-        entry: dict = {"epoch": epoch + 1, "phase": "dfml"}
-        sampler = self._sampler(epoch)
-        loader = self._loader(sampler, epoch)
+    def epoch_started(self, epoch: int, entry: dict) -> None:
+        entry["phase"] = "dfml"
+        dfml.reset_routing_counts(self.model)
+
+    def train_step(self, inputs, labels, learner) -> dict:
+        """Two passes: the full model and the routed one; loss = L(full) + w_r L(routed) + w_d KD."""
         metric_loss = self._loss_for(None)
 
         def loss_of(embeddings, labels):
             pairs = self.miner(embeddings, labels) if self.miner is not None else None
             return metric_loss(embeddings, labels, pairs)
 
-        self.model.train()
-        dfml.reset_routing_counts(self.model)
-        sums = {"loss": 0.0, "loss_full": 0.0, "loss_routed": 0.0, "distill": 0.0, "balance": 0.0}
-        images, batches = 0, 0
-        t0 = time.perf_counter()
-        progress = tqdm(loader, total=len(sampler), desc=f"dfml epoch {epoch + 1}/{s.epochs}", unit="batch",
-                        disable=None, leave=False)
-        for images_batch, labels, _ in progress:
-            images_batch = images_batch.to(self.device, non_blocking=True)
-            labels = labels.to(self.device)
-            full = self.model(images_batch)
-            with dfml.route_mode(self.model, "routed"):
-                routed = self.model(images_batch)
-            loss, parts = dfml.dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
-                                         distill_weight=self.distill_weight, temperature=self.temperature,
-                                         balance=dfml.balance_loss(self.model), balance_weight=self.balance_weight)
-            if not torch.isfinite(loss):
-                raise DcmlError(
-                    f"DFML loss became {loss.item()} at epoch {epoch + 1}, batch {batches + 1} ({parts}); stopped "
-                    f"without writing a model; lower the learning rates (lr_backbone={s.lr_backbone}, "
-                    f"lr_embedding={s.lr_embedding}, lr_router={self.lr_router})")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            for key in sums:
-                sums[key] += parts[key]
-            images += len(labels)
-            batches += 1
-            progress.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
-        progress.close()
-        seconds = time.perf_counter() - t0
+        full = self.model(inputs)
+        with dfml.route_mode(self.model, "routed"):
+            routed = self.model(inputs)
+        loss, parts = dfml.dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
+                                     distill_weight=self.distill_weight, temperature=self.temperature,
+                                     balance=dfml.balance_loss(self.model), balance_weight=self.balance_weight)
+        self.check_finite(loss, f" ({parts}); lr_router={self.lr_router}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {key: parts[key] for key in ("loss", "loss_full", "loss_routed", "distill", "balance")}
+
+    def epoch_finished(self, epoch: int, entry: dict) -> None:
         counts = dfml.routing_counts(self.model)
         summary = dfml.routing_summary(counts)
-        entry.update({key: value / max(batches, 1) for key, value in sums.items()})
-        entry.update({
-            "batches": batches,
-            "images": images,
-            "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
-            "seconds": round(seconds, 3),
-            "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
-            "num_slices": 1,
-            "routing": counts,
-            "routing_entropy": summary["mean_normalized_entropy"],
-            "collapsed_units": summary["collapsed_units"],
-        })
-        if s.eval_every and self.eval_rows is not None and len(self.eval_rows) and (
-                (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
-            t1 = time.perf_counter()
-            entry.update(self.evaluate())
-            entry["eval_s"] = round(time.perf_counter() - t1, 3)
-        return entry
+        entry.update({"routing": counts, "routing_entropy": summary["mean_normalized_entropy"],
+                      "collapsed_units": summary["collapsed_units"]})
 
 
 def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_size=128, embedding_dim=128,
@@ -169,14 +127,15 @@ def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_
     pretrained weights.
     """
     params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "work_dir")}
-    from components.train.stage import device_or_default, final_metrics, load_manifest, resume_file, write_output
+    from components.train.stage import (device_or_default, final_metrics, load_manifest, resume_file, selection_metrics,
+                                        write_output)
     from dcml.models import build_model
 
     if backbone not in FACTORIZABLE_BACKBONES:
         raise DcmlError(f"backbone={backbone!r} cannot be factorised for DFML; use one of {', '.join(FACTORIZABLE_BACKBONES)}")
     if miner is None:
         miner = "none" if loss == "proxy_anchor" else "reference"
-    man, train_rows, eval_rows = load_manifest(manifest)
+    man, train_rows, eval_rows, val_rows = load_manifest(manifest)
 
     seed_everything(seed)  # the fresh head's and the routers' init are part of the run
     plain = build_model({"backbone": backbone, "weights": weights, "image_size": image_size,
@@ -196,14 +155,13 @@ def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_
     trainer = DFMLTrainer(model, man, train_rows, settings, lr_router=float(lr_router),
                           routed_weight=float(routed_weight), distill_weight=float(distill_weight),
                           temperature=float(temperature), balance_weight=float(balance_weight),
-                          eval_routed=bool(eval_routed),
-                          eval_rows=eval_rows if len(eval_rows) else None,
+                          eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows, fresh_head=True,
                           resume_path=resume_file(out, work_dir), device=device_or_default(device))
     history = trainer.fit(resume=resume)
 
     merged = dfml.defactorize(trainer.model.cpu())
-    metrics = final_metrics(history)
-    if history:
+    metrics = {**final_metrics(history), **selection_metrics(trainer)}
+    if history and "routing_entropy" in history[-1]:
         metrics["routing_entropy"] = history[-1]["routing_entropy"]
         metrics["collapsed_units"] = history[-1]["collapsed_units"]
         if "routed_recall@1" in history[-1]:

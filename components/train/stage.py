@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dcml import checkpoint
-from dcml.cli_options import training_options
+from dcml.cli_options import selection_options, training_options
 from dcml.errors import DcmlError
 from dcml.io import read_parquet_meta
 from dcml.records import StageTimer
@@ -32,6 +32,7 @@ MODES = ("shared", "worker")
 # -- helpers shared with the finetune stage ------------------------------------------
 
 def load_manifest(path):
+    """(manifest, train rows, test rows, validation rows)."""
     from dcml import manifest as manifest_mod
 
     man = manifest_mod.read(path)
@@ -39,7 +40,26 @@ def load_manifest(path):
     if train_rows.empty:
         raise DcmlError(f"{path}: manifest has no 'train' rows; ingest with a split mode that has a training split")
     eval_rows = man.split("test", "query", "gallery")
-    return man, train_rows, eval_rows
+    return man, train_rows, eval_rows, man.split("val")
+
+
+def open_activations(path):
+    """The fast mode's cache (dcml.activations), or None when ``path`` is unset or holds no cache."""
+    if not path:
+        return None
+    from dcml.activations import ActivationCache, is_cache
+
+    return ActivationCache(path) if is_cache(path) else None
+
+
+def selection_metrics(trainer) -> dict:
+    """What validation chose: the epoch kept and its scores."""
+    if trainer.best is None:
+        return {}
+    entry = next((h for h in trainer.history if h["epoch"] == trainer.best_epoch), {})
+    out = {"best_epoch": trainer.best_epoch, "stopped_early": bool(trainer.stopped_early)}
+    out.update({k: entry[k] for k in ("val_recall@1", "val_map@r") if k in entry})
+    return out
 
 
 def read_clusters(path, train_rows: pd.DataFrame) -> tuple[np.ndarray, int, dict]:
@@ -90,10 +110,11 @@ def resume_file(out, work_dir) -> Path:
 
 def final_metrics(history: list[dict]) -> dict:
     metrics = {}
-    if history:
-        metrics["final_loss"] = history[-1]["loss"]
-        metrics["epochs"] = len(history)
-        metrics["train_seconds"] = round(sum(h["seconds"] for h in history), 3)
+    trained = [h for h in history if h["epoch"] > 0]
+    if trained:
+        metrics["final_loss"] = trained[-1]["loss"]
+        metrics["epochs"] = len(trained)
+        metrics["train_seconds"] = round(sum(h["seconds"] for h in trained), 3)
     evaluated = [h for h in history if "recall@1" in h]
     if evaluated:
         metrics["recall@1"] = evaluated[-1]["recall@1"]
@@ -111,12 +132,13 @@ def write_output(out, model, record: dict, **extra) -> None:
 
 # -- the stage ----------------------------------------------------------------------
 
-def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
+def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None, activations=None,
         backbone="small_cnn", weights=None, image_size=None, embedding_dim=128, num_slices=None,
-        dropout=None, loss="margin", margin=None, miner="reference",
+        dropout=None, train_blocks=-1, loss="margin", margin=None, miner="reference",
         classes_per_batch=20, images_per_class=4, lr_backbone=1e-5, lr_embedding=1e-5, lr_proxies=None,
         weight_decay=1e-4, epochs=10, recluster_every=2, cluster_on="features", finetune_epoch=None,
-        eval_every=0, freeze_bn=None, freeze_backbone=False, seed=0, num_workers=0,
+        eval_every=0, freeze_bn=None, freeze_backbone=False, head_init="auto", warmup_epochs=0,
+        schedule="constant", select_on="recall@1", patience=0, seed=0, num_workers=0,
         resume=True, work_dir=None, device=None, threads=None) -> dict:
     """Train and write a checkpoint to ``out``; returns the stage record.
 
@@ -125,16 +147,19 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     to the clusters file's k (1 without clusters). ``init``: a checkpoint to
     start from (its architecture wins over backbone/embedding_dim/...).
     ``finetune_epoch``: from this epoch on train K=1 on all data (None: leave
-    that to the finetune stage).
+    that to the finetune stage). ``activations``: the fast mode's cache
+    (``dcml extract --views N``): train the top blocks on the cached
+    activations of the frozen lower part instead of on images.
     """
-    params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "clusters", "init", "work_dir")}
+    params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "clusters", "init", "work_dir", "activations")}
     from dcml.models import build_model
     from dcml.training import Trainer, TrainSettings, seed_everything
 
     if mode not in MODES:
         raise DcmlError(f"mode={mode!r}: use one of {', '.join(MODES)}")
     set_threads(threads)
-    man, train_rows, eval_rows = load_manifest(manifest)
+    man, train_rows, eval_rows, val_rows = load_manifest(manifest)
+    cache = open_activations(activations)
 
     assignments, k_file = None, None
     if clusters is not None:
@@ -160,7 +185,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     else:
         model = build_model({"backbone": backbone, "weights": weights, "image_size": image_size,
                              "embedding_dim": embedding_dim, "num_slices": k, "freeze_bn": freeze_bn,
-                             "dropout": dropout})
+                             "dropout": dropout, "train_blocks": train_blocks})
 
     settings = TrainSettings(
         epochs=int(epochs), classes_per_batch=int(classes_per_batch), images_per_class=int(images_per_class),
@@ -169,23 +194,25 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         loss=loss, margin=margin, miner=miner,
         recluster_every=int(recluster_every) if mode == "shared" else 0, cluster_on=cluster_on,
         finetune_epoch=None if finetune_epoch is None else int(finetune_epoch),
-        eval_every=int(eval_every), freeze_backbone=bool(freeze_backbone), seed=int(seed),
-        num_workers=int(num_workers),
+        eval_every=int(eval_every), freeze_backbone=bool(freeze_backbone), head_init=head_init,
+        warmup_epochs=int(warmup_epochs), schedule=schedule, select_on=select_on, patience=int(patience),
+        seed=int(seed), num_workers=int(num_workers),
     )
     if mode == "worker" and settings.finetune_epoch is not None:
         raise DcmlError("finetune_epoch is for mode=shared; workers are fine-tuned by `dcml finetune` after the merge")
     timer = StageTimer("train", params, name=f"train-worker-{cluster_id}" if mode == "worker" else "train")
     trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
                       only_learner=cluster_id if mode == "worker" else None,
-                      eval_rows=eval_rows if len(eval_rows) else None,
+                      eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
                       resume_path=resume_file(out, work_dir), device=device_or_default(device))
     history = trainer.fit(resume=resume)
 
     model.cpu()
     worker = {"cluster_id": cluster_id, "k": k, "freeze_backbone": bool(freeze_backbone)} if mode == "worker" else None
-    record = timer.finish(inputs={"manifest": manifest, "clusters": clusters, "init": init},
-                          metrics=final_metrics(history), history=history,
-                          extra={"mode": mode, "k": k, "cluster_id": cluster_id})
+    record = timer.finish(inputs={"manifest": manifest, "clusters": clusters, "init": init, "activations": activations},
+                          metrics={**final_metrics(history), **selection_metrics(trainer)}, history=history,
+                          extra={"mode": mode, "k": k, "cluster_id": cluster_id, "fast_mode": cache is not None,
+                                 "head_init": trainer.head_init})
     extra = {"epoch": trainer.epoch, "cluster_state": trainer.cluster_state()}
     if worker:
         extra["worker"] = worker
@@ -208,6 +235,10 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
 @click.option("--embedding-dim", type=int, default=128, show_default=True)
 @click.option("--num-slices", type=int, help="K [default: the clusters file's k, else 1].")
 @click.option("--dropout", type=float, help="Dropout before the head [default: 0.01].")
+@click.option("--train-blocks", type=int, default=-1, show_default=True,
+              help="Backbone blocks that train, counted from the top (-1 = all, 0 = none: head only).")
+@click.option("--activations", type=click.Path(file_okay=False),
+              help="Fast mode: the cache of the frozen lower part (dcml extract --views N).")
 @training_options
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--recluster-every", type=int, default=2, show_default=True, help="R (shared mode; 0 = never).")
@@ -216,6 +247,9 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
 @click.option("--eval-every", type=int, default=0, show_default=True, help="R@1 on the test split every N epochs (0 = never).")
 @click.option("--freeze-bn/--no-freeze-bn", default=None, help="[default: frozen for pretrained weights]")
 @click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True)
+@click.option("--head-init", type=click.Choice(["auto", "pca", "random"]), default="auto", show_default=True,
+              help="pca: the head starts as the principal components of the backbone features (auto: for pretrained backbones).")
+@selection_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from <out>.resume.pt if present.")

@@ -1,0 +1,200 @@
+"""Which training recipe makes training beat the pretrained backbone: one factor at a time.
+
+Every row is one K=1 training run through the stages' public ``run`` functions
+(ingest with a class-disjoint validation split, extract with the fast mode's
+cache, train, evaluate), changing one setting of the base recipe (or a named
+combination). The training stage keeps the epoch with the best validation
+R@1 (the initial model included); the test classes only ever feed the curves
+and the final evaluation, which runs the whole network on images.
+
+    python -m bench.bench_recipe --rows base,random-head,size160 --seeds 0
+    python -m bench.bench_recipe --rows pretrained
+
+writes bench/results/recipe/<dataset>-<row>-s<seed>.json per run (with the
+per-epoch validation and test curves), so several processes can run rows side
+by side; ``--cache-only`` builds the activation caches the rows need first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+
+OUT = RESULTS / "recipe"
+DATASETS = {
+    "cars196": {"root": Path(__file__).resolve().parents[2] / "shared" / "data" / "cars196", "split_mode": "official"},
+}
+
+# The base recipe: what the issue's measurements pointed at (top 5 MBConv
+# blocks + head trained from cached activations, head from principal components).
+BASE = {
+    "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 128, "embedding_dim": 128,
+    "train_blocks": 5, "views": 4, "fast": True, "loss": "margin", "miner": "auto", "margin": None,
+    "classes_per_batch": 8, "images_per_class": 4, "lr_backbone": 1e-4, "lr_embedding": 1e-4, "lr_proxies": None,
+    "weight_decay": 1e-4, "warmup_epochs": 0, "schedule": "constant", "head_init": "pca", "freeze_bn": True,
+    "epochs": 10, "select_on": "recall@1", "patience": 0, "val_fraction": 0.15,
+}
+
+ROWS: dict[str, dict] = {
+    "pretrained": {"label": "pretrained features, no training"},
+    "base": {"label": "base: 128 px, top 5 blocks, margin, lr 1e-4/1e-4, PCA head, 8x4, 128-d"},
+    "random-head": {"label": "head: random (Xavier) init", "head_init": "random"},
+    "size160": {"label": "image size 160 (the files' short side)", "image_size": 160},
+    "ms": {"label": "loss: multi-similarity (+ its miner)", "loss": "multi_similarity"},
+    "proxy-anchor": {"label": "loss: ProxyAnchor (proxies lr 1e-2)", "loss": "proxy_anchor", "lr_proxies": 1e-2},
+    "lr-bb3e-5": {"label": "backbone lr 3e-5", "lr_backbone": 3e-5},
+    "lr-bb3e-4": {"label": "backbone lr 3e-4", "lr_backbone": 3e-4},
+    "lr-emb1e-3": {"label": "head lr 1e-3", "lr_embedding": 1e-3},
+    "lr-emb1e-5": {"label": "head lr 1e-5", "lr_embedding": 1e-5},
+    "warmup1": {"label": "warm-up: 1 epoch head only", "warmup_epochs": 1},
+    "cosine": {"label": "schedule: cosine decay", "schedule": "cosine"},
+    "pm16x4": {"label": "batch: P=16 x M=4", "classes_per_batch": 16},
+    "pm4x8": {"label": "batch: P=4 x M=8", "classes_per_batch": 4, "images_per_class": 8},
+    "bn-trained": {"label": "BatchNorm trained (not frozen)", "freeze_bn": False},
+    "emb512": {"label": "embedding 512-d", "embedding_dim": 512},
+    "emb64": {"label": "embedding 64-d", "embedding_dim": 64},
+    "blocks2": {"label": "train top 2 blocks", "train_blocks": 2},
+    "blocks9": {"label": "train top 9 blocks", "train_blocks": 9},
+    "blocks0": {"label": "train the head only (backbone frozen)", "train_blocks": 0},
+    "views8": {"label": "8 cached views per image", "views": 8},
+    "whole": {"label": "whole network on images, all blocks train", "fast": False, "train_blocks": -1},
+    "images-top5": {"label": "top 5 blocks on images (no cache)", "fast": False},
+}
+
+
+def row_config(name: str, extra: dict | None = None) -> dict:
+    if name not in ROWS:
+        raise SystemExit(f"unknown row {name!r}; known: {', '.join(ROWS)}")
+    cfg = {**BASE, **{k: v for k, v in ROWS[name].items() if k != "label"}, **(extra or {})}
+    cfg["label"] = ROWS[name]["label"]
+    return cfg
+
+
+def manifest_path(dataset: str, val_fraction: float) -> Path:
+    from components.ingest.stage import run as ingest
+
+    dest = WORK / "recipe" / f"{dataset}-val{val_fraction:g}.parquet"
+    if not dest.is_file():
+        spec = DATASETS[dataset]
+        ingest(dataset=dataset, out=dest, root=str(spec["root"]), split_mode=spec["split_mode"],
+               val_fraction=val_fraction)
+    return dest
+
+
+def cache_path(dataset: str, cfg: dict, manifest: Path) -> Path | None:
+    """The fast mode's cache for this backbone / size / split point / views (built once)."""
+    from components.extract.stage import run as extract
+
+    if not cfg["fast"]:
+        return None
+    name = f"{dataset}-{cfg['backbone']}-{cfg['image_size']}px-top{cfg['train_blocks']}-v{cfg['views']}"
+    dest = WORK / "recipe" / "caches" / name
+    if not (dest / "rows.parquet").is_file():
+        log(f"building cache {name}")
+        extract(manifest=manifest, out=dest.with_suffix(".features.parquet"), backbone=cfg["backbone"],
+                weights=cfg["weights"], image_size=cfg["image_size"], batch_size=64, views=cfg["views"],
+                train_blocks=cfg["train_blocks"], activations_out=dest)
+    return dest
+
+
+def run_pretrained(dataset: str, cfg: dict, manifest: Path, size: int) -> dict:
+    from dcml import manifest as manifest_lib
+    from dcml.clustering import l2_normalize
+    from dcml.inference import compute_vectors
+    from dcml.metrics import evaluate_embeddings
+    from dcml.models import build_model
+
+    man = manifest_lib.read(manifest)
+    test = man.split("test")
+    model = build_model({"backbone": cfg["backbone"], "weights": cfg["weights"], "image_size": size}).eval()
+    features = compute_vectors(model, man, test, kind="features", batch_size=64, desc=f"pretrained {size}px")
+    metrics = evaluate_embeddings(l2_normalize(features), test["label"].to_numpy(), ks=(1, 2, 4, 8))
+    return {"metrics": {k: float(v) for k, v in metrics.items()}, "image_size": size}
+
+
+def run_row(dataset: str, name: str, seed: int, extra: dict, tag: str) -> dict:
+    from components.evaluate.stage import run as evaluate
+    from components.train.stage import run as train
+
+    cfg = row_config(name, extra)
+    manifest = manifest_path(dataset, cfg["val_fraction"])
+    work = WORK / "recipe" / "runs" / f"{dataset}-{tag}-s{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "pretrained":
+        return {"runs": [run_pretrained(dataset, cfg, manifest, size) for size in (128, 160)]}
+    cache = cache_path(dataset, cfg, manifest)
+    t0 = time.perf_counter()
+    record = train(manifest=str(manifest), out=str(work / "model.pt"), mode="shared", activations=cache,
+                   backbone=cfg["backbone"], weights=cfg["weights"], image_size=cfg["image_size"],
+                   embedding_dim=cfg["embedding_dim"], num_slices=1, train_blocks=cfg["train_blocks"],
+                   loss=cfg["loss"], margin=cfg["margin"], miner=cfg["miner"],
+                   classes_per_batch=cfg["classes_per_batch"], images_per_class=cfg["images_per_class"],
+                   lr_backbone=cfg["lr_backbone"], lr_embedding=cfg["lr_embedding"], lr_proxies=cfg["lr_proxies"],
+                   weight_decay=cfg["weight_decay"], epochs=cfg["epochs"], recluster_every=0, eval_every=1,
+                   freeze_bn=cfg["freeze_bn"], head_init=cfg["head_init"], warmup_epochs=cfg["warmup_epochs"],
+                   schedule=cfg["schedule"], select_on=cfg["select_on"], patience=cfg["patience"], seed=seed,
+                   resume=True, work_dir=str(work))
+    wall = time.perf_counter() - t0
+    evaluated = evaluate(out=str(work / "metrics.json"), model=str(work / "model.pt"), manifest=str(manifest),
+                         ks=(1, 2, 4, 8), batch_size=64)
+    history = record["history"]
+    trained = [h for h in history if h["epoch"] > 0]
+    return {
+        "config": cfg,
+        "metrics": evaluated["metrics"],
+        "best_epoch": record["metrics"].get("best_epoch"),
+        "curves": [{k: h.get(k) for k in ("epoch", "loss", "val_recall@1", "val_map@r", "recall@1", "map@r",
+                                            "seconds", "images_per_s")} for h in history],
+        "train_s": round(sum(h["seconds"] for h in trained), 1),
+        "train_wall_s": round(wall, 1),
+        "images_per_s": round(sum(h["images"] for h in trained) / max(sum(h["seconds"] for h in trained), 1e-9), 1),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cars196", choices=sorted(DATASETS))
+    parser.add_argument("--rows", default="base", help=f"comma-separated rows: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe setting for these rows (a combination row); needs --tag")
+    parser.add_argument("--tag", default=None, help="name of the result (default: the row name)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache-only", action="store_true", help="build the caches the rows need, then stop")
+    parser.add_argument("--force", action="store_true", help="re-run rows whose result exists")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    extra = {}
+    for item in args.sets:
+        key, value = item.split("=", 1)
+        kind = type(BASE.get(key)) if BASE.get(key) is not None else float
+        extra[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    if extra and not args.tag:
+        raise SystemExit("--set makes a new recipe: name it with --tag")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for name in rows:
+        cfg = row_config(name, extra)
+        if args.cache_only:
+            if name != "pretrained":
+                cache_path(args.dataset, cfg, manifest_path(args.dataset, cfg["val_fraction"]))
+            continue
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            tag = args.tag or name
+            dest = OUT / f"{args.dataset}-{tag}-s{seed}.json"
+            if dest.is_file() and not args.force:
+                log(f"{dest.name} exists; skipped (--force re-runs it)")
+                continue
+            header = result_header("recipe", "bench.bench_recipe", argv)
+            log(f"{args.dataset} {tag} seed {seed}: {cfg['label']}")
+            result = run_row(args.dataset, name, seed, extra, tag)
+            write_result(dest, {**header, "dataset": args.dataset, "row": name, "tag": tag, "seed": seed,
+                                "label": cfg["label"], **result})
+            m = result.get("metrics") or result["runs"][0]["metrics"]
+            log(f"{tag} seed {seed}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
