@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 from components.compress.stage import calibration_images, equalize_checked, importance_loss, training_batches
-from dcml import manifest as manifest_lib
-from dcml import quantize as Q
-from dcml.checkpoint import load_model
-from dcml.errors import DcmlError
-from dcml.inference import compute_vectors, default_device
-from dcml.io import write_json
-from dcml.metrics import evaluate_embeddings
-from dcml.records import git_commit
+from dcml.contracts import manifest as manifest_lib
+from dcml.methods import quantize as Q
+from dcml.contracts.checkpoint import load_model
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.inference import compute_vectors, default_device
+from dcml.contracts.io import write_json
+from dcml.algorithm.metrics import evaluate_embeddings
+from dcml.contracts.records import git_commit
 
 from bench.common import command_line, log_to_mlflow, save_png
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from dcml import manifest as manifest_lib
-from dcml.checkpoint import load_model
-from dcml.inference import compute_vectors, default_device
-from dcml.io import atomic_path, write_json
-from dcml.metrics import evaluate_embeddings
-from dcml.records import git_commit
+from dcml.contracts import manifest as manifest_lib
+from dcml.contracts.checkpoint import load_model
+from dcml.algorithm.inference import compute_vectors, default_device
+from dcml.contracts.io import atomic_path, write_json
+from dcml.algorithm.metrics import evaluate_embeddings
+from dcml.contracts.records import git_commit
 from dcml.tracking import routing_plot
 
 from bench.common import command_line, log_to_mlflow

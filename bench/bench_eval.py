@@ -1,11 +1,11 @@
-"""Benchmark of evaluation: dcml.metrics vs pytorch-metric-learning, SOP-sized.
+"""Benchmark of evaluation: dcml.algorithm.metrics vs pytorch-metric-learning, SOP-sized.
 
 60,000 x 128 float32 embeddings over 11,000 classes of 2..12 images (the size
 of Stanford Online Products' test set), with class structure (a unit class
 centre plus Gaussian noise, then L2-normalised). Both implementations compute
 Recall@1/2/4/8, R-Precision, MAP@R, NMI and AMI of the set against itself:
 
-* dcml: ``dcml.metrics.evaluate_embeddings``;
+* dcml: ``dcml.algorithm.metrics.evaluate_embeddings``;
 * PML: ``AccuracyCalculator(k="max_bin_count")`` (Recall@2/4/8 added as
   ``calculate_*`` methods over PML's own kNN labels; Recall@1 = PML's
   precision_at_1).
@@ -82,7 +82,7 @@ def _peak_rss_mib() -> float:
 
 
 def _run_dcml(x, y, retrieval_only: bool) -> tuple[dict, dict]:
-    from dcml.metrics import RETRIEVAL_METRICS, evaluate_embeddings
+    from dcml.algorithm.metrics import RETRIEVAL_METRICS, evaluate_embeddings
 
     details: dict = {}
     include = RETRIEVAL_METRICS if retrieval_only else None
@@ -159,7 +159,7 @@ def child(implementation: str, data: str, retrieval_only: bool, threads: int | N
         import torch  # noqa: F401
         from pytorch_metric_learning.utils import accuracy_calculator  # noqa: F401
     else:
-        import dcml.metrics  # noqa: F401
+        import dcml.algorithm.metrics  # noqa: F401
         import sklearn.metrics  # noqa: F401
     baseline = _peak_rss_mib()
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -214,7 +214,7 @@ def _machine() -> dict:
     import torch
 
     import dcml
-    from dcml.records import git_commit
+    from dcml.contracts.records import git_commit
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -253,12 +253,12 @@ def main(argv=None) -> None:
         child(args.child, args.data, args.retrieval_only, args.threads)
         return
 
-    from dcml.io import write_json
+    from dcml.contracts.io import write_json
 
     x, y = make_embeddings(args.n, args.classes, args.dim, args.seed, args.noise)
     sizes = np.bincount(y)
     report = {
-        "benchmark": "evaluation: dcml.metrics.evaluate_embeddings vs PML AccuracyCalculator(k='max_bin_count')",
+        "benchmark": "evaluation: dcml.algorithm.metrics.evaluate_embeddings vs PML AccuracyCalculator(k='max_bin_count')",
         "command": " ".join(["python -m bench.bench_eval", *(argv if argv is not None else sys.argv[1:])]),
         "machine": _machine(),
         "data": {"n": args.n, "dim": args.dim, "classes": args.classes, "noise": args.noise, "seed": args.seed,

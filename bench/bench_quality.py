@@ -9,7 +9,7 @@ For one data set, at equal epochs and seeds:
 * ``k4-shared``: the paper's method, K=4 learners over one backbone with re-clustering;
 * ``k4-parallel``: one worker per cluster (own backbone copy), merge, fine-tune.
 
-The trained rows run the whole local pipeline (``dcml.runner.run_local``:
+The trained rows run the whole local pipeline (``dcml_app.runner.run_local``:
 ingest -> extract -> cluster -> train -> finetune -> evaluate -> MLflow) in one
 output folder per data set, so the stages the configurations share (ingest,
 extract) are computed once and served from the cache afterwards. Reported per
@@ -46,7 +46,7 @@ CONFIGS = {
 }
 METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision", "ami")
 
-# Pipeline parameters per data set (on top of dcml.presets), full and --quick.
+# Pipeline parameters per data set (on top of dcml_app.presets), full and --quick.
 DATASETS = {
     "cars196": {
         "preset": "cars196",
@@ -74,7 +74,7 @@ def default_data_root(dataset: str) -> str:
 
 def pipeline_args(dataset: str, quick: bool, seed: int, num_clusters: int, data_root: str | None,
                   overrides: dict) -> dict:
-    from dcml import presets
+    from dcml_app import presets
 
     spec = DATASETS[dataset]
     args = presets.load(spec["preset"])
@@ -90,7 +90,7 @@ def pipeline_args(dataset: str, quick: bool, seed: int, num_clusters: int, data_
 # ------------------------------------------------------------------ lineage
 
 def lineage(metrics_file: str) -> list[dict]:
-    from dcml import records
+    from dcml.contracts import records
 
     return list(records.walk(records.read(metrics_file)))
 
@@ -132,12 +132,12 @@ def run_pretrained(manifest_path: str, args: dict, seed: int) -> dict:
     """Evaluate without training: backbone features, and the untrained K=1 model."""
     import torch
 
-    from dcml import manifest as manifest_lib
-    from dcml.clustering import l2_normalize
-    from dcml.inference import compute_vectors
-    from dcml.metrics import evaluate_embeddings
-    from dcml.models import build_model
-    from dcml.training import seed_everything
+    from dcml.contracts import manifest as manifest_lib
+    from dcml.algorithm.clustering import l2_normalize
+    from dcml.algorithm.inference import compute_vectors
+    from dcml.algorithm.metrics import evaluate_embeddings
+    from dcml.algorithm.models import build_model
+    from dcml.algorithm.training import seed_everything
 
     t0 = time.perf_counter()
     man = manifest_lib.read(manifest_path)
@@ -166,7 +166,7 @@ def run_pretrained(manifest_path: str, args: dict, seed: int) -> dict:
 
 
 def run_pipeline(config: str, args: dict, output_dir: Path, tracking_uri: str, image_tag: str) -> dict:
-    from dcml.runner import run_local
+    from dcml_app.runner import run_local
 
     spec = CONFIGS[config]
     started = datetime.now(timezone.utc)
@@ -195,7 +195,7 @@ def find_artifact(output_dir: Path, pattern: str, metrics_file: str, names: tupl
     A stage served from the cache has no folder in the new run; its output is
     the one written by the run that executed it, found by the record's exec_id.
     """
-    from dcml import records
+    from dcml.contracts import records
 
     wanted = {r["exec_id"] for r in lineage(metrics_file) if (r.get("name") or r["stage"]) in names}
     for path in sorted(Path(output_dir).glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     a = parser.parse_args(argv)
     set_threads(a.threads or None)
 
-    from dcml.runner import _coerce, _build, pipeline_parameters
+    from dcml_app.runner import _coerce, _build, pipeline_parameters
 
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -359,7 +359,7 @@ def main(argv=None) -> dict:
 
 
 def image_tag_now() -> str:
-    from dcml.records import git_commit
+    from dcml.contracts.records import git_commit
 
     tag = git_commit()
     return "dev" if tag in ("", "unknown") else tag

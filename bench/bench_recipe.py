@@ -101,11 +101,11 @@ def cache_path(dataset: str, cfg: dict, manifest: Path) -> Path | None:
 
 
 def run_pretrained(dataset: str, cfg: dict, manifest: Path, size: int) -> dict:
-    from dcml import manifest as manifest_lib
-    from dcml.clustering import l2_normalize
-    from dcml.inference import compute_vectors
-    from dcml.metrics import evaluate_embeddings
-    from dcml.models import build_model
+    from dcml.contracts import manifest as manifest_lib
+    from dcml.algorithm.clustering import l2_normalize
+    from dcml.algorithm.inference import compute_vectors
+    from dcml.algorithm.metrics import evaluate_embeddings
+    from dcml.algorithm.models import build_model
 
     man = manifest_lib.read(manifest)
     test = man.split("test")

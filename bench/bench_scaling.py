@@ -3,10 +3,10 @@
 For each size n: n x 128 float32 unit embeddings in classes of 5-10 images
 (``bench.common.class_embeddings``: class centre + noise, Recall@1 ~ 0.8),
 
-* clustering: ``dcml.clustering.kmeans`` with k=8 (a pipeline's K) and k=64,
+* clustering: ``dcml.algorithm.clustering.kmeans`` with k=8 (a pipeline's K) and k=64,
   100 iterations (the cluster stage's default), on every point; scikit-learn's
   KMeans (Lloyd, k-means++) at k=64 alongside;
-* evaluation: ``dcml.metrics.evaluate_embeddings`` of the set against itself,
+* evaluation: ``dcml.algorithm.metrics.evaluate_embeddings`` of the set against itself,
   every metric (Recall@1/2/4/8, R-Precision, MAP@R, NMI, AMI; NMI/AMI run
   k-means with k = number of classes, as PML does), in a fresh process so its
   peak memory is its own; time split into the exact kNN search and the k-means.
@@ -53,7 +53,7 @@ def child_evaluate(n: int, seed: int) -> None:
     import sklearn.metrics  # noqa: F401  (imported lazily by the NMI step; keep import time out of the timing)
 
     from bench.common import class_embeddings
-    from dcml.metrics import evaluate_embeddings
+    from dcml.algorithm.metrics import evaluate_embeddings
 
     x, y = class_embeddings(n, DIM, seed)
     before = _peak_rss_mib()
@@ -83,7 +83,7 @@ def evaluate_in_child(n: int, seed: int, threads: int | None) -> dict:
 
 
 def time_clustering(x: np.ndarray, seed: int, with_sklearn: bool) -> dict:
-    from dcml.clustering import kmeans, l2_normalize
+    from dcml.algorithm.clustering import kmeans, l2_normalize
 
     out = {}
     for k in CLUSTER_KS:

@@ -1,15 +1,15 @@
 """Speed of each stage against the best alternative, as ratios measured in one run.
 
-* clustering: ``dcml.clustering.kmeans`` (faiss, every point) vs scikit-learn
+* clustering: ``dcml.algorithm.clustering.kmeans`` (faiss, every point) vs scikit-learn
   ``KMeans`` (Lloyd, k-means++, one init), same data, k, iteration cap and
   threads; the inertias must agree within 1% (checked; exit status 1 if not);
 * evaluation vs PML's AccuracyCalculator: bench/bench_eval.py (eval.json),
   quoted by the report, not re-run here;
-* training images/s through the real data path (``dcml.training.Trainer``:
+* training images/s through the real data path (``dcml.algorithm.training.Trainer``:
   manifest -> JPEG/PNG decode -> augmentation -> batch) vs the same model,
   loss, miner and optimiser fed ready-made random tensors of the same shape
   and the same label batches (goal: ratio >= 0.9);
-* feature extraction images/s (``dcml.inference.compute_vectors``) vs the
+* feature extraction images/s (``dcml.algorithm.inference.compute_vectors``) vs the
   same backbone on random tensors;
 * the local pipeline (``dcml run``, kfp.local): a cached re-run's wall time
   over the first (cold) run's (goal <= 0.05), and the first run's
@@ -72,7 +72,7 @@ def mixture(n: int, k: int, dim: int, seed: int) -> np.ndarray:
 
 def cars196_features() -> np.ndarray | None:
     """The pipeline's own extract output of the cars196 quality run (4,052 x 1280), if it exists."""
-    from dcml.io import read_vectors
+    from dcml.contracts.io import read_vectors
 
     found = sorted((WORK / "quality-cars196" / "pipelines").glob("*/extract/features/features.parquet"))
     if not found:
@@ -83,7 +83,7 @@ def cars196_features() -> np.ndarray | None:
 def bench_kmeans(name: str, x: np.ndarray, k: int, niter: int, seed: int) -> dict:
     from sklearn.cluster import KMeans
 
-    from dcml.clustering import kmeans, l2_normalize
+    from dcml.algorithm.clustering import kmeans, l2_normalize
 
     # The stage clusters L2-normalised rows; sklearn gets the same rows.
     xn = l2_normalize(x)
@@ -155,7 +155,7 @@ DATASETS = {
 def manifest_for(dataset: str, quick: bool):
     """A manifest of the data set (ingested once into runs/bench/speed)."""
     from components.ingest.stage import run as ingest
-    from dcml import manifest as manifest_lib
+    from dcml.contracts import manifest as manifest_lib
 
     dest = WORK / "speed" / f"{dataset}-manifest.parquet"
     if not dest.exists():
@@ -173,8 +173,8 @@ def _train_rows(man, classes: int):
 
 
 def _new_trainer(dataset: str, man, rows, num_workers: int, seed: int):
-    from dcml.models import build_model
-    from dcml.training import Trainer, TrainSettings, seed_everything
+    from dcml.algorithm.models import build_model
+    from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
 
     spec = DATASETS[dataset]
     seed_everything(seed)
@@ -245,9 +245,9 @@ def part_training(dataset: str, reps: int, num_workers_list: list[int], quick: b
 def part_extraction(dataset: str, reps: int, quick: bool, seed: int) -> dict:
     import torch
 
-    from dcml.inference import compute_vectors
-    from dcml.models import build_model
-    from dcml.training import seed_everything
+    from dcml.algorithm.inference import compute_vectors
+    from dcml.algorithm.models import build_model
+    from dcml.algorithm.training import seed_everything
 
     man = manifest_for(dataset, quick)
     spec = DATASETS[dataset]
@@ -292,7 +292,7 @@ def part_extraction(dataset: str, reps: int, quick: bool, seed: int) -> dict:
 
 def _pipeline_run(args: dict, mode: str, output_dir: Path, tracking_uri: str, image_tag: str) -> dict:
     from bench.bench_quality import stage_times
-    from dcml.runner import run_local
+    from dcml_app.runner import run_local
 
     started = datetime.now(timezone.utc)
     summary = run_local(args, mode=mode, output_dir=str(output_dir), cache=True, tracking_uri=tracking_uri,
@@ -316,7 +316,7 @@ def _pipeline_figures(first: dict, second: dict) -> dict:
             "orchestration_s_per_stage": round(orchestration / (sum(1 for s in first["stages"] if s["executed_in_this_run"]) + 1), 2)}
 
 
-IMPORTS = "import torch, torchvision, faiss, pandas, pyarrow, kfp, dcml.models, dcml.data, dcml.training"
+IMPORTS = "import torch, torchvision, faiss, pandas, pyarrow, kfp, dcml.algorithm.models, dcml.algorithm.data, dcml.algorithm.training"
 
 
 def process_start_seconds(repeats: int = 3) -> float:
@@ -333,7 +333,7 @@ def process_start_seconds(repeats: int = 3) -> float:
 
 def part_pipeline(quick: bool, with_cars196: bool) -> dict:
     from bench.bench_quality import image_tag_now
-    from dcml import presets
+    from dcml_app import presets
 
     out = {"process_start_and_imports_s": process_start_seconds(), "imports": IMPORTS}
     log(f"  a fresh stage process needs {out['process_start_and_imports_s']} s to start and import its libraries")

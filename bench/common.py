@@ -106,7 +106,7 @@ def git_state() -> dict:
     """Commit and whether the working tree had uncommitted changes."""
     import subprocess
 
-    from dcml.records import git_commit
+    from dcml.contracts.records import git_commit
 
     dirty = None
     try:
@@ -143,7 +143,7 @@ def result_header(benchmark: str, module: str, argv: list[str] | None) -> dict:
 
 def write_result(name: str | Path, payload: dict, complete: bool = True) -> Path:
     """Write bench/results/<name>.json (or the path ``name``) atomically, also after partial steps."""
-    from dcml.io import write_json
+    from dcml.contracts.io import write_json
 
     payload = dict(payload)
     payload["complete"] = complete
@@ -159,7 +159,7 @@ def save_png(fig, dest: Path, dpi: int = 110) -> Path:
     """Lay out, write atomically (no half-written plot beside a finished JSON) and close a figure."""
     import matplotlib.pyplot as plt
 
-    from dcml.io import atomic_path
+    from dcml.contracts.io import atomic_path
 
     fig.tight_layout()
     with atomic_path(dest) as tmp:

@@ -41,10 +41,10 @@ def main(argv=None) -> dict:
     import copy
 
     from components.compress.stage import calibration_images, equalize_checked
-    from dcml import manifest as manifest_lib
-    from dcml import quantize as Q
-    from dcml.checkpoint import load_model
-    from dcml.inference import compute_vectors
+    from dcml.contracts import manifest as manifest_lib
+    from dcml.methods import quantize as Q
+    from dcml.contracts.checkpoint import load_model
+    from dcml.algorithm.inference import compute_vectors
 
     model, _ = load_model(args.model)
     man = manifest_lib.read(args.manifest)

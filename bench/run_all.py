@@ -505,7 +505,7 @@ def speed_notes(speed: dict, eval_result: dict | None) -> list[str]:
     tr = speed.get("training") or {}
     misses = [d for d, t in tr.items() if isinstance(t, dict) and t.get("ratio") is not None and not t.get("meets_goal")]
     if tr:
-        out.append("- Training: real = `dcml.training.Trainer` for one epoch over a class subset (manifest -> decode "
+        out.append("- Training: real = `dcml.algorithm.training.Trainer` for one epoch over a class subset (manifest -> decode "
                    "-> augmentation -> batch -> step); synthetic = the same trainer's model, loss, miner and "
                    "optimiser stepping over ready random tensors with the same label batches. Real and synthetic "
                    "passes alternate; the ratio is the median of the pairs.")
@@ -849,7 +849,7 @@ def write_report(quick: bool = False) -> Path:
     lines += section_dfml(run_all)
     lines += section_timing(run_all)
     text = "\n".join(lines).rstrip() + "\n"
-    from dcml.io import atomic_path
+    from dcml.contracts.io import atomic_path
 
     with atomic_path(REPORT) as tmp:
         tmp.write_text(text)

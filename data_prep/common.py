@@ -12,8 +12,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from dcml.errors import DcmlError
-from dcml.manifest import SPLITS, fingerprint
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.manifest import SPLITS, fingerprint
 
 OFFICIAL = "official"
 CLASS_DISJOINT = "class-disjoint"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 from data_prep import common
 
 NAME = "cub200"

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 from data_prep import fashion_mnist
 
 PACKAGE = "dataset-fashion-mnist"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dcml.errors import DcmlError
-from dcml.manifest import SPLITS
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.manifest import SPLITS
 from data_prep import common
 
 NAME = "folder"

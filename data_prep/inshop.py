@@ -14,7 +14,7 @@ import re
 
 import pandas as pd
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 from data_prep import common
 
 NAME = "inshop"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 # name -> module in data_prep
 READERS: dict[str, str] = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 from data_prep import common
 
 NAME = "vehicleid"

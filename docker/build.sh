@@ -50,7 +50,7 @@ if [ -z "${DOCKER_BUILDKIT:-}" ] && ! docker buildx version >/dev/null 2>&1; the
 fi
 
 image() { echo "$REGISTRY/dcml-$1:$TAG"; }
-# The short form dcml.records.git_commit() reports outside images, so stage
+# The short form dcml.contracts.records.git_commit() reports outside images, so stage
 # records agree wherever they ran; the OCI label gets the full hash.
 COMMIT=${DCML_GIT_COMMIT:-$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "$COMMIT")

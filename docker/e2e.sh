@@ -113,7 +113,7 @@ as_me=(--user "$(id -u):$(id -g)")
 
 step "imports in dcml-base" docker run --rm "$(img base)" python -c '
 import os, faiss, kfp, torch, torchvision, dcml, components, pipeline
-from dcml.cli import COMMANDS
+from dcml_app.cli import COMMANDS
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "faiss", faiss.__version__,
       "kfp", kfp.__version__, "cuda", torch.cuda.is_available(), "commit", os.environ["DCML_GIT_COMMIT"])
 assert os.environ["DCML_GIT_COMMIT"] not in ("", "unknown")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcml import checkpoint
-from dcml.errors import DcmlError
-from dcml.models import build_model
+from dcml.contracts import checkpoint
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import build_model
 
 torch.set_num_threads(1)
 CONFIG = {"backbone": "small_cnn", "embedding_dim": 12, "num_slices": 3}
@@ -93,7 +93,7 @@ def test_pickled_code_is_not_executed(tmp_path):
 
 
 def test_compressed_checkpoints_are_dequantised(tmp_path):
-    from dcml.quantize import quantize_model, save_compressed
+    from dcml.methods.quantize import quantize_model, save_compressed
 
     torch.manual_seed(1)
     model = build_model(CONFIG).eval()

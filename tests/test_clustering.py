@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from dcml.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
-from dcml.errors import DcmlError
+from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.contracts.errors import DcmlError
 
 
 def blobs(n=20000, d=8, k=4, seed=0):

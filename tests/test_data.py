@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dcml import manifest as manifest_lib
-from dcml.data import IMAGENET_MEAN, IMAGENET_STD, ManifestImageDataset, build_transform, eval_resize_size
-from dcml.errors import DcmlError
-from dcml.inference import compute_vectors
-from dcml.models import build_model, default_config
+from dcml.contracts import manifest as manifest_lib
+from dcml.algorithm.data import IMAGENET_MEAN, IMAGENET_STD, ManifestImageDataset, build_transform, eval_resize_size
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.inference import compute_vectors
+from dcml.algorithm.models import build_model, default_config
 
 torch.set_num_threads(1)
 

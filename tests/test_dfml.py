@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dcml import dfml
-from dcml.errors import DcmlError
-from dcml.models import build_model
+from dcml.methods import dfml
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import build_model
 
 torch.set_num_threads(1)
 
@@ -253,7 +253,7 @@ def test_router_balance_term():
 
 
 def test_balance_loss_is_read_once_and_optional_in_the_objective(lite0):
-    from dcml.losses import build_loss
+    from dcml.algorithm.losses import build_loss
 
     fm = dfml.factorize(lite0)
     x = _images(n=6, size=32)
@@ -314,7 +314,7 @@ def test_routed_pass_does_not_collapse(lite0):
 
 
 def test_dfml_loss_decreases_on_a_tiny_batch(lite0):
-    from dcml.losses import build_loss, loss_parameters
+    from dcml.algorithm.losses import build_loss, loss_parameters
 
     torch.manual_seed(0)
     fm = dfml.factorize(lite0).eval()  # eval: no stochastic depth / dropout, a deterministic descent

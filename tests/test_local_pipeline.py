@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_prep import fashion_mnist
-from dcml import records
-from dcml.runner import run_local
+from dcml.contracts import records
+from dcml_app.runner import run_local
 
 try:
     FASHION = fashion_mnist.locate(allow_download=False)

@@ -9,8 +9,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.reducers import DivisorReducer
 
-from dcml.errors import DcmlError
-from dcml.losses import ReferenceMiner, build_loss, build_miner, loss_parameters
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.losses import ReferenceMiner, build_loss, build_miner, loss_parameters
 
 torch.set_num_threads(1)
 

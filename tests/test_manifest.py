@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcml import io as dcml_io
-from dcml import manifest
-from dcml.errors import DcmlError
+from dcml.contracts import io as dcml_io
+from dcml.contracts import manifest
+from dcml.contracts.errors import DcmlError
 
 META = {"dataset": "tiny", "root": "/data/tiny", "fingerprint": "f" * 64, "split_mode": "official"}
 

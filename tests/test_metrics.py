@@ -1,4 +1,4 @@
-"""dcml.metrics against pytorch-metric-learning's AccuracyCalculator, value for value."""
+"""dcml.algorithm.metrics against pytorch-metric-learning's AccuracyCalculator, value for value."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import adjusted_mutual_info_score
 
-from dcml import metrics as metrics_lib
-from dcml.errors import DcmlError
-from dcml.metrics import adjusted_mutual_info, evaluate_embeddings
+from dcml.algorithm import metrics as metrics_lib
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.metrics import adjusted_mutual_info, evaluate_embeddings
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TOL = 1e-6

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from dcml.data import build_transform
-from dcml.errors import DcmlError
-from dcml.models import (EmbeddingModel, build_model, default_config, efficientnet_lite0_weights_path,
+from dcml.algorithm.data import build_transform
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import (EmbeddingModel, build_model, default_config, efficientnet_lite0_weights_path,
                          slice_bounds)
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from dcml.cli import cli
+from dcml_app.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_EXECUTORS = ("extract", "train", "finetune", "evaluate", "compress")

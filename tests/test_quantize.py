@@ -1,4 +1,4 @@
-"""dcml.quantize: 1-D codebooks (uniform, k-means, loss-aware), bit packing,
+"""dcml.methods.quantize: 1-D codebooks (uniform, k-means, loss-aware), bit packing,
 importance, centroid fine-tuning and the compressed checkpoint format."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
-from dcml import quantize as Q
-from dcml.errors import DcmlError
+from dcml.methods import quantize as Q
+from dcml.contracts.errors import DcmlError
 
 torch.set_num_threads(1)
 ALL_BITS = range(2, 9)

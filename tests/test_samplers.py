@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcml.errors import DcmlError
-from dcml.samplers import ClusterBatchSampler, usable_members
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.samplers import ClusterBatchSampler, usable_members
 
 
 def make_data(seed=0, n_classes=30, k=3):

@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from dcml import records, tracking
-from dcml.cli import cli
-from dcml.io import write_json, write_vectors
+from dcml.contracts import records
+from dcml import tracking
+from dcml_app.cli import cli
+from dcml.contracts.io import write_json, write_vectors
 
 
 @pytest.fixture(scope="module")

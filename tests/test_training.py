@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from dcml import checkpoint
-from dcml import manifest as manifest_mod
-from dcml.errors import DcmlError
-from dcml.models import build_model
-from dcml.training import Trainer, TrainSettings, rng_state, seed_everything, set_rng_state
+from dcml.contracts import checkpoint
+from dcml.contracts import manifest as manifest_mod
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import build_model
+from dcml.algorithm.training import Trainer, TrainSettings, rng_state, seed_everything, set_rng_state
 
 torch.set_num_threads(1)
 
@@ -111,8 +111,8 @@ def test_a_resume_file_of_other_settings_is_not_used(tiny, tmp_path):
 
 def test_loss_goes_down_on_real_images(tiny):
     man, train, _ = tiny
-    from dcml.data import ManifestImageDataset, build_transform
-    from dcml.losses import build_loss, build_miner
+    from dcml.algorithm.data import ManifestImageDataset, build_transform
+    from dcml.algorithm.losses import build_loss, build_miner
 
     model = new_model(k=1, seed=0)
     eval_set = ManifestImageDataset(man, train, build_transform(model.config, train=False))

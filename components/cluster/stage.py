@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dcml.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
-from dcml.errors import DcmlError
-from dcml.io import read_parquet_meta, read_vectors, write_parquet
-from dcml.records import StageTimer
+from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_parquet_meta, read_vectors, write_parquet
+from dcml.contracts.records import StageTimer
 
 
 def _vectors(path):

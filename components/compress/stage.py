@@ -1,7 +1,7 @@
 """Optional stage: k-means weight sharing of a trained embedding model.
 
 Every conv/linear weight tensor keeps 2^B shared float32 values (its codebook)
-and a B-bit index per weight (``dcml.quantize``); biases and BatchNorm stay
+and a B-bit index per weight (``dcml.methods.quantize``); biases and BatchNorm stay
 float32. Before clustering, every conv that feeds a BatchNorm gets equal
 per-channel weight ranges (the scale moves into the BatchNorm, the function
 is unchanged); after it, each BatchNorm's running mean is corrected for the
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import click
 
-from dcml.errors import DcmlError
-from dcml.records import StageTimer
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.records import StageTimer
 
 STAGE = "compress"
 # The checkpoint does not carry a proxy loss's trained proxies, so only
@@ -38,8 +38,8 @@ def training_batches(man, rows, model_config, *, train: bool, classes_per_batch:
     (one epoch per iteration; each new iteration draws the next epoch)."""
     from torch.utils.data import DataLoader
 
-    from dcml.data import ManifestImageDataset, build_transform
-    from dcml.samplers import ClusterBatchSampler
+    from dcml.algorithm.data import ManifestImageDataset, build_transform
+    from dcml.algorithm.samplers import ClusterBatchSampler
 
     dataset = ManifestImageDataset(man, rows, build_transform(model_config, train=train))
     sampler = ClusterBatchSampler(rows["label"].to_numpy(), None, classes_per_batch=classes_per_batch,
@@ -51,7 +51,7 @@ def calibration_images(man, rows, model_config, count: int, seed: int):
     """``count`` train images (eval transforms), drawn at random with ``seed``, as one tensor."""
     import torch
 
-    from dcml.data import ManifestImageDataset, build_transform
+    from dcml.algorithm.data import ManifestImageDataset, build_transform
 
     picked = rows.sample(min(int(count), len(rows)), random_state=int(seed))
     dataset = ManifestImageDataset(man, picked, build_transform(model_config, train=False))
@@ -62,7 +62,7 @@ def equalize_checked(net, calibration) -> list[str]:
     """Channel equalisation of ``net``, its function checked on the first few
     calibration images (a handful show a conv output that feeds more than its
     BatchNorm; all of them would triple a costly forward pass for nothing)."""
-    from dcml import quantize as Q
+    from dcml.methods import quantize as Q
 
     return Q.equalize_channels(net, calibration[:EQUALIZE_CHECK_IMAGES])
 
@@ -70,7 +70,7 @@ def equalize_checked(net, calibration) -> list[str]:
 def importance_loss(model, loss: str, miner: str, margin: float | None):
     """loss(embeddings, labels): the loss of every slice of the full embedding,
     summed (a K=1 model has one slice: the whole embedding)."""
-    from dcml.losses import build_loss, build_miner
+    from dcml.algorithm.losses import build_loss, build_miner
 
     bounds = [model.slice_bounds(k) for k in range(model.num_slices)]
     losses = [build_loss(loss, embedding_dim=b - a, margin=margin) for a, b in bounds]
@@ -100,10 +100,10 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
 
     import torch
 
-    from dcml import manifest as manifest_lib
-    from dcml import quantize as Q
-    from dcml.checkpoint import load_model
-    from dcml.inference import default_device
+    from dcml.contracts import manifest as manifest_lib
+    from dcml.methods import quantize as Q
+    from dcml.contracts.checkpoint import load_model
+    from dcml.algorithm.inference import default_device
 
     params = {"model": str(model), "bits": int(bits), "method": method, "importance_batches": int(importance_batches),
               "finetune_steps": int(finetune_steps), "finetune_lr": float(finetune_lr),

@@ -1,6 +1,6 @@
 """DFML training stage: factorised backbone + router, a normal dcml checkpoint out.
 
-The pretrained model is factorised losslessly (``dcml.dfml.factorize``): each
+The pretrained model is factorised losslessly (``dcml.methods.dfml.factorize``): each
 EfficientNet-Lite MBConv block becomes G sub-blocks and gets a router. Every
 batch goes through the network twice: the full pass (all sub-blocks, the
 original function) and the routed pass (one sub-block per block and sample).
@@ -8,8 +8,8 @@ original function) and the routed pass (one sub-block per block and sample).
     loss = L(full) + routed_weight * L(routed) + distill_weight * KD(routed -> full, detached)
 
 with KD the KL divergence between the in-batch similarity distributions
-(``dcml.dfml.similarity_distillation``). After training the sub-blocks are
-merged back (``dcml.dfml.defactorize``), so the checkpoint holds the plain
+(``dcml.methods.dfml.similarity_distillation``). After training the sub-blocks are
+merged back (``dcml.methods.dfml.defactorize``), so the checkpoint holds the plain
 EmbeddingModel: ``dcml evaluate`` / ``extract`` / ``compress`` use it as is.
 The record's history carries, per epoch, how many samples each block sent to
 each of its sub-blocks.
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import click
 
-from dcml import dfml
-from dcml.errors import DcmlError
-from dcml.records import StageTimer
-from dcml.training import Trainer, TrainSettings, seed_everything
+from dcml.methods import dfml
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.records import StageTimer
+from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
 
 FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
 
@@ -30,14 +30,14 @@ FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
 class DFMLTrainer(Trainer):
     """dcml's Trainer (sampler, loader, evaluation, resume) with the two-pass DFML step.
 
-    ``model`` must be factorised (``dcml.dfml.factorize``) and have K=1.
+    ``model`` must be factorised (``dcml.methods.dfml.factorize``) and have K=1.
     """
 
     def __init__(self, model, manifest, train_rows, settings: TrainSettings, *, lr_router: float = 1e-4,
                  routed_weight: float = 0.5, distill_weight: float = 0.5, temperature: float = 0.1,
                  balance_weight: float = 0.0, eval_routed: bool = False, fingerprint_extra=None, **kwargs):
         if not dfml.is_factorized(model):
-            raise DcmlError("DFMLTrainer needs a factorised model; build it with dcml.dfml.factorize(model)")
+            raise DcmlError("DFMLTrainer needs a factorised model; build it with dcml.methods.dfml.factorize(model)")
         if model.num_slices != 1:
             raise DcmlError(f"DFML trains one embedding; got a model with K={model.num_slices} slices")
         for name, value in (("lr_router", lr_router), ("routed_weight", routed_weight),
@@ -123,13 +123,13 @@ def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_
 
     ``miner=None`` means "none" for proxy_anchor and "reference" for the pair
     losses. ``lr_proxies=None`` is 100 x lr_embedding. ``routed_scale=None``
-    is G (see dcml.dfml.factorize). ``freeze_bn=None``: frozen for
+    is G (see dcml.methods.dfml.factorize). ``freeze_bn=None``: frozen for
     pretrained weights.
     """
     params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "work_dir")}
     from components.train.stage import (device_or_default, final_metrics, load_manifest, resume_file, selection_metrics,
                                         write_output)
-    from dcml.models import build_model
+    from dcml.algorithm.models import build_model
 
     if backbone not in FACTORIZABLE_BACKBONES:
         raise DcmlError(f"backbone={backbone!r} cannot be factorised for DFML; use one of {', '.join(FACTORIZABLE_BACKBONES)}")

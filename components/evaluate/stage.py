@@ -7,7 +7,7 @@ embedded first (and optionally written out). A data set with ``query`` and
 ``gallery`` splits (In-Shop) is evaluated query vs gallery; otherwise the rows
 of ``split`` are evaluated against themselves, each query's own row excluded.
 Numbers are those of pytorch-metric-learning's AccuracyCalculator (see
-dcml.metrics).
+dcml.algorithm.metrics).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import click
 import numpy as np
 import pandas as pd
 
-from dcml import metrics as metrics_lib
-from dcml.errors import DcmlError
-from dcml.io import read_vectors, write_json, write_vectors
-from dcml.records import StageTimer
+from dcml.algorithm import metrics as metrics_lib
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_vectors, write_json, write_vectors
+from dcml.contracts.records import StageTimer
 
 STAGE = "evaluate"
 
@@ -54,9 +54,9 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
     else:
         import torch
 
-        from dcml import manifest as manifest_lib
-        from dcml.checkpoint import load_model
-        from dcml.inference import compute_vectors, default_device
+        from dcml.contracts import manifest as manifest_lib
+        from dcml.contracts.checkpoint import load_model
+        from dcml.algorithm.inference import compute_vectors, default_device
 
         source = str(manifest)
         man = manifest_lib.read(manifest)

@@ -9,7 +9,7 @@ latter re-clusters the data between training rounds, as the reference does.
 The fast mode (``views > 0``, with ``train_blocks >= 0``) also writes
 ``activations_out``: the frozen lower part's output for ``views`` augmented
 views of every training image and the eval view of the others
-(dcml.activations), which the training stages train the top on. With
+(dcml.algorithm.activations), which the training stages train the top on. With
 ``views = 0`` and an ``activations_out`` an empty folder marks "no cache".
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import click
 
-from dcml import manifest as manifest_lib
-from dcml.errors import DcmlError
-from dcml.io import write_vectors
-from dcml.records import StageTimer
+from dcml.contracts import manifest as manifest_lib
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import write_vectors
+from dcml.contracts.records import StageTimer
 
 STAGE = "extract"
 
@@ -34,8 +34,8 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
     """Write ``out`` (columns image_id, label, split, feature) and return the stage record."""
     import torch
 
-    from dcml.inference import compute_vectors, default_device
-    from dcml.models import build_model
+    from dcml.algorithm.inference import compute_vectors, default_device
+    from dcml.algorithm.models import build_model
 
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     params = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
@@ -63,13 +63,13 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
 
     device = torch.device(device) if device else default_device()
     if model:
-        from dcml.checkpoint import load_model
+        from dcml.contracts.checkpoint import load_model
 
         net, _ = load_model(model, device=device)
     else:
         # Seeded like the train stage, so a randomly initialised backbone
         # (small_cnn, weights=none) is the very one training starts from.
-        from dcml.training import seed_everything
+        from dcml.algorithm.training import seed_everything
 
         seed_everything(int(seed))
         net = build_model({"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
@@ -86,7 +86,7 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
     metrics = {"num_images": len(rows), "dim": int(features.shape[1]),
                "seconds": round(seconds, 3), "images_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
     if activations_out is not None:
-        from dcml import activations
+        from dcml.algorithm import activations
 
         if int(views) > 0:
             cache = activations.build(activations_out, net, man, views=int(views), seed=int(seed),

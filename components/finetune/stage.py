@@ -17,10 +17,10 @@ import torch
 
 from components.train.stage import (device_or_default, final_metrics, load_manifest, open_activations, resume_file,
                                     selection_metrics, set_threads, write_output)
-from dcml import checkpoint
+from dcml.contracts import checkpoint
 from dcml.cli_options import selection_options, training_options
-from dcml.errors import DcmlError
-from dcml.records import StageTimer
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.records import StageTimer
 
 MERGES = ("average", "first")
 
@@ -83,7 +83,7 @@ def run(manifest, checkpoints, out, merge="average", epochs=2, activations=None,
     With a ``val`` split the merged model itself is a candidate: fine-tuning
     that does not beat it on validation leaves it unchanged."""
     params = {k: v for k, v in locals().items() if k not in ("manifest", "checkpoints", "out", "work_dir", "activations")}
-    from dcml.training import Trainer, TrainSettings, seed_everything
+    from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
 
     if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
         checkpoints = [checkpoints]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from dcml import manifest
-from dcml.errors import DcmlError
-from dcml.records import StageTimer
+from dcml.contracts import manifest
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.records import StageTimer
 from data_prep import common, registry
 
 SPLIT_MODE_CHOICES = list(common.SPLIT_MODES)

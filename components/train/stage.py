@@ -20,11 +20,11 @@ import click
 import numpy as np
 import pandas as pd
 
-from dcml import checkpoint
+from dcml.contracts import checkpoint
 from dcml.cli_options import selection_options, training_options
-from dcml.errors import DcmlError
-from dcml.io import read_parquet_meta
-from dcml.records import StageTimer
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_parquet_meta
+from dcml.contracts.records import StageTimer
 
 MODES = ("shared", "worker")
 
@@ -33,7 +33,7 @@ MODES = ("shared", "worker")
 
 def load_manifest(path):
     """(manifest, train rows, test rows, validation rows)."""
-    from dcml import manifest as manifest_mod
+    from dcml.contracts import manifest as manifest_mod
 
     man = manifest_mod.read(path)
     train_rows = man.split("train")
@@ -44,10 +44,10 @@ def load_manifest(path):
 
 
 def open_activations(path):
-    """The fast mode's cache (dcml.activations), or None when ``path`` is unset or holds no cache."""
+    """The fast mode's cache (dcml.algorithm.activations), or None when ``path`` is unset or holds no cache."""
     if not path:
         return None
-    from dcml.activations import ActivationCache, is_cache
+    from dcml.algorithm.activations import ActivationCache, is_cache
 
     return ActivationCache(path) if is_cache(path) else None
 
@@ -89,7 +89,7 @@ def read_clusters(path, train_rows: pd.DataFrame) -> tuple[np.ndarray, int, dict
 
 
 def device_or_default(device):
-    from dcml.training import default_device
+    from dcml.algorithm.training import default_device
 
     return default_device() if device in (None, "", "auto") else device
 
@@ -143,7 +143,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     """Train and write a checkpoint to ``out``; returns the stage record.
 
     ``weights=None`` / ``freeze_bn=None`` / ``image_size=None`` use the
-    backbone's defaults (dcml.models.default_config). ``num_slices`` defaults
+    backbone's defaults (dcml.algorithm.models.default_config). ``num_slices`` defaults
     to the clusters file's k (1 without clusters). ``init``: a checkpoint to
     start from (its architecture wins over backbone/embedding_dim/...).
     ``finetune_epoch``: from this epoch on train K=1 on all data (None: leave
@@ -152,8 +152,8 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     activations of the frozen lower part instead of on images.
     """
     params = {k: v for k, v in locals().items() if k not in ("manifest", "out", "clusters", "init", "work_dir", "activations")}
-    from dcml.models import build_model
-    from dcml.training import Trainer, TrainSettings, seed_everything
+    from dcml.algorithm.models import build_model
+    from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
 
     if mode not in MODES:
         raise DcmlError(f"mode={mode!r}: use one of {', '.join(MODES)}")

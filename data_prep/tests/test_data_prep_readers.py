@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dcml import manifest
-from dcml.errors import DcmlError
+from dcml.contracts import manifest
+from dcml.contracts.errors import DcmlError
 from data_prep import cars196, cub200, fashion_mnist, folder, inshop, registry, sop, synthetic, vehicleid
 
 

@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 from components.cluster.stage import cli, run
-from dcml.errors import DcmlError
-from dcml.io import read_parquet_meta, write_vectors
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_parquet_meta, write_vectors
 
 
 def features_file(path, n_per_blob=60, k=3, seed=0, column="feature"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcml import checkpoint, manifest
-from dcml.models import build_model
+from dcml.contracts import checkpoint, manifest
+from dcml.algorithm.models import build_model
 
 
 def _png(array: np.ndarray) -> bytes:

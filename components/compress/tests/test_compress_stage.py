@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from components.compress.stage import run
-from dcml import manifest as manifest_lib
-from dcml import quantize as Q
-from dcml import records
-from dcml.checkpoint import load, load_model
-from dcml.cli import cli
-from dcml.errors import DcmlError
-from dcml.inference import compute_vectors
+from dcml.contracts import manifest as manifest_lib
+from dcml.methods import quantize as Q
+from dcml.contracts import records
+from dcml.contracts.checkpoint import load, load_model
+from dcml_app.cli import cli
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.inference import compute_vectors
 
 torch.set_num_threads(1)
 SMALL = {"classes_per_batch": 4, "images_per_class": 2, "miner": "none"}

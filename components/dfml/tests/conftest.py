@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dcml import manifest as manifest_lib
+from dcml.contracts import manifest as manifest_lib
 
 torch.set_num_threads(1)
 

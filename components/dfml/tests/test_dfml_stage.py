@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 
 from components.dfml import stage
-from dcml import checkpoint
-from dcml.errors import DcmlError
-from dcml.models import build_model
+from dcml.contracts import checkpoint
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import build_model
 
 
 def test_stage_writes_a_plain_checkpoint_with_routing_history(cars_manifest, tmp_path):

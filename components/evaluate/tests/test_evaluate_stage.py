@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from components.evaluate.stage import run
-from dcml import checkpoint
-from dcml.cli import cli as dcml_cli
-from dcml.cli import main as dcml_main
-from dcml.errors import DcmlError
-from dcml.io import read_vectors, write_vectors
-from dcml.metrics import evaluate_embeddings
-from dcml.models import build_model, default_config
+from dcml.contracts import checkpoint
+from dcml_app.cli import cli as dcml_cli
+from dcml_app.cli import main as dcml_main
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_vectors, write_vectors
+from dcml.algorithm.metrics import evaluate_embeddings
+from dcml.algorithm.models import build_model, default_config
 
 KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r", "nmi", "ami"}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dcml import manifest as manifest_lib
+from dcml.contracts import manifest as manifest_lib
 
 torch.set_num_threads(1)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from components.extract.stage import run
-from dcml import manifest as manifest_lib
-from dcml.errors import DcmlError
-from dcml.inference import compute_vectors
-from dcml.io import read_vectors
-from dcml.models import build_model
+from dcml.contracts import manifest as manifest_lib
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.inference import compute_vectors
+from dcml.contracts.io import read_vectors
+from dcml.algorithm.models import build_model
 
 
 def test_extract_small_cnn_writes_a_vector_table(tiny_manifest, tmp_path):
@@ -48,7 +48,7 @@ def test_extract_efficientnet_features_equal_the_backbone(tiny_manifest, tmp_pat
 
 
 def test_extract_with_a_trained_model_uses_its_backbone(tiny_manifest, tmp_path):
-    checkpoint = pytest.importorskip("dcml.checkpoint")
+    checkpoint = pytest.importorskip("dcml.contracts.checkpoint")
     torch.manual_seed(2)
     model = build_model({"backbone": "small_cnn", "embedding_dim": 16, "num_slices": 2})
     ckpt_path = tmp_path / "model.pt"
@@ -80,7 +80,7 @@ def test_bad_inputs_fail_clearly_without_output(tiny_manifest, tmp_path):
 
 
 def test_cli_reports_a_bad_manifest_on_one_line(tmp_path, capsys):
-    from dcml.cli import main
+    from dcml_app.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["extract", "--manifest", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "f.parquet"),
@@ -91,7 +91,7 @@ def test_cli_reports_a_bad_manifest_on_one_line(tmp_path, capsys):
 
 
 def test_cli_runs_with_repeated_split(tiny_manifest, tmp_path, capsys):
-    from dcml.cli import main
+    from dcml_app.cli import main
 
     out = tmp_path / "f.parquet"
     main(["extract", "--manifest", str(tiny_manifest), "--out", str(out), "--backbone", "small_cnn",

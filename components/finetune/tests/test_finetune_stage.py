@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from components.finetune.stage import cli, merge_checkpoints, run
 from components.train.stage import run as train_run
-from dcml import checkpoint
-from dcml import manifest as manifest_mod
-from dcml.errors import DcmlError
-from dcml.io import write_parquet
-from dcml.models import build_model
+from dcml.contracts import checkpoint
+from dcml.contracts import manifest as manifest_mod
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import write_parquet
+from dcml.algorithm.models import build_model
 
 CONFIG = {"backbone": "small_cnn", "embedding_dim": 12, "num_slices": 3, "freeze_bn": False}
 FAST = dict(classes_per_batch=2, images_per_class=4, lr_backbone=1e-3, lr_embedding=1e-3, seed=1)

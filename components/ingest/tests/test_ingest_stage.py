@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from components.ingest import stage
-from dcml import manifest
-from dcml.cli import main
+from dcml.contracts import manifest
+from dcml_app.cli import main
 from data_prep import synthetic
 
 REPO = Path(__file__).resolve().parents[3]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dcml import manifest as manifest_mod
+from dcml.contracts import manifest as manifest_mod
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

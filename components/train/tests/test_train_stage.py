@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 
 from components.train.stage import cli, run
-from dcml import checkpoint
-from dcml import manifest as manifest_mod
-from dcml.errors import DcmlError
-from dcml.io import write_parquet, write_vectors
+from dcml.contracts import checkpoint
+from dcml.contracts import manifest as manifest_mod
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import write_parquet, write_vectors
 
 FAST = dict(backbone="small_cnn", embedding_dim=12, classes_per_batch=3, images_per_class=4,
             lr_backbone=1e-3, lr_embedding=1e-3, seed=1)
@@ -28,8 +28,8 @@ def train_ids(manifest_path):
 
 def test_shared_mode_from_real_features_through_the_cluster_stage(fm_manifest, tmp_path):
     from components.cluster.stage import run as cluster_run
-    from dcml.inference import compute_vectors
-    from dcml.models import build_model
+    from dcml.algorithm.inference import compute_vectors
+    from dcml.algorithm.models import build_model
 
     man = manifest_mod.read(fm_manifest)
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def test_shared_mode_from_real_features_through_the_cluster_stage(fm_manifest, t
 
 
 def test_worker_trains_its_slice_only_with_a_frozen_backbone(fm_manifest, tmp_path):
-    from dcml.models import build_model
+    from dcml.algorithm.models import build_model
 
     ids = train_ids(fm_manifest)
     clusters = write_clusters(tmp_path / "c.parquet", ids, np.arange(len(ids)) % 3, k=3)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 # name -> ("module:attribute", one-line help shown by `dcml --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,11 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate.stage:cli", "Stage 6: Recall@K, MAP@R, R-Precision, NMI, AMI."),
     "train-dfml": ("components.dfml.stage:cli", "Stage 4 (DFML): factorised backbone with a router."),
     "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
-    "run": ("dcml.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
-    "compile": ("dcml.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
-    "submit": ("dcml.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
+    "run": ("dcml_app.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
+    "compile": ("dcml_app.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
+    "submit": ("dcml_app.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
     "compare": ("dcml.tracking:compare_cli", "Compare runs tracked in MLflow."),
-    "study": ("dcml.study:study_cli", "Run a hyper-parameter study (embedding size, margin, batch size, loss)."),
+    "study": ("dcml_app.study:study_cli", "Run a hyper-parameter study (embedding size, margin, batch size, loss)."),
 }
 
 

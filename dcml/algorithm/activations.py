@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dcml.errors import DcmlError
-from dcml.io import atomic_dir, read_parquet_meta, write_parquet
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import atomic_dir, read_parquet_meta, write_parquet
 
 TRAIN_FILE, EVAL_FILE, ROWS_FILE = "train.npy", "eval.npy", "rows.parquet"
 EVAL_SPLITS = ("val", "test", "query", "gallery")
@@ -68,7 +68,7 @@ class _Views(Dataset):
 
 def _compute(model, manifest, rows: pd.DataFrame, views: int, seed: int, batch_size: int, device,
              num_workers: int, desc: str) -> np.ndarray | None:
-    from dcml.data import ManifestImageDataset, build_transform
+    from dcml.algorithm.data import ManifestImageDataset, build_transform
 
     if rows.empty:
         return None

@@ -5,7 +5,7 @@ containers of them, so ``torch.load(weights_only=True)`` reads it without
 running pickled code:
 
 * ``format``: "dcml.checkpoint/1" (or "dcml.compressed/1" for a quantised model)
-* ``model_config``: the dict ``dcml.models.build_model`` takes
+* ``model_config``: the dict ``dcml.algorithm.models.build_model`` takes
 * ``model``: the state_dict
 * ``record``: the stage record as a JSON string
 * when resumable: ``optimizer``, ``epoch``, ``cluster_state``,
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dcml.errors import DcmlError
-from dcml.io import atomic_path
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import atomic_path
 
 FORMAT = "dcml.checkpoint/1"
 COMPRESSED_FORMAT = "dcml.compressed/1"
@@ -79,7 +79,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 def state_dict_of(ckpt: dict) -> dict:
     """The model weights of a loaded checkpoint, dequantised when compressed."""
     if ckpt.get("format") == COMPRESSED_FORMAT:
-        from dcml.quantize import dequantize_state_dict
+        from dcml.methods.quantize import dequantize_state_dict
 
         return dequantize_state_dict(ckpt)
     return ckpt["model"]
@@ -87,7 +87,7 @@ def state_dict_of(ckpt: dict) -> dict:
 
 def build_from(ckpt: dict, source: str = "checkpoint", device="cpu"):
     """The EmbeddingModel a loaded checkpoint describes, with its weights."""
-    from dcml.models import build_model
+    from dcml.algorithm.models import build_model
 
     if not isinstance(ckpt.get("model_config"), dict):
         raise DcmlError(f"{source}: model_config is not a dict; re-create the checkpoint")

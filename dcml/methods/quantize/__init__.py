@@ -34,7 +34,7 @@ the BatchNorm, the float function unchanged) and :func:`correct_bias` after it
 checkpoint (``format`` ``dcml.compressed/1``, see :func:`save_compressed`)
 stores each layer's float32 codebook and its indices bit-packed at B bits;
 :func:`dequantize_state_dict` turns it back into a normal state_dict, which is
-what ``dcml.checkpoint.load_model`` does for this format.
+what ``dcml.contracts.checkpoint.load_model`` does for this format.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 FORMAT = "dcml.compressed/1"
 METHODS = ("uniform", "kmeans", "loss-aware")
@@ -510,7 +510,7 @@ def correct_bias(model: nn.Module, reference: nn.Module, images: torch.Tensor) -
 
 def _images_and_labels(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise DcmlError("each batch must be a tuple (images, labels, ...); use a DataLoader over dcml.data.ManifestImageDataset")
+        raise DcmlError("each batch must be a tuple (images, labels, ...); use a DataLoader over dcml.algorithm.data.ManifestImageDataset")
     return batch[0].to(device), batch[1].to(device)
 
 
@@ -787,7 +787,7 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, quantized: Mappin
     report is stored in ``record["metrics"]`` with ``compressed_size_bytes``
     equal to the final file's exact size.
     """
-    from dcml.io import atomic_path
+    from dcml.contracts.io import atomic_path
 
     ckpt = compressed_checkpoint(model, quantized)
     report = budget_bytes(quantized, ckpt["float"])

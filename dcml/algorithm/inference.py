@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dcml.data import ManifestImageDataset, build_transform
-from dcml.errors import DcmlError
+from dcml.algorithm.data import ManifestImageDataset, build_transform
+from dcml.contracts.errors import DcmlError
 
 KINDS = ("embedding", "features")
 

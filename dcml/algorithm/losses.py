@@ -33,7 +33,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.miners import BaseMiner
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity")
 MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")

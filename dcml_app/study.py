@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 # name -> (varied parameters per grid point, x label)
 STUDIES = {
@@ -46,7 +46,7 @@ def run_study(name: str, base: dict, *, mode="shared", output_dir="studies", tra
               experiment=None) -> tuple[list[dict], Path]:
     """Run the grid locally; returns (rows, study folder)."""
     from dcml import tracking
-    from dcml.runner import run_local
+    from dcml_app.runner import run_local
 
     points, _ = STUDIES[name]
     folder = Path(output_dir).resolve() / name
@@ -73,7 +73,7 @@ def run_study(name: str, base: dict, *, mode="shared", output_dir="studies", tra
 
 
 def _train_history(metrics_file: str) -> list[dict]:
-    from dcml import records
+    from dcml.contracts import records
 
     return [h for r in records.walk(records.read(metrics_file)) if r["stage"] == "train" for h in r.get("history", [])]
 
@@ -85,7 +85,7 @@ def write_report(name: str, rows: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from dcml.io import atomic_path
+    from dcml.contracts.io import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
@@ -114,7 +114,7 @@ def _log_study(name, rows, folder, experiment, tracking_uri):
 
     experiment_id = tracking.setup(experiment, tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"study:{name}",
-                          tags={"dcml.kind": "study", "dcml.study": name}):
+                          tags={"dcml.kind": "study", "dcml_app.study": name}):
         for i, row in enumerate(rows):
             for key in ("recall@1", "map@r", "nmi"):
                 if key in row:
@@ -135,7 +135,7 @@ def _log_study(name, rows, folder, experiment, tracking_uri):
 @click.option("--image-tag", default=None, help="With --host: image tag (default: git commit).")
 def study_cli(name, config, overrides, mode, output_dir, experiment, tracking_uri, host, image_tag):
     """Run a study (embedding-size, margin, batch-size, loss); write table + plot."""
-    from dcml.runner import _build, resolve_arguments
+    from dcml_app.runner import _build, resolve_arguments
 
     pipeline_fn, tag = _build(mode, "dc", 1, "average", False, "dcml", image_tag)
     base = resolve_arguments(pipeline_fn, config, overrides)
@@ -154,7 +154,7 @@ def _submit_study(name, base, host, mode, tag, experiment):
     import kfp
     from kfp import compiler
 
-    from dcml.runner import _build
+    from dcml_app.runner import _build
 
     pipeline_fn, _ = _build(mode, "dc", 1, "average", False, "dcml", tag,
                             cluster=__import__("pipeline").ClusterSettings())

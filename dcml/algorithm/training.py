@@ -3,7 +3,7 @@
 One :class:`Trainer` serves every training mode:
 
 * **shared** (the paper): the model has K slices; each batch comes from one
-  cluster k (:class:`dcml.samplers.ClusterBatchSampler`) and learner k's loss
+  cluster k (:class:`dcml.algorithm.samplers.ClusterBatchSampler`) and learner k's loss
   sees only slice k of the embedding (``model(x, learner=k)``), so the backbone
   is shared by all learners. Every ``recluster_every`` epochs the training
   images are re-clustered (faiss k-means on the L2-normalised backbone
@@ -46,9 +46,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dcml import checkpoint
-from dcml.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
-from dcml.errors import DcmlError
+from dcml.contracts import checkpoint
+from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.contracts.errors import DcmlError
 
 CLUSTER_INPUTS = ("features", "embedding")
 HEAD_INITS = ("auto", "pca", "random")
@@ -84,6 +84,7 @@ class TrainSettings:
     schedule: str = "constant"  # "constant" | "cosine" (per step, after the warm-up)
     select_on: str = "recall@1"  # validation metric that picks the epoch kept ("recall@1" | "map@r")
     patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
+    batches_per_epoch: int = 0  # 0 = the sampler's natural epoch; fixed to compare runs at equal images
     seed: int = 0
     num_workers: int = 0
 
@@ -104,8 +105,8 @@ class TrainSettings:
             raise DcmlError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.select_on not in SELECT_ON:
             raise DcmlError(f"select_on={self.select_on!r}: use one of {', '.join(SELECT_ON)}")
-        if self.warmup_epochs < 0 or self.patience < 0:
-            raise DcmlError("warmup_epochs and patience must be >= 0")
+        if self.warmup_epochs < 0 or self.patience < 0 or self.batches_per_epoch < 0:
+            raise DcmlError("warmup_epochs, patience and batches_per_epoch must be >= 0")
 
     @property
     def loss_lr(self) -> float:
@@ -188,7 +189,7 @@ class Trainer:
         val_rows: validation rows (classes disjoint from the training ones):
             scored before training and after every epoch; the best epoch
             (the initial model included) is the one ``fit`` leaves in the model.
-        activations: a :class:`dcml.activations.ActivationCache` of the
+        activations: a :class:`dcml.algorithm.activations.ActivationCache` of the
             model's frozen lower part: train the top on it (the fast mode).
         fresh_head: the head was just built (not loaded), so ``head_init``
             applies to it.
@@ -276,7 +277,7 @@ class Trainer:
         return drop_singletons(clusters, self.labels)
 
     def _build_losses(self) -> None:
-        from dcml.losses import build_loss, build_miner
+        from dcml.algorithm.losses import build_loss, build_miner
 
         s = self.settings
 
@@ -298,7 +299,7 @@ class Trainer:
 
     def param_groups(self) -> list[dict]:
         """Optimiser groups (hook): backbone, embedding head, loss parameters."""
-        from dcml.losses import loss_parameters
+        from dcml.algorithm.losses import loss_parameters
 
         s = self.settings
         groups = []
@@ -397,7 +398,7 @@ class Trainer:
     # -- vectors of rows (eval transform; cached activations in the fast mode) --
     def vectors(self, rows: pd.DataFrame, kind: str, desc: str) -> np.ndarray:
         """Features or embeddings of ``rows`` with the current model, in eval mode."""
-        from dcml.inference import compute_vectors
+        from dcml.algorithm.inference import compute_vectors
 
         s = self.settings
         if self.activations is None:
@@ -462,7 +463,7 @@ class Trainer:
 
     def _score(self, rows: pd.DataFrame, desc: str) -> dict:
         """R@1 and MAP@R of ``rows`` (query vs gallery when both are there, else each row vs the rest)."""
-        from dcml.metrics import evaluate_embeddings
+        from dcml.algorithm.metrics import evaluate_embeddings
 
         splits = set(rows["split"])
         if "query" in splits and "gallery" in splits:
@@ -504,20 +505,21 @@ class Trainer:
         return None if self.best is None else int(self.best["epoch"])
 
     def _sampler(self, epoch: int):
-        from dcml.samplers import ClusterBatchSampler
+        from dcml.algorithm.samplers import ClusterBatchSampler
 
         s = self.settings
         clusters = None if self.model.num_slices == 1 and self.only_learner is None else self.clusters
         return ClusterBatchSampler(self.labels, clusters, classes_per_batch=s.classes_per_batch,
-                                   images_per_class=s.images_per_class, seed=s.seed, epoch=epoch)
+                                   images_per_class=s.images_per_class, seed=s.seed, epoch=epoch,
+                                   length=s.batches_per_epoch or None)
 
     def _loader(self, sampler, epoch: int):
         s = self.settings
         if self.activations is not None:
-            from dcml.activations import TrainViews, batch_loader
+            from dcml.algorithm.activations import TrainViews, batch_loader
 
             return batch_loader(TrainViews(self.activations, self._cache_rows, self.labels, s.seed, epoch), sampler)
-        from dcml.data import ManifestImageDataset, build_transform
+        from dcml.algorithm.data import ManifestImageDataset, build_transform
 
         rows = self.train_rows.assign(label=self.labels)
         dataset = ManifestImageDataset(self.manifest, rows, build_transform(self.model.config, train=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 PRESETS: dict[str, dict] = {
     # The embedded default: Fashion-MNIST, small CNN, class-disjoint split

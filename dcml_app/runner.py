@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
-from dcml import presets, records
-from dcml.errors import DcmlError
+from dcml_app import presets
+from dcml.contracts import records
+from dcml.contracts.errors import DcmlError
 
 DEFAULT_OUTPUT_DIR = "runs"
 
@@ -230,7 +231,7 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
         click.echo(format_metrics(summary["compressed"]["metrics"]))
     click.echo(f"wall time  : {summary['seconds']:.1f} s")
     if json_out:
-        from dcml.io import write_json
+        from dcml.contracts.io import write_json
 
         write_json(json_out, summary)
 
@@ -287,7 +288,7 @@ def compile_cli(out, mode, method, rounds, merge, freeze_backbone, image_registr
     """Compile the pipeline to Kubeflow YAML for a cluster."""
     from kfp import compiler
 
-    from dcml.io import atomic_path
+    from dcml.contracts.io import atomic_path
 
     settings = _cluster_settings(**cluster_kwargs)
     pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,

@@ -27,8 +27,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from dcml.errors import DcmlError
-from dcml.io import read_parquet_meta, write_parquet
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_parquet_meta, write_parquet
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test", "query", "gallery")

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 
 def usable_members(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
@@ -64,11 +64,14 @@ class ClusterBatchSampler:
         seed: base seed; epoch e draws from ``numpy.random.default_rng([seed, e])``.
         epoch: the epoch to start in (the trainer passes its epoch counter when
             it rebuilds the sampler after re-clustering).
+        length: batches per epoch instead of the natural count (clusters
+            still take turns; a cluster whose pass ends starts a new one).
+            Equal lengths give runs with different K equal images trained.
     """
 
     def __init__(self, labels: Sequence[int], clusters: Sequence[int] | None = None,
                  classes_per_batch: int = 20, images_per_class: int = 4, seed: int = 0,
-                 epoch: int = 0):
+                 epoch: int = 0, length: int | None = None):
         if classes_per_batch < 2:
             raise DcmlError(f"classes_per_batch={classes_per_batch}: a batch needs at least 2 classes; raise it")
         if images_per_class < 2:
@@ -105,6 +108,10 @@ class ClusterBatchSampler:
         # Batches per pass depend only on class sizes, so compute them once.
         self._pass_len = {c: self._count_pass(c) for c in self.cluster_ids}
         self._epoch_len = len(self.cluster_ids) * max(self._pass_len.values())
+        if length:
+            if int(length) < 1:
+                raise DcmlError(f"batches_per_epoch={length}: must be >= 1 (0 = the sampler's natural epoch)")
+            self._epoch_len = int(length)
         self._cache: tuple[int, list[list[int]]] | None = None
 
     # -- layout ---------------------------------------------------------------
@@ -172,14 +179,14 @@ class ClusterBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        per_cluster = self._epoch_len // len(self.cluster_ids)
+        per_cluster = -(-self._epoch_len // len(self.cluster_ids))
         streams = {}
         for c in self.cluster_ids:
             out: list[list[int]] = []
             while len(out) < per_cluster:  # smaller clusters restart with a new pass
                 out.extend(self._one_pass(c, rng))
             streams[c] = out[:per_cluster]
-        batches = [streams[c][j] for j in range(per_cluster) for c in self.cluster_ids]
+        batches = [streams[c][j] for j in range(per_cluster) for c in self.cluster_ids][:self._epoch_len]
         self._cache = (epoch, batches)
         return batches
 
@@ -213,7 +220,7 @@ class ClusterBatchSampler:
         h = hashlib.sha256()
         for arr in (self.labels, self.clusters):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        h.update(f"{self.classes_per_batch},{self.images_per_class},{self.seed}".encode())
+        h.update(f"{self.classes_per_batch},{self.images_per_class},{self.seed},{self._epoch_len}".encode())
         return h.hexdigest()[:16]
 
     def state_dict(self) -> dict:

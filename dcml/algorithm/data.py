@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from dcml.errors import DcmlError
-from dcml.models import CONFIG_KEYS, default_config
+from dcml.contracts.errors import DcmlError
+from dcml.algorithm.models import CONFIG_KEYS, default_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

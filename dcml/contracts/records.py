@@ -97,7 +97,7 @@ def read(path: str | os.PathLike) -> dict:
         return {}
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        from dcml.io import read_parquet_meta
+        from dcml.contracts.io import read_parquet_meta
 
         return read_parquet_meta(path).get("record", {})
     if suffix == ".json":

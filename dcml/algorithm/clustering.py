@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 
 @dataclass
@@ -110,7 +110,7 @@ def match_to_previous(previous: np.ndarray, current: np.ndarray, k: int) -> np.n
 
 def drop_singletons(assignments: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Set to -1 the rows whose class has a single member in their cluster."""
-    from dcml.samplers import usable_members
+    from dcml.algorithm.samplers import usable_members
 
     assignments = np.asarray(assignments, dtype=np.int64)
     return np.where(usable_members(labels, assignments), assignments, -1)

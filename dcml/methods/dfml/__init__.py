@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 ROUTE_MODES = ("full", "routed")
 

@@ -1,7 +1,7 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
 The run tree is built from the stage records that travel inside the final
-artifacts (dcml.records), after the pipeline has run. A stage whose execution
+artifacts (dcml.contracts.records), after the pipeline has run. A stage whose execution
 id MLflow has seen before was served from the cache and is tagged so.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from dcml import records
-from dcml.errors import DcmlError
+from dcml.contracts import records
+from dcml.contracts.errors import DcmlError
 
 DEFAULT_EXPERIMENT = "dcml"
 # Parameters shown next to metrics in `dcml compare`, in this order.
@@ -188,7 +188,7 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
         run_id = parent.info.run_id
 
     if out:
-        from dcml.io import write_json
+        from dcml.contracts.io import write_json
 
         write_json(out, {"mlflow_run_id": run_id, "experiment_id": experiment_id,
                          "tracking_uri": mlflow.get_tracking_uri(),
@@ -201,7 +201,7 @@ def _log_model(model_path: str) -> str:
     import mlflow
     import torch
 
-    from dcml.checkpoint import load_model
+    from dcml.contracts.checkpoint import load_model
 
     model, _ = load_model(model_path, device="cpu")
     model.eval()
@@ -333,7 +333,7 @@ def embedding_map(embeddings: str, dest: Path, max_points: int = 3000) -> Path:
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from dcml.io import read_vectors
+    from dcml.contracts.io import read_vectors
 
     meta, vectors, _ = read_vectors(embeddings, "embedding")
     rng = np.random.default_rng(0)

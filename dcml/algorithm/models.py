@@ -19,7 +19,7 @@ Config keys (``default_config`` fills them):
 - ``train_blocks``: how many of the backbone's last blocks train (-1 = the
   whole backbone, stem included; 0 = none, only the embedding head). The
   frozen lower part keeps its weights and BatchNorm statistics, runs without
-  autograd, and is what the fast mode caches (``dcml.activations``).
+  autograd, and is what the fast mode caches (``dcml.algorithm.activations``).
 
 Every backbone is a chain of *units*: stem, blocks 0..n-1 (MBConv blocks of
 EfficientNet, residual blocks of ResNet, conv blocks of the small CNN) and a
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 BACKBONES = ("resnet18", "resnet50", "efficientnet_lite0", "small_cnn")
 WEIGHTS_CHOICES = ("imagenet", "none")
@@ -92,7 +92,7 @@ def _validated(config: dict) -> dict:
     config.setdefault("train_blocks", -1)  # checkpoints written before the key existed trained everything
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise DcmlError(f"model config: missing key(s) {missing}; build it with dcml.models.default_config(...)")
+        raise DcmlError(f"model config: missing key(s) {missing}; build it with dcml.algorithm.models.default_config(...)")
     if config["backbone"] not in BACKBONES:
         raise DcmlError(f"model config: unknown backbone {config['backbone']!r}; use one of {', '.join(BACKBONES)}")
     for key in ("embedding_dim", "num_slices", "image_size", "in_channels", "train_blocks"):

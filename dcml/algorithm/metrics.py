@@ -32,7 +32,7 @@ import numpy as np
 from scipy.special import gammaln
 from tqdm.auto import tqdm
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 RETRIEVAL_METRICS = ("recall", "r_precision", "map@r")
 CLUSTERING_METRICS = ("nmi", "ami")
@@ -223,7 +223,7 @@ def _drop_self(found: np.ndarray, start: int) -> np.ndarray:
 def pml_kmeans_assignments(x: np.ndarray, num_clusters: int, gpu: bool | str = "auto") -> np.ndarray:
     """Cluster of each row from the exact k-means PML's AccuracyCalculator runs for NMI/AMI.
 
-    Unlike ``dcml.clustering.kmeans`` (all points, 100 iterations), this keeps
+    Unlike ``dcml.algorithm.clustering.kmeans`` (all points, 100 iterations), this keeps
     PML's choices (20 iterations, faiss's seed and its subsampling to 256
     points per centroid) so the numbers are comparable with published ones.
     """
@@ -355,6 +355,6 @@ def check_include(include) -> tuple[str, ...]:
 
 
 def _use_gpu(gpu) -> bool:
-    from dcml.clustering import use_gpu
+    from dcml.algorithm.clustering import use_gpu
 
     return use_gpu(gpu)

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dcml.errors import DcmlError
+from dcml.contracts.errors import DcmlError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

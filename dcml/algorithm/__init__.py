@@ -1,0 +1,1 @@
+"""The algorithm: data, models, losses, samplers, clustering, metrics, the training loop."""

@@ -1,0 +1,1 @@
+"""Contracts: errors, atomic files, records, the manifest, checkpoints, parameters."""

@@ -1,0 +1,1 @@
+"""Whole methods built on the algorithm: DFML, weight quantisation."""

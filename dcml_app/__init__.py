@@ -1,0 +1,1 @@
+"""The dcml application: the `dcml` command, local runs, studies, comparisons."""
