@@ -79,7 +79,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 def state_dict_of(ckpt: dict) -> dict:
     """The model weights of a loaded checkpoint, dequantised when compressed."""
     if ckpt.get("format") == COMPRESSED_FORMAT:
-        from dcml.methods.quantize import dequantize_state_dict
+        from dcml.methods.quantize.storage import dequantize_state_dict
 
         return dequantize_state_dict(ckpt)
     return ckpt["model"]
