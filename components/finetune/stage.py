@@ -15,14 +15,15 @@ from __future__ import annotations
 import click
 import torch
 
-from components.train.stage import (device_or_default, final_metrics, load_manifest, open_activations, resume_file,
-                                    selection_metrics, set_threads, write_output)
-from dcml.contracts import checkpoint
-from dcml.cli_options import selection_options, training_options
+from dcml import stagekit
+from dcml.contracts import checkpoint, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
 
 MERGES = ("average", "first")
+# Hyper-parameters this stage takes (dcml.contracts.params); finetune_epochs is its --epochs.
+PARAMS = ("finetune_epochs",) + tuple(n for n in stagekit.TRAINING_PARAMS if n != "epochs")
+RENAME = params.STAGE_NAMES["finetune"]
 
 
 def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
@@ -73,27 +74,28 @@ def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
     return template, list(range(k))
 
 
-def run(manifest, checkpoints, out, merge="average", epochs=2, activations=None, loss="margin", margin=None,
-        miner="reference", classes_per_batch=20, images_per_class=4, lr_backbone=1e-5, lr_embedding=1e-5,
-        lr_proxies=None, weight_decay=1e-4, eval_every=0, freeze_backbone=False, warmup_epochs=0,
-        schedule="constant", select_on="recall@1", patience=0, seed=0, num_workers=0,
-        resume=True, work_dir=None, device=None, threads=None) -> dict:
+def run(manifest, checkpoints, out, merge="average", activations=None, freeze_backbone=False,
+        resume=True, work_dir=None, device=None, threads=None, **hyper) -> dict:
     """Merge worker checkpoints (or take the one shared-mode checkpoint) and
     fine-tune with K=1 on all training images; writes a checkpoint to ``out``.
-    With a ``val`` split the merged model itself is a candidate: fine-tuning
-    that does not beat it on validation leaves it unchanged."""
-    params = {k: v for k, v in locals().items() if k not in ("manifest", "checkpoints", "out", "work_dir", "activations")}
-    from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
+
+    ``hyper``: the hyper-parameters in ``PARAMS`` (``epochs`` is the
+    pipeline's finetune_epochs; 0 = merge only). With a ``val`` split the
+    merged model itself is a candidate: fine-tuning that does not beat it on
+    validation leaves it unchanged."""
+    hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
+    from dcml.algorithm.training import Trainer, seed_everything
 
     if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
         checkpoints = [checkpoints]
     checkpoints = [str(c) for c in checkpoints]
     if not checkpoints:
         raise DcmlError("no checkpoint given; pass --checkpoint once per trained model")
-    timer = StageTimer("finetune", params)
-    set_threads(threads)
-    man, train_rows, eval_rows, val_rows = load_manifest(manifest)
-    cache = open_activations(activations)
+    timer = StageTimer("finetune", {**hp, "merge": merge, "freeze_backbone": freeze_backbone, "resume": resume,
+                                    "device": device, "threads": threads})
+    stagekit.set_threads(threads)
+    man, train_rows, eval_rows, val_rows = stagekit.load_manifest(manifest)
+    cache = stagekit.open_activations(activations)
     loaded = [(path, checkpoint.load(path)) for path in checkpoints]
     if len(loaded) == 1:
         model = checkpoint.build_from(loaded[0][1], loaded[0][0])
@@ -102,26 +104,22 @@ def run(manifest, checkpoints, out, merge="average", epochs=2, activations=None,
         model, merged_from = merge_checkpoints(loaded, merge)
 
     history, trainer = [], None
-    if int(epochs) > 0:
+    if hp["epochs"] > 0:
         model.set_num_slices(1)
-        settings = TrainSettings(
-            epochs=int(epochs), classes_per_batch=int(classes_per_batch), images_per_class=int(images_per_class),
-            lr_backbone=float(lr_backbone), lr_embedding=float(lr_embedding),
-            lr_loss=None if lr_proxies is None else float(lr_proxies), weight_decay=float(weight_decay),
-            loss=loss, margin=margin, miner=miner, recluster_every=0, finetune_epoch=0, eval_every=int(eval_every),
-            freeze_backbone=bool(freeze_backbone), warmup_epochs=int(warmup_epochs), schedule=schedule,
-            select_on=select_on, patience=int(patience), seed=int(seed), num_workers=int(num_workers))
-        seed_everything(seed)
+        settings = stagekit.train_settings(hp, recluster_every=0, finetune_epoch=0,
+                                           freeze_backbone=bool(freeze_backbone))
+        seed_everything(hp["seed"])
         trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows, val_rows=val_rows,
-                          activations=cache, resume_path=resume_file(out, work_dir), device=device_or_default(device))
+                          activations=cache, resume_path=stagekit.resume_file(out, work_dir),
+                          device=stagekit.device_or_default(device))
         history = trainer.fit(resume=resume)
         model.cpu()
 
-    metrics = {**final_metrics(history), **(selection_metrics(trainer) if trainer is not None else {})}
+    metrics = {**stagekit.final_metrics(history), **(stagekit.selection_metrics(trainer) if trainer is not None else {})}
     record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations}, metrics=metrics,
                           history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
                                                   "num_slices": int(model.num_slices)})
-    write_output(out, model, record, epoch=len(history),
+    stagekit.write_output(out, model, record, epoch=len(history),
                  **({"merged_from": merged_from} if merged_from is not None else {}))
     if trainer is not None:
         trainer.resume_path.unlink(missing_ok=True)
@@ -135,15 +133,10 @@ def run(manifest, checkpoints, out, merge="average", epochs=2, activations=None,
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt).")
 @click.option("--merge", type=click.Choice(MERGES), default="average", show_default=True,
               help="Backbones: average them, or take worker 0's (frozen backbones).")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs (0 = merge only).")
 @click.option("--activations", type=click.Path(file_okay=False),
               help="Fast mode: the cache of the frozen lower part (dcml extract --views N).")
-@training_options
-@click.option("--eval-every", type=int, default=0, show_default=True, help="R@1 on the test split every N epochs (0 = never).")
+@params.click_options(*PARAMS, rename=RENAME)
 @click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True)
-@selection_options
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-workers", type=int, default=0, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
 @click.option("--device", help="cuda | cpu [default: cuda when available].")

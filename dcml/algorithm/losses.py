@@ -35,8 +35,7 @@ from pytorch_metric_learning.miners import BaseMiner
 
 from dcml.contracts.errors import DcmlError
 
-LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity")
-MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")
+from dcml.contracts.params import LOSSES, MINERS
 AUTO_MINER = {"margin": "reference", "multi_similarity": "multi_similarity"}
 
 

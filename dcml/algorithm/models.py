@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.params import BACKBONES
 
-BACKBONES = ("resnet18", "resnet50", "efficientnet_lite0", "small_cnn")
 WEIGHTS_CHOICES = ("imagenet", "none")
 
 # Defaults that depend on the backbone: (image_size, in_channels).

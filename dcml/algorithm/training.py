@@ -49,44 +49,53 @@ from tqdm.auto import tqdm
 from dcml.contracts import checkpoint
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.params import PARAMS
 
 CLUSTER_INPUTS = ("features", "embedding")
-HEAD_INITS = ("auto", "pca", "random")
-SCHEDULES = ("constant", "cosine")
-SELECT_ON = ("recall@1", "map@r")
+HEAD_INITS = PARAMS["head_init"].choices
+SCHEDULES = PARAMS["schedule"].choices
+SELECT_ON = PARAMS["select_on"].choices
+
+
+def _default(name: str):
+    return PARAMS[name].default
 
 
 @dataclass
 class TrainSettings:
-    """Everything that decides what a training run computes."""
+    """Everything that decides what a training run computes.
 
-    epochs: int = 10
-    classes_per_batch: int = 20  # P
-    images_per_class: int = 4  # M
-    lr_backbone: float = 1e-5
-    lr_embedding: float = 1e-5
+    Defaults are the parameter table's (dcml.contracts.params); ``margin`` and
+    ``lr_loss`` None mean the loss's own margin and 100 x lr_embedding.
+    """
+
+    epochs: int = _default("epochs")
+    classes_per_batch: int = _default("classes_per_batch")  # P
+    images_per_class: int = _default("images_per_class")  # M
+    lr_backbone: float = _default("lr_backbone")
+    lr_embedding: float = _default("lr_embedding")
     lr_loss: float | None = None  # proxies / learnable beta; None = 100 x lr_embedding
-    weight_decay: float = 1e-4
-    loss: str = "margin"
+    weight_decay: float = _default("weight_decay")
+    loss: str = _default("loss")
     margin: float | None = None
     loss_options: dict = field(default_factory=dict)  # extra PML keyword arguments
-    miner: str = "reference"
-    recluster_every: int = 2  # R; 0 = never re-cluster
+    miner: str = _default("miner")
+    recluster_every: int = _default("recluster_every")  # R; 0 = never re-cluster
     cluster_on: str = "features"  # "features" (the reference code) or "embedding" (the paper text)
-    kmeans_niter: int = 100
-    kmeans_nredo: int = 1
+    kmeans_niter: int = _default("niter")
+    kmeans_nredo: int = _default("nredo")
     finetune_epoch: int | None = None  # F: from this epoch on, K=1 on all data
-    eval_every: int = 0  # 0 = no test R@1 during training (curves only; never used for a choice)
+    eval_every: int = _default("eval_every")  # test metrics every N epochs (curves only; never used for a choice)
     eval_batch_size: int = 128
     freeze_backbone: bool = False
-    head_init: str = "auto"  # "pca" | "random" | "auto" (pca for pretrained backbones); fresh models only
-    warmup_epochs: int = 0  # first epochs train the head only (backbone frozen, BatchNorm included)
-    schedule: str = "constant"  # "constant" | "cosine" (per step, after the warm-up)
-    select_on: str = "recall@1"  # validation metric that picks the epoch kept ("recall@1" | "map@r")
-    patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
-    batches_per_epoch: int = 0  # 0 = the sampler's natural epoch; fixed to compare runs at equal images
-    seed: int = 0
-    num_workers: int = 0
+    head_init: str = _default("head_init")  # fresh heads only; auto = pca for pretrained backbones
+    warmup_epochs: int = _default("warmup_epochs")  # first epochs train the head only
+    schedule: str = _default("schedule")  # per step, after the warm-up
+    select_on: str = _default("select_on")  # validation metric that picks the epoch kept
+    patience: int = _default("patience")  # 0 = never stop early
+    batches_per_epoch: int = _default("batches_per_epoch")  # 0 = the sampler's natural epoch
+    seed: int = _default("seed")
+    num_workers: int = _default("num_workers")
 
     def __post_init__(self):
         if self.epochs < 0:

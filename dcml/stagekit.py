@@ -1,0 +1,151 @@
+"""What the stages share: reading their inputs, runtime settings, writing their outputs.
+
+Components never import each other; what more than one stage needs lives
+here, in the library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dcml.contracts import checkpoint
+from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import read_parquet_meta
+
+def load_manifest(path):
+    """(manifest, train rows, test rows, validation rows)."""
+    from dcml.contracts import manifest as manifest_mod
+
+    man = manifest_mod.read(path)
+    train_rows = man.split("train")
+    if train_rows.empty:
+        raise DcmlError(f"{path}: manifest has no 'train' rows; ingest with a split mode that has a training split")
+    eval_rows = man.split("test", "query", "gallery")
+    return man, train_rows, eval_rows, man.split("val")
+
+
+def open_activations(path):
+    """The fast mode's cache (dcml.algorithm.activations), or None when ``path`` is unset or holds no cache."""
+    if not path:
+        return None
+    from dcml.algorithm.activations import ActivationCache, is_cache
+
+    return ActivationCache(path) if is_cache(path) else None
+
+
+def selection_metrics(trainer) -> dict:
+    """What validation chose: the epoch kept and its scores."""
+    if trainer.best is None:
+        return {}
+    entry = next((h for h in trainer.history if h["epoch"] == trainer.best_epoch), {})
+    out = {"best_epoch": trainer.best_epoch, "stopped_early": bool(trainer.stopped_early)}
+    out.update({k: entry[k] for k in ("val_recall@1", "val_map@r") if k in entry})
+    return out
+
+
+def read_clusters(path, train_rows: pd.DataFrame) -> tuple[np.ndarray, int, dict]:
+    """Cluster id per train row (in manifest order), k, and the file's metadata."""
+    meta = read_parquet_meta(path)
+    try:
+        table = pd.read_parquet(path, columns=["image_id", "cluster"])
+    except Exception as exc:  # missing columns, not Parquet
+        raise DcmlError(f"{path}: not a cluster assignment table ({' '.join(str(exc).split())[:160]}); "
+                        "create it with `dcml cluster`") from None
+    ids = table["image_id"].astype(str)
+    if ids.duplicated().any():
+        raise DcmlError(f"{path}: image_id {ids[ids.duplicated()].iloc[0]!r} appears twice; re-create it with `dcml cluster`")
+    train_ids = train_rows["image_id"].astype(str)
+    missing = ~train_ids.isin(set(ids))
+    extra = ~ids.isin(set(train_ids))
+    if missing.any() or extra.any():
+        detail = (f"{int(missing.sum())} training image(s) of the manifest are missing (e.g. {train_ids[missing].iloc[0]!r})"
+                  if missing.any() else f"{int(extra.sum())} image_id(s) are not training images of the manifest (e.g. {ids[extra].iloc[0]!r})")
+        raise DcmlError(f"{path}: clusters do not match the manifest: {detail}; "
+                        "cluster the features extracted from this manifest")
+    clusters = table.set_index(ids)["cluster"].reindex(train_ids).to_numpy(dtype=np.int64)
+    k = int(meta.get("k") or (clusters.max() + 1))
+    if clusters.min() < -1 or clusters.max() >= k:
+        raise DcmlError(f"{path}: cluster ids must be in -1..{k - 1}; re-create it with `dcml cluster`")
+    return clusters, k, meta
+
+
+def device_or_default(device):
+    """The device a stage runs on: the given one, else CUDA when available, else CPU."""
+    from dcml.algorithm.training import default_device
+
+    return default_device() if device in (None, "", "auto") else device
+
+
+def set_threads(threads) -> None:
+    """Pin torch's CPU threads: OpenMP threads that spin on an oversubscribed box
+    can make an epoch several times slower than one thread."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def resume_file(out, work_dir) -> Path:
+    """Where the per-epoch resume checkpoint of output `out` lives."""
+    out = Path(out)
+    return (Path(work_dir) if work_dir else out.parent) / f"{out.name}.resume.pt"
+
+
+def final_metrics(history: list[dict]) -> dict:
+    """Headline numbers of a training history (loss, epochs, seconds, last test R@1)."""
+    metrics = {}
+    trained = [h for h in history if h["epoch"] > 0]
+    if trained:
+        metrics["final_loss"] = trained[-1]["loss"]
+        metrics["epochs"] = len(trained)
+        metrics["train_seconds"] = round(sum(h["seconds"] for h in trained), 3)
+    evaluated = [h for h in history if "recall@1" in h]
+    if evaluated:
+        metrics["recall@1"] = evaluated[-1]["recall@1"]
+    return metrics
+
+
+def write_output(out, model, record: dict, **extra) -> None:
+    """The stage checkpoint: model config, weights, record, extras (atomic)."""
+    checkpoint.save(out, {
+        "model_config": dict(model.config),
+        "model": model.state_dict(),
+        "record": json.dumps(record, default=str),
+        **extra,
+    })
+
+
+# -- hyper-parameters (names and defaults: dcml.contracts.params) -------------------
+
+MODEL_PARAMS = ("backbone", "weights", "image_size", "embedding_dim", "train_blocks", "freeze_bn")
+TRAINING_PARAMS = ("loss", "margin", "miner", "classes_per_batch", "images_per_class", "lr_backbone",
+                   "lr_embedding", "lr_proxies", "weight_decay", "epochs", "batches_per_epoch", "head_init",
+                   "warmup_epochs", "schedule", "select_on", "patience", "eval_every", "seed", "num_workers")
+
+
+def model_config(values: dict, **extra) -> dict:
+    """A model config (dcml.algorithm.models) from parameter values; "auto" / 0 mean the backbone's default."""
+    freeze = values["freeze_bn"]
+    return {
+        "backbone": values["backbone"],
+        "weights": None if values["weights"] == "auto" else values["weights"],
+        "image_size": values["image_size"] or None,
+        "embedding_dim": values["embedding_dim"],
+        "train_blocks": values["train_blocks"],
+        "freeze_bn": None if freeze == "auto" else freeze == "true",
+        **extra,
+    }
+
+
+def train_settings(values: dict, **fixed):
+    """TrainSettings from parameter values (0 margin / lr_proxies = the loss's own default)."""
+    from dcml.algorithm.training import TrainSettings
+
+    v = {k: values[k] for k in TRAINING_PARAMS if k in values}
+    v["margin"] = v.get("margin") or None
+    v["lr_loss"] = v.pop("lr_proxies", 0) or None
+    return TrainSettings(**{**v, **fixed})
