@@ -13,6 +13,9 @@ merged back (``dcml.methods.dfml.defactorize``), so the checkpoint holds the pla
 EmbeddingModel: ``dcml evaluate`` / ``extract`` / ``compress`` use it as is.
 The record's history carries, per epoch, how many samples each block sent to
 each of its sub-blocks.
+
+The training loop is ``dcml.methods.dfml.DFMLTrainer``; this module only reads
+the arguments and the manifest and writes the checkpoint and its record.
 """
 
 from __future__ import annotations
@@ -22,95 +25,9 @@ import click
 from dcml.methods import dfml
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
-from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
+from dcml.algorithm.training import TrainSettings, seed_everything
 
 FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
-
-
-class DFMLTrainer(Trainer):
-    """dcml's Trainer (sampler, loader, evaluation, resume) with the two-pass DFML step.
-
-    ``model`` must be factorised (``dcml.methods.dfml.factorize``) and have K=1.
-    """
-
-    def __init__(self, model, manifest, train_rows, settings: TrainSettings, *, lr_router: float = 1e-4,
-                 routed_weight: float = 0.5, distill_weight: float = 0.5, temperature: float = 0.1,
-                 balance_weight: float = 0.0, eval_routed: bool = False, fingerprint_extra=None, **kwargs):
-        if not dfml.is_factorized(model):
-            raise DcmlError("DFMLTrainer needs a factorised model; build it with dcml.methods.dfml.factorize(model)")
-        if model.num_slices != 1:
-            raise DcmlError(f"DFML trains one embedding; got a model with K={model.num_slices} slices")
-        for name, value in (("lr_router", lr_router), ("routed_weight", routed_weight),
-                            ("distill_weight", distill_weight), ("balance_weight", balance_weight)):
-            if not value >= 0:
-                raise DcmlError(f"{name}={value}: must be >= 0")
-        if not temperature > 0:
-            raise DcmlError(f"temperature={temperature}: must be > 0")
-        self.lr_router = float(lr_router)
-        self.routed_weight = float(routed_weight)
-        self.distill_weight = float(distill_weight)
-        self.temperature = float(temperature)
-        self.balance_weight = float(balance_weight)
-        self.eval_routed = bool(eval_routed)
-        options = {"lr_router": self.lr_router, "routed_weight": self.routed_weight,
-                   "distill_weight": self.distill_weight, "temperature": self.temperature,
-                   "balance_weight": self.balance_weight}
-        super().__init__(model, manifest, train_rows, settings,
-                         fingerprint_extra={"dfml": options, "extra": fingerprint_extra}, **kwargs)
-
-    def backbone_parameters(self) -> list:
-        routers = {id(p) for p in dfml.router_parameters(self.model)}
-        return [p for p in super().backbone_parameters() if id(p) not in routers]
-
-    def param_groups(self) -> list[dict]:
-        """The Trainer's groups plus the routers' (their own learning rate)."""
-        groups = super().param_groups()
-        groups.insert(2 if groups[0]["name"] == "backbone" else 1,
-                      {"params": dfml.router_parameters(self.model), "lr": self.lr_router, "name": "router"})
-        return groups
-
-    def evaluate(self) -> dict:
-        """R@1 of the full model; with ``eval_routed`` also of the routed model and its routing."""
-        metrics = super().evaluate()
-        if self.eval_routed:
-            saved = {name: unit.route_counts.clone() for name, unit in dfml.routed_units(self.model)}
-            dfml.reset_routing_counts(self.model)
-            with dfml.route_mode(self.model, "routed"):
-                metrics["routed_recall@1"] = super().evaluate()["recall@1"]
-            metrics["eval_routing"] = dfml.routing_counts(self.model)
-            for name, unit in dfml.routed_units(self.model):
-                unit.route_counts.copy_(saved[name])
-        return metrics
-
-    def epoch_started(self, epoch: int, entry: dict) -> None:
-        entry["phase"] = "dfml"
-        dfml.reset_routing_counts(self.model)
-
-    def train_step(self, inputs, labels, learner) -> dict:
-        """Two passes: the full model and the routed one; loss = L(full) + w_r L(routed) + w_d KD."""
-        metric_loss = self._loss_for(None)
-
-        def loss_of(embeddings, labels):
-            pairs = self.miner(embeddings, labels) if self.miner is not None else None
-            return metric_loss(embeddings, labels, pairs)
-
-        full = self.model(inputs)
-        with dfml.route_mode(self.model, "routed"):
-            routed = self.model(inputs)
-        loss, parts = dfml.dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
-                                     distill_weight=self.distill_weight, temperature=self.temperature,
-                                     balance=dfml.balance_loss(self.model), balance_weight=self.balance_weight)
-        self.check_finite(loss, f" ({parts}); lr_router={self.lr_router}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {key: parts[key] for key in ("loss", "loss_full", "loss_routed", "distill", "balance")}
-
-    def epoch_finished(self, epoch: int, entry: dict) -> None:
-        counts = dfml.routing_counts(self.model)
-        summary = dfml.routing_summary(counts)
-        entry.update({"routing": counts, "routing_entropy": summary["mean_normalized_entropy"],
-                      "collapsed_units": summary["collapsed_units"]})
 
 
 def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_size=128, embedding_dim=128,
@@ -152,11 +69,12 @@ def run(manifest, out, backbone="efficientnet_lite0", weights="imagenet", image_
         seed=int(seed), num_workers=int(num_workers),
     )
     timer = StageTimer("train-dfml", params)
-    trainer = DFMLTrainer(model, man, train_rows, settings, lr_router=float(lr_router),
-                          routed_weight=float(routed_weight), distill_weight=float(distill_weight),
-                          temperature=float(temperature), balance_weight=float(balance_weight),
-                          eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows, fresh_head=True,
-                          resume_path=resume_file(out, work_dir), device=device_or_default(device))
+    trainer = dfml.DFMLTrainer(model, man, train_rows, settings, lr_router=float(lr_router),
+                               routed_weight=float(routed_weight), distill_weight=float(distill_weight),
+                               temperature=float(temperature), balance_weight=float(balance_weight),
+                               eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows,
+                               fresh_head=True, resume_path=resume_file(out, work_dir),
+                               device=device_or_default(device))
     history = trainer.fit(resume=resume)
 
     merged = dfml.defactorize(trainer.model.cpu())
