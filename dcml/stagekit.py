@@ -135,7 +135,7 @@ def model_config(values: dict, **extra) -> dict:
         "weights": None if values["weights"] == "auto" else values["weights"],
         "image_size": values["image_size"] or None,
         "embedding_dim": values["embedding_dim"],
-        "train_blocks": values["train_blocks"],
+        "train_blocks": values.get("train_blocks", -1),
         "freeze_bn": None if freeze == "auto" else freeze == "true",
         **extra,
     }

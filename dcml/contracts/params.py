@@ -51,14 +51,14 @@ class Param:
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
         parts = []
         if self.low is not None:
-            parts.append(f">= {self.low:g}")
+            parts.append(f"at least {self.low:g}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            parts.append(f"{'below' if self.high_open else 'at most'} {self.high:g}")
         return " and ".join(parts) or f"a{'n' if self.type is int else ''} {self.type.__name__}"
 
-    def check(self, value, source: str):
-        """``value`` coerced to this parameter's type, or a one-line DcmlError."""
-        where = f"{source}: {self.name}={value!r}"
+    def check(self, value, source: str, label: str | None = None):
+        """``value`` coerced to this parameter's type, or a one-line DcmlError (naming it ``label``)."""
+        where = f"{source}: {label or self.name}={value!r}"
         if value is None:
             raise DcmlError(f"{where}: a value is required ({self.describe_range()}); drop the key to use the default {self.default!r}")
         if isinstance(value, str) and self.type is not str:
@@ -86,7 +86,7 @@ class Param:
             raise DcmlError(f"{where}: not allowed; use {self.describe_range()}")
         if self.low is not None and value < self.low or self.high is not None and (
                 value >= self.high if self.high_open else value > self.high):
-            raise DcmlError(f"{where}: out of range; use a value {self.describe_range()}")
+            raise DcmlError(f"{where}: out of range; use a value of {self.describe_range()}")
         return value
 
 
@@ -201,13 +201,18 @@ def defaults(names: Iterable[str] | None = None) -> dict:
     return {n: PARAMS[n].default for n in names}
 
 
-def validate(values: dict, source: str = "parameters", known: Iterable[str] | None = None) -> dict:
-    """Check and coerce ``values`` (name -> value or text); unknown names and bad values are one-line errors."""
+def validate(values: dict, source: str = "parameters", known: Iterable[str] | None = None,
+             labels: dict | None = None) -> dict:
+    """Check and coerce ``values`` (name -> value or text); unknown names and bad values are one-line errors.
+
+    ``labels``: the names to show for parameters a stage calls otherwise.
+    """
     allowed = set(PARAMS if known is None else known)
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise DcmlError(f"{source}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    out = {name: PARAMS[name].check(value, source) for name, value in values.items()}
+    labels = labels or {}
+    out = {name: PARAMS[name].check(value, source, labels.get(name)) for name, value in values.items()}
     check_ks(out.get("ks", PARAMS["ks"].default), source)
     if not (out.get("experiment", "x") or "").strip():
         raise DcmlError(f"{source}: experiment='': name the MLflow experiment")
@@ -226,11 +231,14 @@ def check_ks(ks, source: str = "ks") -> list[int]:
     return values
 
 
-def resolve(names: Iterable[str], given: dict, source: str, rename: dict | None = None) -> dict:
+def resolve(names: Iterable[str], given: dict, source: str, rename: dict | None = None,
+            fixed_defaults: dict | None = None) -> dict:
     """``given`` (a stage's keyword arguments) checked, every other name at its default.
 
     ``rename``: parameter -> the stage's name for it (STAGE_NAMES[stage]);
-    ``given`` and the result use the stage's names.
+    ``given`` and the result use the stage's names. ``fixed_defaults``: the
+    few defaults a stage must differ in because the table's cannot work
+    there (DFML factorises EfficientNet only).
     """
     rename = rename or {}
     back = {rename.get(n, n): n for n in names}
@@ -238,22 +246,22 @@ def resolve(names: Iterable[str], given: dict, source: str, rename: dict | None 
     if unknown:
         raise DcmlError(f"{source}: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(back))}")
     values = {back[k]: v for k, v in given.items() if v is not None}
-    checked = {**defaults(names), **validate(values, source, known=names)}
+    checked = {**defaults(names), **(fixed_defaults or {}), **validate(values, source, known=names, labels=rename)}
     return {rename.get(n, n): v for n, v in checked.items()}
 
 
-def click_options(*names: str, rename: dict | None = None):
+def click_options(*names: str, rename: dict | None = None, fixed_defaults: dict | None = None):
     """Click options for ``names`` (defaults, help and choices from the table)."""
     import click
 
-    rename = rename or {}
+    rename, fixed_defaults = rename or {}, fixed_defaults or {}
 
     def decorate(f):
         for name in reversed(names):
             p = PARAMS[name]
             dest = rename.get(name, name)
             flag = "--" + dest.replace("_", "-")
-            kwargs: dict = {"default": p.default, "show_default": True, "help": p.help}
+            kwargs: dict = {"default": fixed_defaults.get(name, p.default), "show_default": True, "help": p.help}
             if p.type is bool:
                 f = click.option(f"{flag}/--no-{flag[2:]}", dest, **kwargs)(f)
                 continue
