@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import PY, Results, commands_line, pct
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 KS = (1, 2, 4, 8)
@@ -307,6 +309,52 @@ def main(argv=None) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
     if not report["summary"]["identical_to_1e-6"]:
         raise SystemExit("values differ between dcml and PML")
+
+
+# ----------------------------------------------------------------- running and report
+
+def commands(quick: bool, threads: int) -> list[list[str]]:
+    size = ["--n", "20000", "--classes", "3600", "--out", str(RESULTS / "eval_quick.json")] if quick else []
+    return [[PY, "-m", "bench.bench_eval", "--threads", str(threads), *size]]
+
+
+def report(results: Results) -> list[str]:
+    result = results.best("eval")
+    lines = ["## Evaluation against pytorch-metric-learning (bench_eval)", ""]
+    if not result:
+        return lines + [f"Not run yet: `{PY} -m bench.bench_eval`.", ""]
+    d, s = result.get("data", {}), result.get("summary", {})
+    lines += [f"{d.get('n', 0):,} x {d.get('dim')} embeddings, {d.get('classes', 0):,} classes "
+              f"({d.get('class_size_min')}-{d.get('class_size_max')} images), threads: {result.get('threads')}.", "",
+              "| run | dcml wall (s) | dcml CPU (s) | PML wall (s) | PML CPU (s) | speed-up wall | speed-up CPU | peak RSS dcml / PML (MiB) | identical |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for name, run in result.get("runs", {}).items():
+        c = run["comparison"]
+        lines.append(f"| {name.replace('_', ' ')} | {run['dcml']['wall_s']:.1f} | {run['dcml']['cpu_s']:.1f} "
+                     f"| {run['pml']['wall_s']:.1f} | {run['pml']['cpu_s']:.1f} | {c['speedup_wall']:.2f}x "
+                     f"| {c['speedup_cpu']:.2f}x | {run['dcml']['peak_rss_mib']:.0f} / {run['pml']['peak_rss_mib']:.0f} "
+                     f"| {'yes' if c['identical_to_1e-6'] else 'NO'} |")
+    if s:
+        lines += ["", f"Goal {result.get('goal', {}).get('speedup_at_least')}x: "
+                  f"{'met' if s.get('meets_speed_goal_wall') else 'not met'} in wall time, "
+                  f"{'met' if s.get('meets_speed_goal_cpu') else 'not met'} in CPU time. Both implementations run "
+                  "the same exact faiss kNN search and the same k-means (they must, for identical values); "
+                  f"those take {pct(s.get('dcml_cpu_share_knn'), digits=0)}% and "
+                  f"{pct(s.get('dcml_cpu_share_kmeans'), digits=0)}% of dcml's CPU time, which bounds any speed-up "
+                  f"at {s.get('speedup_cpu_bound_with_same_knn_and_kmeans')}x CPU."]
+    lines += ["", commands_line(result, results.step_command("eval")), ""]
+    return lines
+
+
+def speed_row(result: dict) -> str:
+    """The all-metrics comparison as a row of the speed section's table."""
+    s, d, run = result["summary"], result["data"], result["runs"]["all"]
+    return (f"| evaluation vs PML AccuracyCalculator ({d['n']:,} x {d['dim']}, all metrics; bench_eval) "
+            f"| {run['dcml']['wall_s']:.1f} s, {s['dcml_peak_rss_gib']:.2f} GiB | {run['pml']['wall_s']:.1f} s, "
+            f"{s['pml_peak_rss_gib']:.2f} GiB | {s['speedup_wall']:.2f}x wall, {s['speedup_cpu']:.2f}x CPU; "
+            f"values identical: {'yes' if s['identical_to_1e-6'] else 'NO'} "
+            f"| {result.get('goal', {}).get('speedup_at_least', '—')}x | "
+            f"{'yes' if s.get('meets_speed_goal_wall') else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO, RESULTS, log, result_header, save_png, set_threads, write_result
+from bench.report import PY, Results, commands_line, num, pct
 
 SIZES = (10_000, 25_000, 50_000, 100_000, 200_000)
 QUICK_SIZES = (10_000, 25_000, 50_000)
@@ -191,6 +192,51 @@ def main(argv=None) -> dict:
     write_result(out_path, report, complete=True)
     log(f"wrote {out_path} in {report['total_wall_s']:.0f} s")
     return report
+
+
+# ----------------------------------------------------------------- running and report
+
+def commands(quick: bool, threads: int) -> list[list[str]]:
+    return [[PY, "-m", "bench.bench_scaling", "--threads", str(threads), *(["--quick"] if quick else [])]]
+
+
+def elapsed(results: Results) -> list[str]:
+    return results.wall_time("scaling")
+
+
+def report(results: Results) -> list[str]:
+    result = results.best("scaling")
+    lines = ["## Scaling: clustering and evaluation, 10k to 200k vectors", ""]
+    if not result:
+        return lines + [f"Not run yet: `{PY} -m bench.bench_scaling`.", ""]
+    if result.get("quick"):
+        lines += ["**Quick run: up to 50k only.**", ""]
+    k1, k2 = result.get("cluster_ks", [8, 64])
+    sk = result.get("sklearn_k", 64)
+    lines += [f"128-d unit embeddings in classes of {result.get('class_sizes')} images; k-means "
+              f"{result.get('niter')} iterations on every point; evaluation = every metric of the set against "
+              f"itself (NMI/AMI cluster into as many clusters as classes); {result.get('threads')} thread(s); "
+              "evaluation in a fresh process (peak RSS includes ~0.7 GB of imported libraries).", "",
+              f"| vectors | classes | k-means k={k1} (s) | k-means k={k2} (s) | scikit-learn k={sk} (s) "
+              "| evaluation wall (s) | evaluation CPU (s) | of which kNN (s) | of which k-means (s) | evaluation peak RSS (MiB) | R@1 |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result.get("rows", []):
+        lines.append(f"| {r['n']:,} | {r['classes']:,} | {num(r.get(f'dcml_k{k1}_s'), 2)} | {num(r.get(f'dcml_k{k2}_s'), 2)} "
+                     f"| {num(r.get(f'sklearn_k{sk}_s'), 2)} | {num(r.get('eval_wall_s'), 1)} | {num(r.get('eval_cpu_s'), 1)} "
+                     f"| {num(r.get('eval_knn_s'), 1)} "
+                     f"| {num(r.get('eval_kmeans_s'), 1)} | {num(r.get('eval_peak_rss_mib'), 0)} "
+                     f"| {pct(r.get('eval_metrics', {}).get('recall@1'))} |")
+    g = result.get("growth_exponent", {})
+    if g:
+        lines += ["", "Growth exponent b (time ~ n^b, fitted): " + ", ".join(
+            f"{key.replace('_s', '')} {val}" for key, val in g.items() if val is not None) + ". "
+            "The k-means stage is linear in n at fixed k; the exact kNN of evaluation is quadratic, and so is "
+            "the k-means for NMI because its k (the number of classes) grows with n."]
+    lines.append("")
+    if result.get("plot"):
+        lines += [f"![scaling](bench/results/{result['plot']})", ""]
+    lines += [commands_line(result), ""]
+    return lines
 
 
 if __name__ == "__main__":
