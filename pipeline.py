@@ -18,6 +18,7 @@ from kfp import dsl
 from kfp.dsl import Metrics
 
 from components.cluster.component import cluster as cluster_fn
+from dcml.contracts import params
 from components.compress.component import compress as compress_fn
 from components.dfml.component import train_dfml as train_dfml_fn
 from components.evaluate.component import evaluate as evaluate_fn
@@ -127,112 +128,78 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         return _apply_cluster_settings(t, name, cluster)
 
     name = f"dcml-{method}" if method == "dfml" else f"dcml-{method}-{mode}"
+    names = [p.name for p in params.pipeline_params()]
 
-    @dsl.pipeline(name=name, description="Divide-and-conquer deep metric learning (dcml)")
-    def dcml_pipeline(
-        dataset: str = "fashion-mnist",
-        data_root: str = "",
-        split_mode: str = "official",
-        max_per_class: int = 0,
-        check_images: bool = False,
-        backbone: str = "small_cnn",
-        weights: str = "none",
-        image_size: int = 28,
-        embedding_dim: int = 128,
-        num_clusters: int = 4,
-        niter: int = 100,
-        nredo: int = 1,
-        loss: str = "margin",
-        margin: float = 0.0,
-        miner: str = "reference",
-        classes_per_batch: int = 8,
-        images_per_class: int = 4,
-        lr_backbone: float = 1e-4,
-        lr_embedding: float = 1e-3,
-        lr_proxies: float = 1e-2,
-        lr_router: float = 1e-4,
-        weight_decay: float = 1e-4,
-        epochs: int = 4,
-        recluster_every: int = 2,
-        finetune_epochs: int = 1,
-        eval_every: int = 1,
-        freeze_bn: bool = True,
-        dfml_groups: int = 3,
-        seed: int = 0,
-        num_workers: int = 0,
-        batch_size: int = 128,
-        ks: str = "1,2,4,8",
-        eval_batch_size: int = 256,
-        compress_bits: int = 0,
-        compress_method: str = "loss-aware",
-        compress_finetune_steps: int = 0,
-        experiment: str = "dcml",
-        run_name: str = "",
-    ) -> Metrics:
-        train_args = dict(loss=loss, margin=margin, miner=miner, classes_per_batch=classes_per_batch,
-                          images_per_class=images_per_class, lr_backbone=lr_backbone,
-                          lr_embedding=lr_embedding, weight_decay=weight_decay, eval_every=eval_every,
-                          seed=seed, num_workers=num_workers)
-        model_args = dict(backbone=backbone, weights=weights, image_size=image_size,
-                          embedding_dim=embedding_dim)
-        extract_args = dict(backbone=backbone, weights=weights, image_size=image_size,
-                            batch_size=batch_size, num_workers=num_workers, seed=seed)
-        ingest = task("ingest", dataset=dataset, data_root=data_root, split_mode=split_mode,
-                      max_per_class=max_per_class, check_images=check_images)
+    def pick(p: dict, *keys: str) -> dict:
+        return {k: p[k] for k in keys}
+
+    def dcml_pipeline(*values) -> Metrics:
+        # KFP calls this with one channel per parameter, in signature order.
+        p = dict(zip(names, values))
+        model_args = pick(p, "backbone", "weights", "image_size", "embedding_dim", "train_blocks", "freeze_bn")
+        train_args = pick(p, "loss", "margin", "miner", "classes_per_batch", "images_per_class", "lr_backbone",
+                          "lr_embedding", "lr_proxies", "weight_decay", "batches_per_epoch", "head_init",
+                          "warmup_epochs", "schedule", "select_on", "patience", "eval_every", "seed", "num_workers")
+        ingest = task("ingest", **pick(p, "dataset", "data_root", "split_mode", "max_per_class", "check_images",
+                                       "val_fraction"))
         manifest = ingest.outputs["manifest"]
+        cluster_args = pick(p, "num_clusters", "niter", "nredo", "seed")
 
         if method == "dfml":
-            model = task("train-dfml", manifest=manifest, **model_args, groups=dfml_groups,
-                         lr_proxies=lr_proxies, lr_router=lr_router, epochs=epochs, freeze_bn=freeze_bn,
-                         **{k: v for k, v in train_args.items() if k != "miner"}).outputs["model"]
-        elif mode == "shared":
-            features = task("extract", manifest=manifest, **extract_args).outputs["features"]
-            clusters = task("cluster", features=features, num_clusters=num_clusters, niter=niter,
-                            nredo=nredo, seed=seed).outputs["clusters"]
-            trained = task("train-shared", manifest=manifest, clusters=clusters, **model_args,
-                           **train_args, epochs=epochs, recluster_every=recluster_every,
-                           freeze_bn=freeze_bn).outputs["model"]
-            model = task("finetune", manifest=manifest, checkpoint=trained,
-                         **{**train_args, "epochs": finetune_epochs}).outputs["model"]
+            model = task("train-dfml", manifest=manifest, **{k: v for k, v in model_args.items() if k != "train_blocks"},
+                         **pick(p, "dfml_groups", "lr_router", "epochs"), **train_args).outputs["model"]
         else:
-            model = None
-            for _ in range(rounds):
-                if model is None:
-                    features = task("extract", manifest=manifest, **extract_args).outputs["features"]
-                else:
-                    # Later rounds cluster the merged model's own backbone features.
-                    features = task("extract-with-model", manifest=manifest, model=model,
-                                    batch_size=batch_size, num_workers=num_workers).outputs["features"]
-                clustered = task("cluster", features=features, num_clusters=num_clusters, niter=niter,
-                                 nredo=nredo, seed=seed)
-                with dsl.ParallelFor(items=clustered.outputs["Output"],
-                                     parallelism=max_parallel_workers) as cluster_id:
-                    extra = {"init": model} if model is not None else {}
-                    worker = task("train-worker", manifest=manifest, clusters=clustered.outputs["clusters"],
-                                  cluster_id=cluster_id, **model_args, **train_args, epochs=epochs,
-                                  freeze_bn=freeze_bn, freeze_backbone=freeze_backbone, **extra)
-                model = task("merge-finetune", manifest=manifest,
-                             checkpoints=dsl.Collected(worker.outputs["model"]), merge=merge,
-                             **{**train_args, "epochs": finetune_epochs}).outputs["model"]
+            extracted = task("extract", manifest=manifest, **pick(p, "backbone", "weights", "image_size", "train_blocks",
+                                                                   "fast_views", "batch_size", "num_workers", "seed"))
+            activations = extracted.outputs["activations"]
+            if mode == "shared":
+                clusters = task("cluster", features=extracted.outputs["features"], **cluster_args).outputs["clusters"]
+                trained = task("train-shared", manifest=manifest, clusters=clusters, activations=activations,
+                               **model_args, **train_args, epochs=p["epochs"],
+                               recluster_every=p["recluster_every"]).outputs["model"]
+                model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
+                             finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
+            else:
+                model, features = None, extracted.outputs["features"]
+                for _ in range(rounds):
+                    if model is not None:
+                        # Later rounds cluster the merged model's own backbone features; the
+                        # frozen lower part never changes, so the fast mode's cache still holds.
+                        features = task("extract-with-model", manifest=manifest, model=model,
+                                        **pick(p, "batch_size", "num_workers")).outputs["features"]
+                    clustered = task("cluster", features=features, **cluster_args)
+                    with dsl.ParallelFor(items=clustered.outputs["Output"],
+                                         parallelism=max_parallel_workers) as cluster_id:
+                        extra = {"init": model} if model is not None else {}
+                        worker = task("train-worker", manifest=manifest, clusters=clustered.outputs["clusters"],
+                                      activations=activations, cluster_id=cluster_id,
+                                      freeze_backbone=freeze_backbone, **model_args, **train_args,
+                                      epochs=p["epochs"], **extra)
+                    model = task("merge-finetune", manifest=manifest,
+                                 checkpoints=dsl.Collected(worker.outputs["model"]), activations=activations,
+                                 merge=merge, finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
 
-        evaluated = task("evaluate", manifest=manifest, model=model, ks=ks, batch_size=eval_batch_size,
-                         num_workers=num_workers)
+        evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],
+                         num_workers=p["num_workers"])
         tracked = task("track", metrics=evaluated.outputs["metrics"], model=model,
-                       embeddings=evaluated.outputs["embeddings"], experiment=experiment, run_name=run_name)
+                       embeddings=evaluated.outputs["embeddings"], **pick(p, "experiment", "run_name"))
         tracked.set_caching_options(False)  # a new MLflow run every time, cached stages included
 
-        with dsl.If(compress_bits > 0, name="compress-enabled"):
-            compressed = task("compress", manifest=manifest, model=model, bits=compress_bits,
-                              method=compress_method, loss=loss, seed=seed,
-                              finetune_steps=compress_finetune_steps).outputs["compressed"]
-            evaluated_q = task("evaluate", manifest=manifest, model=compressed, ks=ks,
-                               batch_size=eval_batch_size, num_workers=num_workers)
+        with dsl.If(p["compress_bits"] > 0, name="compress-enabled"):
+            compressed = task("compress", manifest=manifest, model=model, bits=p["compress_bits"],
+                              method=p["compress_method"], loss=p["loss"], seed=p["seed"],
+                              finetune_steps=p["compress_finetune_steps"]).outputs["compressed"]
+            evaluated_q = task("evaluate", manifest=manifest, model=compressed, ks=p["ks"],
+                               batch_size=p["eval_batch_size"], num_workers=p["num_workers"])
             task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,
-                 embeddings=evaluated_q.outputs["embeddings"], experiment=experiment,
-                 run_name=run_name).set_caching_options(False)
+                 embeddings=evaluated_q.outputs["embeddings"],
+                 **pick(p, "experiment", "run_name")).set_caching_options(False)
         return evaluated.outputs["metrics"]
 
-    return dcml_pipeline
+    # The parameters, their types and defaults: dcml.contracts.params, nowhere else.
+    dcml_pipeline.__signature__ = params.pipeline_signature().replace(return_annotation=Metrics)
+    dcml_pipeline.__name__ = name.replace("-", "_")
+    return dsl.pipeline(name=name, description="Divide-and-conquer deep metric learning (dcml)")(dcml_pipeline)
 
 
 def compile_pipeline(out: str, **kwargs) -> None:

@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     import torch
 
     from dcml.algorithm.inference import default_device
-    from dcml.contracts.checkpoint import load_model
+    from dcml.model_files import load_model
     from dcml.methods import quantize as Q
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

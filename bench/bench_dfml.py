@@ -44,7 +44,7 @@ def evaluate_checkpoint(path, manifest_path, device) -> dict:
     """All retrieval metrics of a checkpoint on the manifest's test (or query/gallery) split."""
     from dcml.algorithm.inference import compute_vectors
     from dcml.algorithm.metrics import evaluate_embeddings
-    from dcml.contracts.checkpoint import load_model
+    from dcml.model_files import load_model
 
     man = manifest_lib.read(manifest_path)
     model, _ = load_model(path, device=device)

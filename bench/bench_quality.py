@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     a = parser.parse_args(argv)
     set_threads(a.threads or None)
 
-    from dcml_app.runner import _coerce, _build, pipeline_parameters
+    from dcml.contracts import params
 
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -290,14 +290,11 @@ def main(argv=None) -> dict:
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else DATASETS[a.dataset]["seeds"]
     if a.quick and not a.seeds:
         seeds = seeds[:1]
-    params = pipeline_parameters(_build("shared", "dc", 1, "average", False, "dcml", "bench")[0])
     overrides = {}
     for item in a.overrides:
         key, _, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in params:
-            parser.error(f"--set {key}: not a pipeline parameter")
-        overrides[key] = _coerce(key, params[key][0], value)
+        overrides[key.strip().replace("-", "_")] = value
+    overrides = params.validate(overrides, "--set")
 
     output_dir = (a.output_dir or WORK / f"quality-{a.dataset}{'-quick' if a.quick else ''}").resolve()
     if not (a.reuse_cache or a.add_seeds):

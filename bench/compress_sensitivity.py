@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     from components.compress.stage import calibration_images, equalize_checked
     from dcml.contracts import manifest as manifest_lib
     from dcml.methods import quantize as Q
-    from dcml.contracts.checkpoint import load_model
+    from dcml.model_files import load_model
     from dcml.algorithm.inference import compute_vectors
 
     model, _ = load_model(args.model)

@@ -10,52 +10,35 @@ from pathlib import Path
 
 import click
 
+from dcml.contracts import params, records
 from dcml_app import presets
-from dcml.contracts import records
 from dcml.contracts.errors import DcmlError
 
 DEFAULT_OUTPUT_DIR = "runs"
 
 
 # ----------------------------------------------------------------- parameters
-def pipeline_parameters(pipeline_fn) -> dict[str, tuple[str, object]]:
-    """name -> (KFP type, default) of a built pipeline's parameters."""
-    spec = pipeline_fn.component_spec
-    return {name: (inp.type, inp.default) for name, inp in (spec.inputs or {}).items()}
+def resolve_arguments(config: str | None, overrides: tuple[str, ...]) -> dict:
+    """Preset/JSON values, then --set overrides, each checked against dcml.contracts.params.
 
+    Everything is checked here, before any stage runs: unknown names, types,
+    ranges, finiteness, allowed values and the dataset's name; a bad value is
+    a one-line error naming where it came from.
+    """
+    from data_prep import registry
 
-def _coerce(name: str, kfp_type: str, value):
-    if not isinstance(value, str):
-        return value
-    try:
-        if kfp_type == "Integer":
-            return int(value)
-        if kfp_type == "Float":
-            return float(value)
-        if kfp_type == "Boolean":
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise DcmlError(f"--set {name}={value}: expected {kfp_type.lower()}") from None
-    return value
-
-
-def resolve_arguments(pipeline_fn, config: str | None, overrides: tuple[str, ...]) -> dict:
-    """Preset/JSON values, then --set overrides, typed and checked against the pipeline."""
-    params = pipeline_parameters(pipeline_fn)
-    values = presets.load(config)
+    source = f"--config {config}" if config else "--config"
+    values = params.validate(presets.load(config), source)
+    sets = {}
     for item in overrides:
         if "=" not in item:
-            raise DcmlError(f"--set {item}: expected key=value")
+            raise DcmlError(f"--set {item}: expected key=value, e.g. --set epochs=6")
         key, value = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = value
-    unknown = sorted(set(values) - set(params))
-    if unknown:
-        raise DcmlError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(params))}")
-    return {k: _coerce(k, params[k][0], v) for k, v in values.items()}
+        sets[key.strip().replace("-", "_")] = value
+    values.update(params.validate(sets, "--set"))
+    if "dataset" in values:
+        registry.canonical(values["dataset"])
+    return values
 
 
 def _absolute_data_root(args: dict) -> dict:
@@ -119,7 +102,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     pipeline_root.mkdir(parents=True, exist_ok=True)
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                             max_parallel_workers=max_parallel_workers)
-    args = _absolute_data_root(dict(args))
+    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
 
     # Stages run in subprocesses that inherit this environment: the MLflow
     # store is chosen here, not passed as a (cache-busting) pipeline input.
@@ -211,7 +194,7 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
             output_dir, cache, runner, max_parallel_workers, tracking_uri, json_out):
     """Run the whole pipeline on this machine (kfp.local), with caching."""
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag)
-    args = resolve_arguments(pipeline_fn, config, overrides)
+    args = resolve_arguments(config, overrides)
     summary = run_local(args, mode=mode, method=method, rounds=rounds, merge=merge,
                         freeze_backbone=freeze_backbone, output_dir=output_dir, cache=cache, runner=runner,
                         image_registry=image_registry, image_tag=image_tag, tracking_uri=tracking_uri,
@@ -319,7 +302,7 @@ def submit_cli(host, kfp_experiment, namespace, run_name, config, overrides, mod
     settings = _cluster_settings(**cluster_kwargs)
     pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                               cluster=settings)
-    args = resolve_arguments(pipeline_fn, config, overrides)
+    args = resolve_arguments(config, overrides)
     if args.get("data_root", "").startswith(("..", "./")) or (args.get("data_root") and not args["data_root"].startswith("/")):
         raise DcmlError(f"data_root {args['data_root']}: on a cluster give the path inside the dataset PVC, e.g. {settings.data_mount}/cars196")
     with tempfile.TemporaryDirectory() as tmp:

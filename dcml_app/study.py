@@ -138,7 +138,7 @@ def study_cli(name, config, overrides, mode, output_dir, experiment, tracking_ur
     from dcml_app.runner import _build, resolve_arguments
 
     pipeline_fn, tag = _build(mode, "dc", 1, "average", False, "dcml", image_tag)
-    base = resolve_arguments(pipeline_fn, config, overrides)
+    base = resolve_arguments(config, overrides)
     if host:
         _submit_study(name, base, host, mode, tag, experiment)
         return

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcml import model_files
 from dcml.contracts import checkpoint
 from dcml.contracts.errors import DcmlError
 from dcml.algorithm.models import build_model
@@ -28,7 +29,7 @@ def test_roundtrip_with_weights_only_and_same_outputs(tmp_path):
     model = saved_model(path)
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == checkpoint.FORMAT
-    loaded, ckpt = checkpoint.load_model(path)
+    loaded, ckpt = model_files.load_model(path)
     assert json.loads(ckpt["record"]) == {"stage": "test"}
     assert loaded.num_slices == 3 and not loaded.training
     for key, value in model.state_dict().items():
@@ -76,7 +77,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     ckpt = checkpoint.load(path)
     checkpoint.save(path, {**ckpt, "model_config": {**ckpt["model_config"], "embedding_dim": 16}})
     with pytest.raises(DcmlError, match="do not fit"):
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     del model
 
 
@@ -100,7 +101,7 @@ def test_compressed_checkpoints_are_dequantised(tmp_path):
     quantized = quantize_model(model, 8, "kmeans", progress=False)
     path = tmp_path / "small.pt"
     save_compressed(path, model, quantized, record={"stage": "compress"})
-    loaded, ckpt = checkpoint.load_model(path)
+    loaded, ckpt = model_files.load_model(path)
     assert ckpt["format"] == checkpoint.COMPRESSED_FORMAT
     x = torch.randn(3, 1, 28, 28)
     ref = model(x)

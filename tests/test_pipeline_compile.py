@@ -35,8 +35,9 @@ def test_shared_mode_chains_the_six_stages(tmp_path):
     deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     assert deps["extract"] == {"ingest"}
     assert deps["cluster"] == {"extract"}
-    assert deps["train-shared"] == {"ingest", "cluster"}
-    assert deps["finetune"] == {"ingest", "train-shared"}
+    # Training and fine-tuning also take extract's fast-mode cache (empty when the mode is off).
+    assert deps["train-shared"] == {"ingest", "cluster", "extract"}
+    assert deps["finetune"] == {"ingest", "train-shared", "extract"}
     assert deps["evaluate"] == {"ingest", "finetune"}
     # The MLflow step is never cached; the stages are.
     assert tasks["track"]["cachingOptions"] == {}

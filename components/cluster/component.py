@@ -15,15 +15,13 @@ def cluster(
 ) -> List[int]:
     import os
 
-    from components.cluster.stage import run
+    from components.cluster import stage
 
+    hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(clusters.path, exist_ok=True)
-    run(
+    stage.run(
         features=os.path.join(features.path, "features.parquet"),
         out=os.path.join(clusters.path, "clusters.parquet"),
-        k=num_clusters,
-        niter=niter,
-        nredo=nredo,
-        seed=seed,
+        **hyper,
     )
     return list(range(num_clusters))

@@ -8,9 +8,14 @@ import pandas as pd
 import pyarrow as pa
 
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import read_parquet_meta, read_vectors, write_parquet
 from dcml.contracts.records import StageTimer
+
+# Parameters this stage takes (dcml.contracts.params); num_clusters is its --k.
+PARAMS = ("num_clusters", "niter", "nredo", "seed")
+RENAME = params.STAGE_NAMES["cluster"]
 
 
 def _vectors(path):
@@ -52,17 +57,18 @@ def _previous(path, image_ids: pd.Series, k: int) -> np.ndarray:
     return aligned
 
 
-def run(features, out, k, niter=100, nredo=1, seed=0, previous=None, normalize=True) -> dict:
+def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     """Cluster the training rows of a feature (or embedding) table into ``k`` clusters.
 
     Writes Parquet ``image_id, cluster`` for every training row; cluster -1
     marks an image whose class has no other image in its cluster (it cannot
     form a positive pair). ``previous``: an earlier assignment whose ids the
-    new clusters are matched to (Hungarian on the overlap).
+    new clusters are matched to (Hungarian on the overlap). ``hyper``: the
+    parameters in ``PARAMS`` (``k`` is the pipeline's num_clusters).
     """
-    params = {"k": k, "niter": niter, "nredo": nredo, "seed": seed, "normalize": normalize}
-    timer = StageTimer("cluster", params)
-    k = int(k)
+    hp = params.resolve(PARAMS, hyper, "cluster", rename=RENAME)
+    k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
+    timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
     try:
         result = kmeans(vectors, k, niter=int(niter), nredo=int(nredo), seed=int(seed), normalize=bool(normalize))
@@ -89,10 +95,7 @@ def run(features, out, k, niter=100, nredo=1, seed=0, previous=None, normalize=T
 @click.command("cluster")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature/embedding Parquet (dcml extract).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output clusters Parquet.")
-@click.option("--k", required=True, type=int, help="Number of clusters (learners).")
-@click.option("--niter", type=int, default=100, show_default=True)
-@click.option("--nredo", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@params.click_options(*PARAMS, rename=RENAME)
 @click.option("--previous", type=click.Path(dir_okay=False), help="Earlier clusters to match the new ids to.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise the vectors first.")
 def cli(**kwargs):

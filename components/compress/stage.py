@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.params import PARAMS as _P
 from dcml.contracts.records import StageTimer
 
 STAGE = "compress"
@@ -74,7 +75,7 @@ def importance_loss(model, loss: str, miner: str, margin: float | None):
 
     bounds = [model.slice_bounds(k) for k in range(model.num_slices)]
     losses = [build_loss(loss, embedding_dim=b - a, margin=margin) for a, b in bounds]
-    mine = build_miner(miner)
+    mine = build_miner(miner, loss=loss)
 
     def fn(embeddings, labels):
         total = 0.0
@@ -88,12 +89,13 @@ def importance_loss(model, loss: str, miner: str, margin: float | None):
     return fn
 
 
-def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importance_batches: int = 20,
-        finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_loss: str = "distill",
-        finetune_float: bool = True, equalize: bool = True, bias_correction: bool = True,
-        calibration_images_count: int = 256, damping: float = 0.0, loss: str = "margin", miner: str = "reference",
-        margin: float | None = None, classes_per_batch: int = 20, images_per_class: int = 4, seed: int = 0,
-        num_workers: int = 0, device=None) -> dict:
+def run(model, manifest, out, bits: int = 4, method: str = _P["compress_method"].default, importance_batches: int = 20,
+        finetune_steps: int = _P["compress_finetune_steps"].default, finetune_lr: float = 1e-3,
+        finetune_loss: str = "distill", finetune_float: bool = True, equalize: bool = True,
+        bias_correction: bool = True, calibration_images_count: int = 256, damping: float = 0.0,
+        loss: str = _P["loss"].default, miner: str = _P["miner"].default, margin: float | None = None,
+        classes_per_batch: int = _P["classes_per_batch"].default, images_per_class: int = _P["images_per_class"].default,
+        seed: int = _P["seed"].default, num_workers: int = _P["num_workers"].default, device=None) -> dict:
     """Quantise ``model``'s conv/linear weights to ``bits`` bits with ``method``,
     write the compressed checkpoint ``out``, and return the stage record."""
     import copy
@@ -102,7 +104,7 @@ def run(model, manifest, out, bits: int = 4, method: str = "loss-aware", importa
 
     from dcml.contracts import manifest as manifest_lib
     from dcml.methods import quantize as Q
-    from dcml.contracts.checkpoint import load_model
+    from dcml.model_files import load_model
     from dcml.algorithm.inference import default_device
 
     params = {"model": str(model), "bits": int(bits), "method": method, "importance_batches": int(importance_batches),
@@ -204,10 +206,12 @@ def _kib(n: int) -> str:
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Manifest whose train split gives the importance / fine-tuning batches.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Compressed checkpoint to write.")
-@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Bits per weight: 2^B shared values per layer.")
-@click.option("--method", default="loss-aware", show_default=True, type=click.Choice(["uniform", "kmeans", "loss-aware"]))
+@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8),
+              help="Bits per weight: 2^B shared values per layer (the pipeline runs this stage only when compress_bits > 0).")
+@click.option("--method", default=_P["compress_method"].default, show_default=True,
+              type=click.Choice(list(_P["compress_method"].choices)))
 @click.option("--importance-batches", default=20, show_default=True, type=int, help="Batches for the Fisher importance (loss-aware).")
-@click.option("--finetune-steps", default=0, show_default=True, type=int, help="Centroid fine-tuning steps (0 = none).")
+@click.option("--finetune-steps", default=_P["compress_finetune_steps"].default, show_default=True, type=int, help="Centroid fine-tuning steps (0 = none).")
 @click.option("--finetune-lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the centroids.")
 @click.option("--finetune-loss", default="distill", show_default=True, type=click.Choice(list(FINETUNE_LOSSES)),
               help="distill: match the float model's embeddings; metric: the --loss metric loss on the labels.")
@@ -221,13 +225,16 @@ def _kib(n: int) -> str:
               help="Train images (eval transforms) for equalisation check and bias correction.")
 @click.option("--damping", default=0.0, show_default=True, type=float,
               help="loss-aware: add this x the mean importance to every importance (shrinks towards plain kmeans).")
-@click.option("--loss", default="margin", show_default=True, type=click.Choice(list(IMPORTANCE_LOSSES)))
-@click.option("--miner", default="reference", show_default=True, type=click.Choice(["reference", "distance_weighted", "none"]))
+@click.option("--loss", default=_P["loss"].default, show_default=True, type=click.Choice(list(IMPORTANCE_LOSSES)))
+@click.option("--miner", default=_P["miner"].default, show_default=True, type=click.Choice(list(_P["miner"].choices)))
 @click.option("--margin", default=None, type=float, help="Loss margin (default: the loss's own).")
-@click.option("--classes-per-batch", default=20, show_default=True, type=int, help="P classes per batch.")
-@click.option("--images-per-class", default=4, show_default=True, type=int, help="M images per class.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--classes-per-batch", default=_P["classes_per_batch"].default, show_default=True, type=int,
+              help=_P["classes_per_batch"].help)
+@click.option("--images-per-class", default=_P["images_per_class"].default, show_default=True, type=int,
+              help=_P["images_per_class"].help)
+@click.option("--seed", default=_P["seed"].default, show_default=True, type=int)
+@click.option("--num-workers", default=_P["num_workers"].default, show_default=True, type=int,
+              help=_P["num_workers"].help)
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
 def cli(model, manifest, out, bits, method, importance_batches, finetune_steps, finetune_lr, finetune_loss,
         finetune_float, equalize, bias_correction, calibration_images, damping, loss, miner, margin,

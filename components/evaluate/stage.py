@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dcml.algorithm import metrics as metrics_lib
+from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import read_vectors, write_json, write_vectors
 from dcml.contracts.records import StageTimer
@@ -26,15 +27,16 @@ from dcml.contracts.records import StageTimer
 STAGE = "evaluate"
 
 
-def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks=(1, 2, 4, 8),
-        embeddings_out=None, batch_size: int = 128, num_workers: int = 0, include=None, device=None) -> dict:
+def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks=params.PARAMS["ks"].default,
+        embeddings_out=None, batch_size: int = params.PARAMS["eval_batch_size"].default,
+        num_workers: int = params.PARAMS["num_workers"].default, include=None, device=None) -> dict:
     """Write ``out`` ({"metrics": {...}, "record": {...}}) and return the stage record."""
-    ks = metrics_lib.check_ks(ks)
+    ks = metrics_lib.check_ks(params.check_ks(ks, "--ks") if isinstance(ks, str) else ks)
     include = metrics_lib.check_include(include)
-    params = {"embeddings": _str(embeddings), "model": _str(model), "manifest": _str(manifest), "split": split,
+    record_params = {"embeddings": _str(embeddings), "model": _str(model), "manifest": _str(manifest), "split": split,
               "ks": ks, "include": list(include), "embeddings_out": _str(embeddings_out),
               "batch_size": int(batch_size), "num_workers": int(num_workers)}
-    timer = StageTimer(STAGE, params)
+    timer = StageTimer(STAGE, record_params)
     if (embeddings is None) == (model is None):
         raise DcmlError("evaluate: pass either --embeddings FILE.parquet or --model CKPT with --manifest M")
     if model is not None and manifest is None:
@@ -55,7 +57,7 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
         import torch
 
         from dcml.contracts import manifest as manifest_lib
-        from dcml.contracts.checkpoint import load_model
+        from dcml.model_files import load_model
         from dcml.algorithm.inference import compute_vectors, default_device
 
         source = str(manifest)
@@ -156,13 +158,16 @@ def format_table(metrics: dict, record: dict) -> str:
 @click.option("--split", default="test", show_default=True,
               help="Split evaluated against itself (query vs gallery is used when the data has those and not this).")
 @click.option("--k", "k_values", multiple=True, type=int, help="A K of Recall@K; repeat for several.")
-@click.option("--ks", "ks_text", default=None, help="Comma-separated Ks, e.g. 1,10,100,1000 (default 1,2,4,8).")
+@click.option("--ks", "ks_text", default=None,
+              help=f"Comma-separated Ks, e.g. 1,10,100,1000 (default {params.PARAMS['ks'].default}).")
 @click.option("--include", default=None,
               help=f"Comma-separated metric families (default all): {', '.join(metrics_lib.METRICS)}.")
 @click.option("--embeddings-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="With --model: also write the computed embeddings here (Parquet).")
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--batch-size", default=params.PARAMS["eval_batch_size"].default, show_default=True, type=int,
+              help=params.PARAMS["eval_batch_size"].help)
+@click.option("--num-workers", default=params.PARAMS["num_workers"].default, show_default=True, type=int,
+              help=params.PARAMS["num_workers"].help)
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
 def cli(embeddings, model, manifest, out, split, k_values, ks_text, include, embeddings_out, batch_size,
         num_workers, device):

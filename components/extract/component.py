@@ -1,4 +1,5 @@
-"""KFP component: manifest -> backbone features (Dataset dir with features.parquet)."""
+"""KFP components: manifest -> backbone features (Dataset dir with features.parquet)
+and, in the fast mode, the cache of the frozen lower part (Dataset dir)."""
 
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -8,26 +9,26 @@ def extract(
     backbone: str,
     weights: str,
     image_size: int,
+    train_blocks: int,
+    fast_views: int,
     batch_size: int,
     num_workers: int,
     seed: int,
     features: Output[Dataset],
+    activations: Output[Dataset],
 ):
     import os
 
-    from components.extract.stage import run
+    from components.extract import stage
 
+    hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(features.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         out=os.path.join(features.path, "features.parquet"),
-        seed=seed,
-        backbone=backbone,
-        weights=weights,
-        image_size=image_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        activations_out=activations.path,
         splits=("train",),
+        **hyper,
     )
 
 
@@ -41,10 +42,10 @@ def extract_with_model(
     """Features of a trained model's backbone: re-clustering between rounds."""
     import os
 
-    from components.extract.stage import run
+    from components.extract import stage
 
     os.makedirs(features.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         out=os.path.join(features.path, "features.parquet"),
         model=os.path.join(model.path, "model.pt"),

@@ -20,36 +20,39 @@ from pathlib import Path
 
 import click
 
+from dcml import stagekit
 from dcml.contracts import manifest as manifest_lib
+from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import write_vectors
 from dcml.contracts.records import StageTimer
 
 STAGE = "extract"
+# Parameters this stage takes (dcml.contracts.params); fast_views is its --views.
+PARAMS = ("backbone", "weights", "image_size", "train_blocks", "fast_views", "batch_size", "num_workers", "seed")
+RENAME = params.STAGE_NAMES[STAGE]
 
 
-def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "imagenet", image_size: int = 128,
-        batch_size: int = 64, model=None, splits=("train",), num_workers: int = 0, device=None,
-        seed: int = 0, views: int = 0, train_blocks: int = -1, activations_out=None) -> dict:
-    """Write ``out`` (columns image_id, label, split, feature) and return the stage record."""
+def run(manifest, out, model=None, splits=("train",), device=None, activations_out=None, **hyper) -> dict:
+    """Write ``out`` (columns image_id, label, split, feature) and return the stage record.
+
+    ``hyper``: the parameters in ``PARAMS`` (defaults: dcml.contracts.params;
+    ``views`` is the pipeline's fast_views). ``model``: a checkpoint whose
+    backbone to use instead of a fresh one.
+    """
     import torch
 
     from dcml.algorithm.inference import compute_vectors, default_device
     from dcml.algorithm.models import build_model
 
+    hp = params.resolve(PARAMS, hyper, STAGE, rename=RENAME)
+    batch_size, num_workers, seed = hp["batch_size"], hp["num_workers"], hp["seed"]
+    views, train_blocks = hp["views"], hp["train_blocks"]
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    params = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-              "batch_size": int(batch_size), "model": str(model) if model else None, "splits": list(splits),
-              "num_workers": int(num_workers), "seed": int(seed), "views": int(views),
-              "train_blocks": int(train_blocks)}
-    timer = StageTimer(STAGE, params)
+    timer = StageTimer(STAGE, {**hp, "model": str(model) if model else None, "splits": list(splits)})
     bad = sorted(set(splits) - set(manifest_lib.SPLITS))
     if not splits or bad:
         raise DcmlError(f"--split: unknown split(s) {bad or '(none given)'}; use {', '.join(manifest_lib.SPLITS)}")
-    if int(batch_size) < 1:
-        raise DcmlError(f"--batch-size: must be >= 1, got {batch_size}")
-    if int(views) < 0:
-        raise DcmlError(f"--views: must be >= 0 (0 = no fast-mode cache), got {views}")
     if int(views) > 0 and activations_out is None:
         raise DcmlError("--views: the fast-mode cache needs --activations-out DIR")
     if int(views) > 0 and int(train_blocks) < 0:
@@ -63,7 +66,7 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
 
     device = torch.device(device) if device else default_device()
     if model:
-        from dcml.contracts.checkpoint import load_model
+        from dcml.model_files import load_model
 
         net, _ = load_model(model, device=device)
     else:
@@ -72,8 +75,8 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
         from dcml.algorithm.training import seed_everything
 
         seed_everything(int(seed))
-        net = build_model({"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-                           "num_slices": 1, "train_blocks": int(train_blocks)}).to(device)
+        net = build_model(stagekit.model_config({**hp, "embedding_dim": 128, "freeze_bn": "auto"},
+                                                num_slices=1)).to(device)
     model_config = dict(net.config)
     # The record shows the backbone actually used (a checkpoint's, with --model).
     timer.params.update(backbone=model_config["backbone"], weights=model_config["weights"],
@@ -106,27 +109,15 @@ def run(manifest, out, backbone: str = "efficientnet_lite0", weights: str = "ima
 @click.command(name=STAGE, help="Backbone features of a manifest's images -> Parquet vector table.")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest Parquet (from `dcml ingest`).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output features Parquet.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              type=click.Choice(["resnet18", "resnet50", "efficientnet_lite0", "small_cnn"]), help="Backbone (ignored with --model).")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet | none | path to a local state_dict (ignored with --model).")
-@click.option("--image-size", default=128, show_default=True, type=int, help="Input side in pixels (ignored with --model).")
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@params.click_options(*PARAMS, rename=RENAME)
 @click.option("--model", default=None, type=click.Path(dir_okay=False, path_type=Path), help="A dcml checkpoint: use its backbone instead.")
 @click.option("--split", "splits", multiple=True, default=("train",), show_default=True, help="Split(s) to extract; repeat the option for several.")
-@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for a randomly initialised backbone and the cached views.")
-@click.option("--views", default=0, show_default=True, type=int,
-              help="Fast mode: augmented views per training image to cache (0 = no cache).")
-@click.option("--train-blocks", default=-1, show_default=True, type=int,
-              help="Backbone blocks that train (from the top); the cache holds the output of the rest.")
 @click.option("--activations-out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fast mode's cache.")
-def cli(manifest, out, backbone, weights, image_size, batch_size, model, splits, num_workers, device, seed, views,
-        train_blocks, activations_out):
-    record = run(manifest=manifest, out=out, backbone=backbone, weights=weights, image_size=image_size,
-                 batch_size=batch_size, model=model, splits=splits, num_workers=num_workers, device=device,
-                 seed=seed, views=views, train_blocks=train_blocks, activations_out=activations_out)
+def cli(manifest, out, model, splits, device, activations_out, **hyper):
+    record = run(manifest=manifest, out=out, model=model, splits=splits, device=device,
+                 activations_out=activations_out, **hyper)
     m = record["metrics"]
     click.echo(f"{out}: {m['num_images']} x {m['dim']} features ({m['images_per_s']} images/s)")
     if m.get("cache_views"):

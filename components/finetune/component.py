@@ -1,4 +1,8 @@
-"""KFP components: merge the sub-models and fine-tune the whole embedding on all data."""
+"""KFP components: merge the sub-models and fine-tune the whole embedding on all data.
+
+Hyper-parameters are named as in dcml.contracts.params (tests check these
+signatures against it); ``finetune_epochs`` is the stage's ``epochs``.
+"""
 
 from typing import List
 
@@ -8,7 +12,9 @@ from kfp.dsl import Dataset, Input, Model, Output
 def merge_finetune(
     manifest: Input[Dataset],
     checkpoints: Input[List[Model]],
+    activations: Input[Dataset],
     merge: str,
+    finetune_epochs: int,
     loss: str,
     margin: float,
     miner: str,
@@ -16,8 +22,14 @@ def merge_finetune(
     images_per_class: int,
     lr_backbone: float,
     lr_embedding: float,
+    lr_proxies: float,
     weight_decay: float,
-    epochs: int,
+    batches_per_epoch: int,
+    head_init: str,
+    warmup_epochs: int,
+    schedule: str,
+    select_on: str,
+    patience: int,
     eval_every: int,
     seed: int,
     num_workers: int,
@@ -26,23 +38,25 @@ def merge_finetune(
     """Fan-in of the parallel workers (dsl.Collected)."""
     import os
 
-    from components.finetune.stage import run
+    from components.finetune import stage
 
+    hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         checkpoints=[os.path.join(c.path, "model.pt") for c in checkpoints],
+        activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
-        merge=merge, loss=loss, margin=margin if margin > 0 else None, miner=miner,
-        classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-        lr_backbone=lr_backbone, lr_embedding=lr_embedding, weight_decay=weight_decay,
-        epochs=epochs, eval_every=eval_every, seed=seed, num_workers=num_workers,
+        merge=merge,
+        **hyper,
     )
 
 
 def finetune(
     manifest: Input[Dataset],
     checkpoint: Input[Model],
+    activations: Input[Dataset],
+    finetune_epochs: int,
     loss: str,
     margin: float,
     miner: str,
@@ -50,8 +64,14 @@ def finetune(
     images_per_class: int,
     lr_backbone: float,
     lr_embedding: float,
+    lr_proxies: float,
     weight_decay: float,
-    epochs: int,
+    batches_per_epoch: int,
+    head_init: str,
+    warmup_epochs: int,
+    schedule: str,
+    select_on: str,
+    patience: int,
     eval_every: int,
     seed: int,
     num_workers: int,
@@ -60,15 +80,14 @@ def finetune(
     """Shared mode: the single trained model, fine-tuned with K=1."""
     import os
 
-    from components.finetune.stage import run
+    from components.finetune import stage
 
+    hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         checkpoints=[os.path.join(checkpoint.path, "model.pt")],
+        activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
-        loss=loss, margin=margin if margin > 0 else None, miner=miner,
-        classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-        lr_backbone=lr_backbone, lr_embedding=lr_embedding, weight_decay=weight_decay,
-        epochs=epochs, eval_every=eval_every, seed=seed, num_workers=num_workers,
+        **hyper,
     )

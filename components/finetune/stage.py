@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 import torch
 
-from dcml import stagekit
+from dcml import model_files, stagekit
 from dcml.contracts import checkpoint, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
@@ -53,11 +53,11 @@ def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
         raise DcmlError(f"no worker checkpoint for cluster(s) {missing}; pass one checkpoint per cluster 0..{k - 1}")
 
     workers = [by_cluster[c][1] for c in range(k)]
-    states = [checkpoint.state_dict_of(w) for w in workers]
+    states = [model_files.state_dict_of(w) for w in workers]
     for (path, _), state in zip((by_cluster[c] for c in range(k)), states):
         if state.keys() != states[0].keys():
             raise DcmlError(f"{path}: its weights have other tensors than {by_cluster[0][0]}'s; merge workers of one architecture")
-    template = checkpoint.build_from({"model_config": workers[0]["model_config"], "model": states[0]}, by_cluster[0][0])
+    template = model_files.build_from({"model_config": workers[0]["model_config"], "model": states[0]}, by_cluster[0][0])
     merged = {}
     for name, tensor in states[0].items():
         if name in ("head.weight", "head.bias"):
@@ -98,7 +98,7 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
     cache = stagekit.open_activations(activations)
     loaded = [(path, checkpoint.load(path)) for path in checkpoints]
     if len(loaded) == 1:
-        model = checkpoint.build_from(loaded[0][1], loaded[0][0])
+        model = model_files.build_from(loaded[0][1], loaded[0][0])
         merged_from = None
     else:
         model, merged_from = merge_checkpoints(loaded, merge)

@@ -9,18 +9,13 @@ def ingest(
     split_mode: str,
     max_per_class: int,
     check_images: bool,
+    val_fraction: float,
     manifest: Output[Dataset],
 ):
     import os
 
-    from components.ingest.stage import run
+    from components.ingest import stage
 
+    hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(manifest.path, exist_ok=True)
-    run(
-        dataset=dataset,
-        root=data_root or None,
-        out=os.path.join(manifest.path, "manifest.parquet"),
-        split_mode=split_mode,
-        check_images=check_images,
-        max_per_class=max_per_class or None,
-    )
+    stage.run(out=os.path.join(manifest.path, "manifest.parquet"), **hyper)

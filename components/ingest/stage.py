@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
-from dcml.contracts import manifest
+from dcml.contracts import manifest, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
 from data_prep import common, registry
 
-SPLIT_MODE_CHOICES = list(common.SPLIT_MODES)
+# Parameters this stage takes (dcml.contracts.params); data_root is its --root.
+PARAMS = ("dataset", "data_root", "split_mode", "max_per_class", "check_images", "val_fraction")
+RENAME = params.STAGE_NAMES["ingest"]
 
 
 def summarise(df) -> dict:
@@ -18,28 +20,34 @@ def summarise(df) -> dict:
             for split, rows in df.groupby("split", sort=False)}
 
 
-def run(dataset: str, out, root=None, split_mode: str | None = None, check_images: bool = False,
-        max_per_class: int | None = None, vehicleid_test_size: int = 800, val_fraction: float = 0.0) -> dict:
+def run(out, vehicleid_test_size: int = 800, **hyper) -> dict:
     """Read ``dataset`` from ``root`` and write its manifest to ``out``; returns the stage record.
 
-    ``split_mode`` None (or "") takes the dataset's default: ``official``,
-    except ``folder`` whose default is ``class-disjoint``. Nothing is written
-    when any check fails.
+    ``hyper``: the parameters in ``PARAMS`` (defaults: dcml.contracts.params;
+    ``root`` is the pipeline's data_root). ``split_mode`` "" takes the
+    dataset's default: ``official``, except ``folder`` whose default is
+    ``class-disjoint``. ``max_per_class`` 0 keeps every image.
+    ``val_fraction`` of the training classes become the ``val`` split
+    (class-disjoint validation for choosing the epoch; see
+    dcml.contracts.manifest.carve_validation). Nothing is written when any
+    check fails.
     """
-    name = registry.canonical(dataset)
+    hp = params.resolve(PARAMS, hyper, "ingest", rename=RENAME)
+    name = registry.canonical(hp["dataset"])
     module = registry.reader_module(name)
-    split_mode = split_mode or module.DEFAULT_SPLIT_MODE
-    if max_per_class is not None and max_per_class <= 0:
-        max_per_class = None
-    params = {"dataset": name, "root": None if root in (None, "") else str(root), "split_mode": split_mode,
-              "check_images": bool(check_images), "max_per_class": max_per_class, "val_fraction": float(val_fraction)}
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise DcmlError(f"--val-fraction {val_fraction}: must be in [0, 1) (0 = no validation split)")
+    root, check_images, val_fraction = hp["root"] or None, hp["check_images"], hp["val_fraction"]
+    split_mode = hp["split_mode"] or module.DEFAULT_SPLIT_MODE
+    max_per_class = hp["max_per_class"] or None
+    if max_per_class == 1:
+        raise DcmlError("--max-per-class 1: a class needs at least 2 images to form a positive pair; use 2 or more (0 = all)")
+    params_record = {"dataset": name, "root": None if root is None else str(root), "split_mode": split_mode,
+                     "check_images": bool(check_images), "max_per_class": max_per_class,
+                     "val_fraction": float(val_fraction)}
     options = {}
     if name == "vehicleid":
-        params["vehicleid_test_size"] = options["test_size"] = int(vehicleid_test_size)
-    timer = StageTimer("ingest", params)
-    df, meta = module.read(root or None, split_mode, max_per_class=max_per_class, **options)
+        params_record["vehicleid_test_size"] = options["test_size"] = int(vehicleid_test_size)
+    timer = StageTimer("ingest", params_record)
+    df, meta = module.read(root, split_mode, max_per_class=max_per_class, **options)
     if check_images:
         common.check_images(df, meta["root"])
     df, validation = manifest.carve_validation(df, float(val_fraction), str(root or name))
@@ -53,27 +61,16 @@ def run(dataset: str, out, root=None, split_mode: str | None = None, check_image
     manifest.write(out, df, {**meta, "record": record})
     per_split = ", ".join(f"{split} {s['images']} images / {s['classes']} classes" for split, s in splits.items())
     click.echo(f"ingest {name} ({split_mode}): {len(df)} images, {metrics['classes']} classes [{per_split}] -> {out}")
-    if validation.get("note"):
-        click.echo(validation["note"])
     return record
 
 
 @click.command("ingest")
 @click.option("--dataset", required=True, metavar="NAME",
               help=f"Dataset reader: {', '.join(registry.names())}.")
-@click.option("--root", default=None, metavar="DIR",
-              help="Dataset folder (fashion-mnist: found automatically when omitted).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest to write (.parquet).")
-@click.option("--split-mode", type=click.Choice(SPLIT_MODE_CHOICES), default=None,
-              help="official (default; folder: class-disjoint) or class-disjoint.")
-@click.option("--check-images", is_flag=True, help="Decode every image fully and fail on a corrupt one.")
-@click.option("--max-per-class", type=click.IntRange(min=2), default=None,
-              help="Keep at most N images per class and split (first by image_id), for quick runs.")
-@click.option("--val-fraction", type=float, default=0.0, show_default=True,
-              help="Share of the training classes held out as the 'val' split (class-disjoint; picks the epoch kept).")
+@params.click_options(*(n for n in PARAMS if n != "dataset"), rename=RENAME)
 @click.option("--vehicleid-test-size", type=click.Choice(["800", "1600", "2400"]), default="800", show_default=True,
               help="VehicleID test set (number of vehicles).")
-def cli(dataset, root, out, split_mode, check_images, max_per_class, val_fraction, vehicleid_test_size):
+def cli(out, vehicleid_test_size, **hyper):
     """Turn a dataset into a Parquet manifest (one row per image)."""
-    run(dataset=dataset, out=out, root=root, split_mode=split_mode, check_images=check_images,
-        max_per_class=max_per_class, vehicleid_test_size=int(vehicleid_test_size), val_fraction=val_fraction)
+    run(out=out, vehicleid_test_size=int(vehicleid_test_size), **hyper)

@@ -1,4 +1,8 @@
-"""KFP components: subspace training, shared (the paper) or one parallel worker."""
+"""KFP components: subspace training, shared (the paper) or one parallel worker.
+
+Hyper-parameters are named as in dcml.contracts.params (tests check these
+signatures against it); each is passed on to the stage under that name.
+"""
 
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -6,10 +10,14 @@ from kfp.dsl import Dataset, Input, Model, Output
 def train_shared(
     manifest: Input[Dataset],
     clusters: Input[Dataset],
+    activations: Input[Dataset],
     backbone: str,
     weights: str,
     image_size: int,
     embedding_dim: int,
+    train_blocks: int,
+    freeze_bn: str,
+    recluster_every: int,
     loss: str,
     margin: float,
     miner: str,
@@ -17,11 +25,16 @@ def train_shared(
     images_per_class: int,
     lr_backbone: float,
     lr_embedding: float,
+    lr_proxies: float,
     weight_decay: float,
     epochs: int,
-    recluster_every: int,
+    batches_per_epoch: int,
+    head_init: str,
+    warmup_epochs: int,
+    schedule: str,
+    select_on: str,
+    patience: int,
     eval_every: int,
-    freeze_bn: bool,
     seed: int,
     num_workers: int,
     model: Output[Model],
@@ -29,31 +42,32 @@ def train_shared(
     """K learners over one shared backbone, re-clustering every R epochs."""
     import os
 
-    from components.train.stage import run
+    from components.train import stage
 
+    hyper = {k: v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         clusters=os.path.join(clusters.path, "clusters.parquet"),
+        activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
         mode="shared",
-        backbone=backbone, weights=weights, image_size=image_size, embedding_dim=embedding_dim,
-        loss=loss, margin=margin if margin > 0 else None, miner=miner,
-        classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-        lr_backbone=lr_backbone, lr_embedding=lr_embedding, weight_decay=weight_decay,
-        epochs=epochs, recluster_every=recluster_every, eval_every=eval_every,
-        freeze_bn=freeze_bn, seed=seed, num_workers=num_workers,
+        **hyper,
     )
 
 
 def train_worker(
     manifest: Input[Dataset],
     clusters: Input[Dataset],
+    activations: Input[Dataset],
     cluster_id: int,
+    freeze_backbone: bool,
     backbone: str,
     weights: str,
     image_size: int,
     embedding_dim: int,
+    train_blocks: int,
+    freeze_bn: str,
     loss: str,
     margin: float,
     miner: str,
@@ -61,11 +75,16 @@ def train_worker(
     images_per_class: int,
     lr_backbone: float,
     lr_embedding: float,
+    lr_proxies: float,
     weight_decay: float,
     epochs: int,
+    batches_per_epoch: int,
+    head_init: str,
+    warmup_epochs: int,
+    schedule: str,
+    select_on: str,
+    patience: int,
     eval_every: int,
-    freeze_bn: bool,
-    freeze_backbone: bool,
     seed: int,
     num_workers: int,
     model: Output[Model],
@@ -74,19 +93,16 @@ def train_worker(
     """One cluster's sub-model: its own backbone copy and its embedding slice."""
     import os
 
-    from components.train.stage import run
+    from components.train import stage
 
+    hyper = {k: v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    run(
+    stage.run(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         clusters=os.path.join(clusters.path, "clusters.parquet"),
+        activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
-        mode="worker", cluster_id=int(cluster_id),
+        mode="worker", cluster_id=int(cluster_id), freeze_backbone=freeze_backbone,
         init=os.path.join(init.path, "model.pt") if init is not None else None,
-        backbone=backbone, weights=weights, image_size=image_size, embedding_dim=embedding_dim,
-        loss=loss, margin=margin if margin > 0 else None, miner=miner,
-        classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-        lr_backbone=lr_backbone, lr_embedding=lr_embedding, weight_decay=weight_decay,
-        epochs=epochs, eval_every=eval_every, freeze_bn=freeze_bn,
-        freeze_backbone=freeze_backbone, seed=seed, num_workers=num_workers,
+        **hyper,
     )

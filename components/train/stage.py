@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import click
 
-from dcml import stagekit
-from dcml.contracts import checkpoint, params
+from dcml import model_files, stagekit
+from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
 
@@ -72,7 +72,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
 
     seed_everything(hp["seed"])  # the fresh head's init is part of the run
     if init is not None:
-        model = checkpoint.load_model(init)[0]
+        model = model_files.load_model(init)[0]
         if k > model.embedding_dim:
             raise DcmlError(f"{init}: embedding_dim={model.embedding_dim} cannot hold {k} slices")
         model.set_num_slices(k)

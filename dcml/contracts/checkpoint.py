@@ -74,36 +74,3 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         if key not in ckpt:
             raise DcmlError(f"{path}: checkpoint lacks '{key}'; re-create it with `dcml train`")
     return ckpt
-
-
-def state_dict_of(ckpt: dict) -> dict:
-    """The model weights of a loaded checkpoint, dequantised when compressed."""
-    if ckpt.get("format") == COMPRESSED_FORMAT:
-        from dcml.methods.quantize.storage import dequantize_state_dict
-
-        return dequantize_state_dict(ckpt)
-    return ckpt["model"]
-
-
-def build_from(ckpt: dict, source: str = "checkpoint", device="cpu"):
-    """The EmbeddingModel a loaded checkpoint describes, with its weights."""
-    from dcml.algorithm.models import build_model
-
-    if not isinstance(ckpt.get("model_config"), dict):
-        raise DcmlError(f"{source}: model_config is not a dict; re-create the checkpoint")
-    # The checkpoint holds every weight, so skip fetching pretrained ones.
-    model = build_model(dict(ckpt["model_config"]), load_weights=False)
-    try:
-        model.load_state_dict(state_dict_of(ckpt))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise DcmlError(f"{source}: weights do not fit its model_config ({first[:200]}); the file is inconsistent, re-create it") from None
-    return model.to(device)
-
-
-def load_model(path: str | os.PathLike, device="cpu"):
-    """(EmbeddingModel in eval mode, checkpoint dict) from a checkpoint file."""
-    ckpt = load(path)
-    model = build_from(ckpt, str(path), device)
-    model.eval()
-    return model, ckpt

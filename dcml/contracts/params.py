@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -61,6 +62,8 @@ class Param:
         where = f"{source}: {label or self.name}={value!r}"
         if value is None:
             raise DcmlError(f"{where}: a value is required ({self.describe_range()}); drop the key to use the default {self.default!r}")
+        if isinstance(value, os.PathLike) and self.type is str:
+            value = os.fspath(value)
         if isinstance(value, str) and self.type is not str:
             value = _parse(value, self.type, where)
         if isinstance(value, bool) and self.type is str and self.choices and "true" in self.choices:
@@ -119,7 +122,7 @@ _PARAMS = [
     _p("val_fraction", float, 0.15, "Share of the training classes held out for validation (class-disjoint; "
        "picks the epoch kept; 0 = none).", "data", low=0.0, high=1.0, high_open=True),
     # -- model -----------------------------------------------------------------
-    _p("backbone", str, "small_cnn", "Backbone network.", "model", choices=BACKBONES),
+    _p("backbone", str, "efficientnet_lite0", "Backbone network.", "model", choices=BACKBONES),
     _p("weights", str, "auto", "imagenet | none | a local state_dict file (auto: imagenet where the backbone "
        "has ImageNet weights, else none).", "model"),
     _p("image_size", int, 0, "Input side in pixels (0 = the backbone's default).", "model", low=0),
@@ -184,6 +187,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
 
 # Pipeline parameter -> its name inside a stage, where they differ.
 STAGE_NAMES: dict[str, dict[str, str]] = {
+    "ingest": {"data_root": "root"},
+    "extract": {"fast_views": "views"},
+    "cluster": {"num_clusters": "k"},
     "finetune": {"finetune_epochs": "epochs"},
     "merge-finetune": {"finetune_epochs": "epochs"},
     "train-dfml": {"dfml_groups": "groups"},

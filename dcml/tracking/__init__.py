@@ -201,7 +201,7 @@ def _log_model(model_path: str) -> str:
     import mlflow
     import torch
 
-    from dcml.contracts.checkpoint import load_model
+    from dcml.model_files import load_model
 
     model, _ = load_model(model_path, device="cpu")
     model.eval()

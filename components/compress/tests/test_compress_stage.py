@@ -13,7 +13,8 @@ from components.compress.stage import run
 from dcml.contracts import manifest as manifest_lib
 from dcml.methods import quantize as Q
 from dcml.contracts import records
-from dcml.contracts.checkpoint import load, load_model
+from dcml.contracts.checkpoint import load
+from dcml.model_files import load_model
 from dcml_app.cli import cli
 from dcml.contracts.errors import DcmlError
 from dcml.algorithm.inference import compute_vectors

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from components.dfml import stage
-from dcml.contracts import checkpoint
+from dcml import model_files
 from dcml.contracts.errors import DcmlError
 from dcml.algorithm.models import build_model
 
@@ -22,7 +22,7 @@ def test_stage_writes_a_plain_checkpoint_with_routing_history(cars_manifest, tmp
     assert not (tmp_path / "dfml.pt.resume.pt").exists()
 
     # A normal dcml checkpoint: loads as the plain EmbeddingModel, no routers.
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert ckpt["format"] == "dcml.checkpoint/1"
     assert ckpt["model_config"]["backbone"] == "efficientnet_lite0" and ckpt["model_config"]["num_slices"] == 1
     assert not any("router" in k or "sub_blocks" in k for k in ckpt["model"])

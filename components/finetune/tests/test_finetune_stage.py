@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from components.finetune.stage import cli, merge_checkpoints, run
 from components.train.stage import run as train_run
+from dcml import model_files
 from dcml.contracts import checkpoint
 from dcml.contracts import manifest as manifest_mod
 from dcml.contracts.errors import DcmlError
@@ -92,7 +93,7 @@ def frozen_workers(fm_manifest, tmp_path_factory):
     for c in range(2):
         path = tmp / f"worker{c}.pt"
         train_run(manifest=fm_manifest, clusters=clusters, out=path, mode="worker", cluster_id=c, epochs=1,
-                  freeze_backbone=True, embedding_dim=8, **FAST)
+                  freeze_backbone=True, backbone="small_cnn", embedding_dim=8, **FAST)
         paths.append(str(path))
     return paths
 
@@ -100,10 +101,10 @@ def frozen_workers(fm_manifest, tmp_path_factory):
 def test_merge_only_equals_the_workers_slices_side_by_side(fm_manifest, frozen_workers, tmp_path):
     out = tmp_path / "merged.pt"
     record = run(manifest=fm_manifest, checkpoints=frozen_workers, out=out, epochs=0)
-    merged, ckpt = checkpoint.load_model(out)
+    merged, ckpt = model_files.load_model(out)
     assert merged.num_slices == 2 and ckpt["merged_from"] == [0, 1]
     assert [r["name"] for r in record["inputs"]["checkpoints"]] == ["train-worker-0", "train-worker-1"]
-    workers = [checkpoint.load_model(p)[0] for p in frozen_workers]
+    workers = [model_files.load_model(p)[0] for p in frozen_workers]
     x = torch.stack([torch.rand(1, 28, 28) for _ in range(5)])
     with torch.no_grad():
         expected = torch.cat([workers[k](x, learner=k) for k in range(2)], dim=1)
@@ -120,7 +121,7 @@ def test_merge_then_finetune_and_cli(fm_manifest, frozen_workers, tmp_path):
         args += ["--checkpoint", p]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert model.num_slices == 1
     record = json.loads(ckpt["record"])
     assert len(record["inputs"]["checkpoints"]) == 2 and record["history"][0]["phase"] == "finetune"
@@ -131,7 +132,7 @@ def test_merge_then_finetune_and_cli(fm_manifest, frozen_workers, tmp_path):
 def test_single_checkpoint_is_finetuned_without_merge(fm_manifest, frozen_workers, tmp_path):
     out = tmp_path / "ft.pt"
     record = run(manifest=fm_manifest, checkpoints=frozen_workers[0], out=out, epochs=1, **FAST)
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert model.num_slices == 1 and "merged_from" not in ckpt
     assert record["extra"]["merged_from"] is None and len(record["history"]) == 1
     before = checkpoint.load(frozen_workers[0])["model"]

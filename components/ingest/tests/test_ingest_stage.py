@@ -55,7 +55,7 @@ def test_ingest_writes_a_manifest_with_its_record(tmp_path, capsys):
     record = m.meta["record"]
     assert record["stage"] == "ingest"
     assert record["params"] == {"dataset": "cars196", "root": str(root), "split_mode": "official",
-                                "check_images": True, "max_per_class": None, "val_fraction": 0.0}
+                                "check_images": True, "max_per_class": None, "val_fraction": 0.15}
     assert record["metrics"] == {"images": 10, "classes": 4, "train_images": 5, "test_images": 5,
                                  "train_classes": 2, "test_classes": 2}
     assert record["extra"]["fingerprint"] == m.meta["fingerprint"]

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from components.train.stage import cli, run
+from dcml import model_files
 from dcml.contracts import checkpoint
 from dcml.contracts import manifest as manifest_mod
 from dcml.contracts.errors import DcmlError
@@ -41,7 +42,7 @@ def test_shared_mode_from_real_features_through_the_cluster_stage(fm_manifest, t
     record = run(manifest=fm_manifest, clusters=tmp_path / "clusters.parquet", out=out, epochs=2,
                  recluster_every=1, eval_every=1, **FAST)
     assert out.exists() and not (tmp_path / "model.pt.resume.pt").exists()
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert model.num_slices == 2 and ckpt["epoch"] == 2
     stored = json.loads(ckpt["record"])
     assert stored["exec_id"] == record["exec_id"]
@@ -69,7 +70,7 @@ def test_worker_trains_its_slice_only_with_a_frozen_backbone(fm_manifest, tmp_pa
     record = run(manifest=fm_manifest, clusters=clusters, out=out, mode="worker", cluster_id=1, init=tmp_path / "init.pt",
                  freeze_backbone=True, epochs=1, **FAST)
     assert record["name"] == "train-worker-1"
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert ckpt["worker"] == {"cluster_id": 1, "k": 3, "freeze_backbone": True}
     assert model.num_slices == 3
     before, after = init_model.state_dict(), model.state_dict()
@@ -130,7 +131,7 @@ def test_cli_plain_baseline(fm_manifest, tmp_path):
                                       "--embedding-dim", "8", "--classes-per-batch", "3", "--images-per-class", "4",
                                       "--lr-backbone", "1e-3", "--lr-embedding", "1e-3", "--seed", "2"])
     assert result.exit_code == 0, result.output
-    model, ckpt = checkpoint.load_model(out)
+    model, ckpt = model_files.load_model(out)
     assert model.num_slices == 1 and model.embedding_dim == 8
     params = json.loads(ckpt["record"])["params"]
     assert params["epochs"] == 1 and params["seed"] == 2

@@ -18,7 +18,7 @@ One module per concern; everything public is re-exported here, so
 * :mod:`.storage`: bit packing and the compressed checkpoint (``format``
   ``dcml.compressed/1``); :func:`~.storage.dequantize_state_dict` turns it
   back into a normal state_dict, which is what
-  ``dcml.contracts.checkpoint.load_model`` does for this format.
+  ``dcml.model_files.load_model`` does for this format.
 """
 
 from ._runtime import LossFn

@@ -2,7 +2,7 @@
 :func:`save_compressed`): each quantised layer's float32 codebook and its
 indices bit-packed at B bits, the rest of the state_dict in float32.
 :func:`dequantize_state_dict` turns it back into a normal state_dict, which is
-what ``dcml.contracts.checkpoint.load_model`` does for this format.
+what ``dcml.model_files.load_model`` does for this format.
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""One source of truth for parameters: the table reaches the pipeline, the components and the stage CLIs."""
+
+import inspect
+import typing
+
+import click
+import pytest
+import yaml
+
+import pipeline
+from components.cluster import stage as cluster_stage
+from components.dfml import stage as dfml_stage
+from components.extract import stage as extract_stage
+from components.finetune import stage as finetune_stage
+from components.ingest import stage as ingest_stage
+from components.train import stage as train_stage
+from dcml.contracts import params
+from dcml.contracts.errors import DcmlError
+from dcml_app import presets
+
+STRUCTURES = [dict(mode="shared"), dict(mode="parallel", rounds=2), dict(method="dfml")]
+KFP_TYPES = {"Integer": "NUMBER_INTEGER", "Float": "NUMBER_DOUBLE", "Boolean": "BOOLEAN", "String": "STRING"}
+
+
+def compiled(tmp_path, **structure):
+    from kfp import compiler
+
+    path = tmp_path / "p.yaml"
+    compiler.Compiler().compile(pipeline.build_pipeline(**structure), package_path=str(path))
+    return yaml.safe_load(path.read_text())
+
+
+def consumers(spec) -> dict[str, set[tuple[str, str]]]:
+    """pipeline parameter -> {(component, its input name)} over the whole DAG, nested ones included."""
+    out: dict[str, set] = {}
+
+    def walk(dag, scope):
+        for task in dag.get("tasks", {}).values():
+            ref = task["componentRef"]["name"]
+            for name, value in task.get("inputs", {}).get("parameters", {}).items():
+                source = value.get("componentInputParameter")
+                if source:
+                    out.setdefault(scope.get(source, source), set()).add((ref, name))
+            inner = spec["components"][ref].get("dag")
+            if inner:  # a ParallelFor / If body: its inputs are named after the outer ones
+                mapping = {name: scope.get(v.get("componentInputParameter"), v.get("componentInputParameter"))
+                           for name, v in task.get("inputs", {}).get("parameters", {}).items()
+                           if v.get("componentInputParameter")}
+                walk(inner, mapping)
+
+    walk(spec["root"]["dag"], {})
+    return out
+
+
+def test_pipeline_parameters_are_the_table_with_its_defaults(tmp_path):
+    for structure in STRUCTURES:
+        spec = compiled(tmp_path, **structure)
+        inputs = spec["root"]["inputDefinitions"]["parameters"]
+        assert set(inputs) == {p.name for p in params.pipeline_params()}, structure
+        for p in params.pipeline_params():
+            assert inputs[p.name]["parameterType"] == KFP_TYPES[p.kfp_type], p.name
+            assert inputs[p.name].get("defaultValue", p.default) == p.default, p.name
+
+
+def test_every_pipeline_parameter_reaches_a_stage_under_its_own_or_its_stage_name(tmp_path):
+    reached: dict[str, set] = {}
+    for structure in STRUCTURES:
+        for name, uses in consumers(compiled(tmp_path, **structure)).items():
+            reached.setdefault(name, set()).update(uses)
+    missing = sorted(p.name for p in params.pipeline_params() if p.name not in reached)
+    assert not missing, f"parameters no stage consumes: {missing}"
+    for name, uses in reached.items():
+        if name not in params.PARAMS:
+            continue  # loop items and other task outputs
+        for component, input_name in uses:
+            stage = component.removeprefix("comp-").rsplit("-", 1)[0] if component[-1].isdigit() else component.removeprefix("comp-")
+            expected = {name, params.STAGE_NAMES.get(stage, {}).get(name, name)}
+            # ParallelFor / If bodies pass the value on under the same name.
+            assert input_name in expected or input_name.startswith("pipelinechannel--"), (name, component, input_name)
+
+
+@pytest.mark.parametrize("func", [f for f in pipeline._components("dcml", "t").values()])
+def test_component_signatures_match_the_table(func):
+    signature = inspect.signature(func.python_func)
+    stage = func.name.replace("_", "-")
+    back = {v: k for k, v in params.STAGE_NAMES.get(stage, {}).items()}
+    checked = 0
+    for name, parameter in signature.parameters.items():
+        key = back.get(name, name)
+        if key not in params.PARAMS or typing.get_origin(parameter.annotation) is not None:
+            continue
+        if not isinstance(parameter.annotation, type):
+            continue  # artifacts (Input[...] / Output[...])
+        assert parameter.annotation is params.PARAMS[key].type, (func.name, name)
+        checked += 1
+    assert checked or stage in ("track", "extract-with-model"), func.name
+
+
+@pytest.mark.parametrize("module", [train_stage, finetune_stage, dfml_stage, extract_stage, cluster_stage,
+                                    ingest_stage])
+def test_stage_options_take_their_defaults_from_the_table(module):
+    rename = getattr(module, "RENAME", {})
+    fixed = getattr(module, "FIXED_DEFAULTS", {})
+    options = {o.name: o for o in module.cli.params if isinstance(o, click.Option)}
+    for name in module.PARAMS:
+        dest = rename.get(name, name)
+        if options[dest].required:
+            assert name == "dataset"  # ingest: --dataset has no default
+            continue
+        assert options[dest].default == fixed.get(name, params.PARAMS[name].default), (module.__name__, name)
+
+
+def test_presets_and_defaults_pass_their_own_checks():
+    for name, values in presets.PRESETS.items():
+        params.validate(values, name)
+    params.validate(params.defaults(), "defaults")
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"epochs": -1}, "epochs=-1: out of range; use a value of at least 0"),
+    ({"epochs": 1.5}, "epochs=1.5: expected a whole number"),
+    ({"epochs": None}, "a value is required"),
+    ({"lr_backbone": "nan"}, "finite"),
+    ({"lr_backbone": float("inf")}, "finite"),
+    ({"loss": "hinge"}, "use one of margin"),
+    ({"val_fraction": 1.0}, "below 1"),
+    ({"check_images": "maybe"}, "expected true or false"),
+    ({"ks": "1,x"}, "comma-separated whole numbers"),
+    ({"ks": "0"}, "each >= 1"),
+    ({"experiment": " "}, "name the MLflow experiment"),
+    ({"epoch": 3}, "unknown parameter(s) epoch"),
+])
+def test_bad_values_are_one_line_errors(values, fragment):
+    with pytest.raises(DcmlError, match=None) as info:
+        params.validate(values, "--set")
+    message = str(info.value)
+    assert fragment in message and "\n" not in message and message.startswith("--set")
+
+
+def test_text_from_the_command_line_is_coerced():
+    assert params.validate({"epochs": "6", "lr_backbone": "3e-4", "check_images": "yes", "freeze_bn": True},
+                           "--set") == {"epochs": 6, "lr_backbone": 3e-4, "check_images": True, "freeze_bn": "true"}
