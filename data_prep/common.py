@@ -202,13 +202,17 @@ def finish(df: pd.DataFrame, *, dataset: str, root: Path, split_mode: str, max_p
 
 
 def _image_problem(root: Path, path, data) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from dcml.algorithm.data import bomb_message
 
     try:
         src = io.BytesIO(data) if path is None else os.path.join(root, path)
         with Image.open(src) as im:
             im.load()
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return bomb_message(exc)  # starts with "image too large"
+    except Exception as exc:  # any decoder failure is the file's
         return " ".join(str(exc).split()) or type(exc).__name__
     return None
 
@@ -220,6 +224,10 @@ def check_images(df: pd.DataFrame, root: Path, workers: int | None = None) -> No
     """
     from PIL import ImageFile
     from tqdm import tqdm
+
+    from dcml.algorithm.data import set_pixel_limit
+
+    set_pixel_limit()
 
     # A truncated file must fail here, whatever another module set globally.
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -234,6 +242,8 @@ def check_images(df: pd.DataFrame, root: Path, workers: int | None = None) -> No
                 if problem:
                     pool.shutdown(wait=False, cancel_futures=True)  # no need to decode the rest
                     where = os.path.join(root, paths[i]) if paths[i] is not None else f"{root} (image {df['image_id'].iloc[i]})"
+                    if problem.startswith("image too large"):
+                        raise DcmlError(f"{where}: {problem}")
                     raise DcmlError(f"{where}: corrupt or truncated image ({problem}); "
                                     "replace the file or remove it from the dataset")
     finally:

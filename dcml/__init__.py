@@ -33,3 +33,45 @@ def _keep_large_buffers() -> None:
 
 
 _keep_large_buffers()
+
+
+def runner_token(pid: int) -> str:
+    """"pid:start-time" of a process (the start time tells a reused pid from the original)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid}:{start}"
+
+
+def _die_with_runner() -> None:
+    """A stage process started by `dcml run` ends when that run's process ends.
+
+    `dcml run` puts its own ``runner_token`` in DCML_RUNNER in the environment
+    its stage processes inherit (through kfp's ``sh`` wrapper). Such a process
+    watches the runner from a daemon thread and terminates itself (SIGTERM)
+    within a second of the runner's end, so killing the run (even with kill
+    -9) leaves no training process running on in the background. The variable
+    is removed here, so this process's own children (data-loader workers,
+    which end with it) do not watch anything.
+    """
+    import os
+    import signal
+    import threading
+    import time
+
+    token = os.environ.pop("DCML_RUNNER", None)
+    if not token or not os.path.isdir("/proc"):
+        return
+
+    def watch():
+        pid = int(token.split(":")[0])
+        while runner_token(pid) == token:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dcml-runner-watch", daemon=True).start()
+
+
+_die_with_runner()

@@ -7,6 +7,7 @@ here, in the library.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,16 @@ def open_activations(path):
     return ActivationCache(path) if is_cache(path) else None
 
 
-def selection_metrics(trainer) -> dict:
-    """What validation chose: the epoch kept and its scores."""
+def trainer_metrics(trainer) -> dict:
+    """What a training run's history does not say: the initial model's test scores,
+    the epoch validation kept and its scores, the epoch a resumed run continued after."""
+    initial = {f"initial_{k}": v for k, v in trainer.initial.items()}
+    if trainer.resumed_from is not None:
+        initial["resumed_from_epoch"] = trainer.resumed_from
     if trainer.best is None:
-        return {}
+        return initial
     entry = next((h for h in trainer.history if h["epoch"] == trainer.best_epoch), {})
-    out = {"best_epoch": trainer.best_epoch, "stopped_early": bool(trainer.stopped_early)}
+    out = {**initial, "best_epoch": trainer.best_epoch, "stopped_early": bool(trainer.stopped_early)}
     out.update({k: entry[k] for k in ("val_recall@1", "val_map@r") if k in entry})
     return out
 
@@ -87,6 +92,24 @@ def set_threads(threads) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+RESUME_ROOT_ENV = "DCML_RESUME_ROOT"
+
+
+def resume_location(out, work_dir) -> dict:
+    """Where a training stage keeps its per-epoch resume checkpoint (Trainer arguments).
+
+    ``work_dir`` given: ``<work_dir>/<out name>.resume.pt``. Else, when
+    $DCML_RESUME_ROOT is set (by `dcml run`, or on a cluster to a folder on
+    the data volume), a file there named by the training's own fingerprint:
+    a re-run of the same training (a killed `dcml run` run again, a retried
+    pod) resumes it wherever its outputs go. Else beside ``out``.
+    """
+    root = os.environ.get(RESUME_ROOT_ENV)
+    if work_dir is None and root:
+        return {"resume_dir": Path(root)}
+    return {"resume_path": resume_file(out, work_dir)}
 
 
 def resume_file(out, work_dir) -> Path:
@@ -149,3 +172,15 @@ def train_settings(values: dict, **fixed):
     v["margin"] = v.get("margin") or None
     v["lr_loss"] = v.pop("lr_proxies", 0) or None
     return TrainSettings(**{**v, **fixed})
+
+
+def training_summary(record: dict) -> str:
+    """One line on what a training stage did: epochs, test R@1 before -> after, the epoch kept."""
+    m = record.get("metrics", {})
+    parts = [f"{m.get('epochs', 0)} epochs"]
+    if "initial_recall@1" in m and "recall@1" in m:
+        parts.append(f"test R@1 {m['initial_recall@1']:.3f} -> {m['recall@1']:.3f}")
+    if m.get("best_epoch") is not None:
+        parts.append(f"kept epoch {m['best_epoch']} (val R@1 {m.get('val_recall@1', float('nan')):.3f})"
+                     + (", stopped early" if m.get("stopped_early") else ""))
+    return ", ".join(parts)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -91,41 +94,69 @@ def _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_t
 # ------------------------------------------------------------------------ run
 def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="average", freeze_backbone=False,
               output_dir=DEFAULT_OUTPUT_DIR, cache=True, runner="subprocess", image_registry="dcml",
-              image_tag=None, tracking_uri=None, max_parallel_workers=1) -> dict:
-    """Run the pipeline with kfp.local; returns {run_dir, metrics, mlflow}."""
+              image_tag=None, tracking_uri=None, max_parallel_workers=1, verbose=False, terminal=None) -> dict:
+    """Run the pipeline with kfp.local; returns {run_dir, log_dir, stages, metrics, mlflow, ...}.
+
+    Each run gets its own folder ``<output_dir>/pipelines/<run id>/``: the
+    KFP run folder inside it, and ``logs/`` (run.log and one log per task).
+    The terminal (``terminal``, default stdout) gets one line per stage
+    (dcml_app.console); ``verbose`` echoes everything. The cache
+    (``<output_dir>/cache``) and the training resume files
+    (``<output_dir>/resume``) are shared by all runs of the folder.
+    """
     from kfp import local
 
+    import dcml
     from dcml import tracking
+    from dcml.stagekit import RESUME_ROOT_ENV
+    from dcml_app.console import PipelineConsole
 
+    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
     output_dir = Path(output_dir).resolve()
-    pipeline_root = output_dir / "pipelines"
-    pipeline_root.mkdir(parents=True, exist_ok=True)
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                             max_parallel_workers=max_parallel_workers)
-    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_root = output_dir / "pipelines" / run_id
+    run_root.mkdir(parents=True, exist_ok=True)
 
     # Stages run in subprocesses that inherit this environment: the MLflow
-    # store is chosen here, not passed as a (cache-busting) pipeline input.
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or tracking.default_tracking_uri()
-    if runner == "docker":
-        local_runner = _docker_runner(args, output_dir)
-    else:
-        local_runner = local.SubprocessRunner(use_venv=False)
-    local.init(runner=local_runner, pipeline_root=str(pipeline_root), enable_caching=cache,
+    # store is chosen here, not passed as a (cache-busting) pipeline input;
+    # stages report progress as events, resume from the shared folder and end
+    # with this process.
+    environment = {"MLFLOW_TRACKING_URI": tracking_uri or tracking.default_tracking_uri(),
+                   "DCML_EVENTS": "1", RESUME_ROOT_ENV: str(output_dir / "resume"),
+                   "DCML_RUNNER": dcml.runner_token(os.getpid())}
+    saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)
+    local_runner = _docker_runner(args, output_dir) if runner == "docker" else local.SubprocessRunner(use_venv=False)
+    local.init(runner=local_runner, pipeline_root=str(run_root), enable_caching=cache,
                cache_root=str(output_dir / "cache"))
-    before = set(pipeline_root.iterdir())
+    console = PipelineConsole(run_root / "logs", terminal=terminal or sys.stdout, verbose=verbose)
     started = time.perf_counter()
     try:
-        task = pipeline_fn(**args)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), warnings.catch_warnings():
+            warnings.simplefilter("always")  # known-harmless kfp warnings: into the log, once per task
+            task = pipeline_fn(**args)
     except RuntimeError as exc:
-        raise DcmlError(f"pipeline failed: {exc}; see the task log above") from None
+        failed = [s for s in console.stages if s["status"] == "failed"]
+        if failed:
+            raise DcmlError(f"stage {failed[0]['name']} failed: {failed[0]['error']}; "
+                            f"full log: {failed[0]['log']}") from None
+        raise DcmlError(f"pipeline failed: {exc}; full log: {console.log_path}") from None
+    finally:
+        console.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     elapsed = time.perf_counter() - started
-    new_dirs = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
-    run_dir = new_dirs[-1] if new_dirs else pipeline_root
+    run_dir = next(p for p in run_root.iterdir() if p.is_dir() and p.name != "logs")
     latest = output_dir / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(run_dir, target_is_directory=True)
+    tmp_link = output_dir / f".latest.{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(run_dir, target_is_directory=True)
+    os.replace(tmp_link, latest)  # atomic: concurrent runs never see it missing
 
     metrics_path = Path(task.output.path) / "metrics.json"
     metrics = json.loads(metrics_path.read_text())["metrics"]
@@ -134,14 +165,26 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
         info = run_dir / task_name / "mlflow_run" / "record.json"
         return json.loads(info.read_text()) if info.is_file() else {}
 
-    summary = {"run_dir": str(run_dir), "metrics_file": str(metrics_path), "metrics": metrics,
-               "mlflow": tracked("track"), "seconds": round(elapsed, 2)}
+    summary = {"run_dir": str(run_dir), "log_dir": str(console.log_dir), "stages": console.stages,
+               "metrics_file": str(metrics_path), "metrics": metrics, "mlflow": tracked("track"),
+               "seconds": round(elapsed, 2), "training": _training_effect(metrics_path)}
     compressed = run_dir / "evaluate-2" / "metrics" / "metrics.json"
     if compressed.is_file():  # the compress_bits > 0 branch
         summary["compressed"] = {"metrics_file": str(compressed),
                                  "metrics": json.loads(compressed.read_text())["metrics"],
                                  "mlflow": tracked("track-2")}
     return summary
+
+
+def _training_effect(metrics_file: Path) -> dict:
+    """Test R@1 of the model training started from (the first training stage's initial
+    model) and of the final one, from the lineage of the final metrics."""
+    lineage = list(records.walk(records.read(metrics_file)))
+    trained = [r for r in lineage if r.get("stage") in ("train", "train-dfml")]
+    final = next((r for r in lineage if r.get("stage") == "evaluate"), {})
+    start = trained[-1].get("metrics", {}).get("initial_recall@1") if trained else None
+    end = final.get("metrics", {}).get("recall@1")
+    return {"untrained_recall@1": start, "trained_recall@1": end} if start is not None and end is not None else {}
 
 
 def _docker_runner(args: dict, output_dir: Path):
@@ -190,33 +233,46 @@ def format_metrics(metrics: dict) -> str:
               help="parallel mode: workers run at once on this machine.")
 @click.option("--tracking-uri", default=None, help="MLflow store; defaults to $MLFLOW_TRACKING_URI or sqlite:///./mlflow/mlflow.db.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Show everything the stages and KFP print (it always goes to the logs).")
 def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
-            output_dir, cache, runner, max_parallel_workers, tracking_uri, json_out):
+            output_dir, cache, runner, max_parallel_workers, tracking_uri, json_out, verbose):
     """Run the whole pipeline on this machine (kfp.local), with caching."""
-    pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag)
     args = resolve_arguments(config, overrides)
+    _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag)  # structure errors first
+    if json_out:
+        _check_writable(json_out)
+    click.echo(f"dcml run: {args.get('dataset', params.PARAMS['dataset'].default)}, "
+               f"{'dfml' if method == 'dfml' else f'{mode} mode'} (every line in the log: --verbose)")
     summary = run_local(args, mode=mode, method=method, rounds=rounds, merge=merge,
                         freeze_backbone=freeze_backbone, output_dir=output_dir, cache=cache, runner=runner,
                         image_registry=image_registry, image_tag=image_tag, tracking_uri=tracking_uri,
-                        max_parallel_workers=max_parallel_workers)
+                        max_parallel_workers=max_parallel_workers, verbose=verbose)
     click.echo("")
-    click.echo(f"run folder : {summary['run_dir']}")
-    click.echo(f"metrics    : {summary['metrics_file']}")
     click.echo(format_metrics(summary["metrics"]))
-    if summary["mlflow"]:
-        info = summary["mlflow"]
-        click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']}")
-        if info.get("cached_stages"):
-            click.echo(f"cached     : {', '.join(info['cached_stages'])}")
-        click.echo("             browse with `make mlflow-ui` (http://127.0.0.1:5000)")
+    effect = summary["training"]
+    if effect:
+        before, after = effect["untrained_recall@1"], effect["trained_recall@1"]
+        click.echo(f"training   : R@1 {before:.4f} untrained -> {after:.4f} trained ({100 * (after - before):+.1f} points)")
     if "compressed" in summary:
         click.echo("after weight quantisation (compress_bits):")
         click.echo(format_metrics(summary["compressed"]["metrics"]))
+    click.echo(f"run folder : {summary['run_dir']}")
+    click.echo(f"logs       : {summary['log_dir']}")
+    if summary["mlflow"]:
+        info = summary["mlflow"]
+        click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']} (`make mlflow-ui`)")
     click.echo(f"wall time  : {summary['seconds']:.1f} s")
     if json_out:
         from dcml.contracts.io import write_json
 
         write_json(json_out, summary)
+
+
+def _check_writable(path) -> None:
+    """A file can be written at ``path`` (checked before any work starts)."""
+    from dcml.contracts.io import check_writable
+
+    check_writable(path)
 
 
 # -------------------------------------------------------------------- compile

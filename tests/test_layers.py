@@ -64,8 +64,8 @@ def allowed(importer: str, rel: Path, imported: str) -> bool:
         layer = next(layer for layer in LIBRARY if inside(importer, layer))
         # `dcml` itself (its __version__) is every layer's.
         return imported == "dcml" or any(inside(imported, ok) for ok in LIBRARY[layer])
-    if top == "data_prep":
-        return inside(imported, "data_prep") or inside(imported, "dcml.contracts")
+    if top == "data_prep":  # the readers sit beside the components, on the library
+        return inside(imported, "data_prep") or (inside(imported, "dcml") and not inside(imported, "dcml_app"))
     if top == "components":
         if "tests" in rel.parts:  # tests sit above everything: they may drive the CLI and other stages
             return True

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
@@ -67,6 +69,7 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     parameters in ``PARAMS`` (``k`` is the pipeline's num_clusters).
     """
     hp = params.resolve(PARAMS, hyper, "cluster", rename=RENAME)
+    check_writable(out)
     k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
     timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
@@ -89,6 +92,7 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     write_parquet(out, table, {"k": k, "niter": int(niter), "nredo": int(nredo), "seed": int(seed),
                                "normalize": bool(normalize), "inertia": result.inertia, "sizes": sizes,
                                "vector_column": column, "record": record})
+    events.emit("summary", text=f"K={k}: {min(sizes)}-{max(sizes)} images per cluster, {metrics['left_out']} left out")
     return record
 
 

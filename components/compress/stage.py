@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import check_writable
 from dcml.contracts.params import PARAMS as _P
 from dcml.contracts.records import StageTimer
 
@@ -115,6 +116,7 @@ def run(model, manifest, out, bits: int = 4, method: str = _P["compress_method"]
               "margin": margin, "classes_per_batch": int(classes_per_batch),
               "images_per_class": int(images_per_class), "seed": int(seed)}
     timer = StageTimer(STAGE, params)
+    check_writable(out)
     Q.check_bits(bits)
     Q.check_method(method)
     if loss not in IMPORTANCE_LOSSES:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import click
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml import stagekit
 from dcml.algorithm.training import seed_everything
 from dcml.contracts import params
@@ -47,6 +49,7 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
     ``routed_scale=None`` is G (see dcml.methods.dfml.factorize).
     """
     hp = params.resolve(PARAMS, hyper, "train-dfml", rename=RENAME, fixed_defaults=FIXED_DEFAULTS)
+    check_writable(out)
     backbone, groups = hp["backbone"], hp["groups"]
     options = {"routed_weight": routed_weight, "distill_weight": distill_weight, "temperature": temperature,
                "balance_weight": balance_weight, "routed_scale": routed_scale, "eval_routed": eval_routed,
@@ -68,12 +71,12 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
                                routed_weight=float(routed_weight), distill_weight=float(distill_weight),
                                temperature=float(temperature), balance_weight=float(balance_weight),
                                eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows,
-                               fresh_head=True, resume_path=stagekit.resume_file(out, work_dir),
+                               fresh_head=True, **stagekit.resume_location(out, work_dir),
                                device=stagekit.device_or_default(device))
     history = trainer.fit(resume=resume)
 
     merged = dfml.defactorize(trainer.model.cpu())
-    metrics = {**stagekit.final_metrics(history), **stagekit.selection_metrics(trainer)}
+    metrics = {**stagekit.final_metrics(history), **stagekit.trainer_metrics(trainer)}
     if history and "routing_entropy" in history[-1]:
         metrics["routing_entropy"] = history[-1]["routing_entropy"]
         metrics["collapsed_units"] = history[-1]["collapsed_units"]
@@ -87,6 +90,7 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
     })
     stagekit.write_output(out, merged, record, epoch=trainer.epoch)
     trainer.resume_path.unlink(missing_ok=True)
+    events.emit("summary", text=stagekit.training_summary(record))
     return record
 
 

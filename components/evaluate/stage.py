@@ -18,6 +18,8 @@ import click
 import numpy as np
 import pandas as pd
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml.algorithm import metrics as metrics_lib
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
@@ -33,6 +35,9 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
     """Write ``out`` ({"metrics": {...}, "record": {...}}) and return the stage record."""
     ks = metrics_lib.check_ks(params.check_ks(ks, "--ks") if isinstance(ks, str) else ks)
     include = metrics_lib.check_include(include)
+    check_writable(out)
+    if embeddings_out is not None:
+        check_writable(embeddings_out)
     record_params = {"embeddings": _str(embeddings), "model": _str(model), "manifest": _str(manifest), "split": split,
               "ks": ks, "include": list(include), "embeddings_out": _str(embeddings_out),
               "batch_size": int(batch_size), "num_workers": int(num_workers)}
@@ -94,6 +99,9 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
                 "manifest_fingerprint": man.meta.get("fingerprint"), "mode": mode, "record": record}
         write_vectors(embeddings_out, table[["image_id", "label", "split"]], vectors, "embedding", meta)
     write_json(out, {"metrics": metrics, "record": record})
+    shown = [k for k in metrics if k.startswith("recall@")][:1] + [k for k in ("map@r",) if k in metrics]
+    events.emit("summary", text=", ".join(f"{k} {metrics[k]:.3f}" for k in shown)
+                + f" ({extra.get('num_queries', '?')} queries)")
     return record
 
 

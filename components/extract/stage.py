@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml import stagekit
 from dcml.contracts import manifest as manifest_lib
 from dcml.contracts import params
@@ -46,6 +48,9 @@ def run(manifest, out, model=None, splits=("train",), device=None, activations_o
     from dcml.algorithm.models import build_model
 
     hp = params.resolve(PARAMS, hyper, STAGE, rename=RENAME)
+    check_writable(out)
+    if activations_out is not None:
+        check_writable(activations_out, folder=True)
     batch_size, num_workers, seed = hp["batch_size"], hp["num_workers"], hp["seed"]
     views, train_blocks = hp["views"], hp["train_blocks"]
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
@@ -103,6 +108,8 @@ def run(manifest, out, model=None, splits=("train",), device=None, activations_o
     meta = {"model_config": model_config, "manifest_fingerprint": man.meta["fingerprint"],
             "dataset": man.dataset, "splits": list(splits), "record": record}
     write_vectors(out, rows[["image_id", "label", "split"]], features, "feature", meta)
+    cache = f", fast-mode cache: {views} views, {metrics['cache_mib']} MiB" if metrics.get("cache_views") else ""
+    events.emit("summary", text=f"{metrics['num_images']} x {metrics['dim']} features{cache}")
     return record
 
 

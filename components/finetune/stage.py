@@ -15,6 +15,8 @@ from __future__ import annotations
 import click
 import torch
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml import model_files, stagekit
 from dcml.contracts import checkpoint, params
 from dcml.contracts.errors import DcmlError
@@ -84,6 +86,7 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
     merged model itself is a candidate: fine-tuning that does not beat it on
     validation leaves it unchanged."""
     hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
+    check_writable(out)
     from dcml.algorithm.training import Trainer, seed_everything
 
     if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
@@ -110,12 +113,12 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
                                            freeze_backbone=bool(freeze_backbone))
         seed_everything(hp["seed"])
         trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows, val_rows=val_rows,
-                          activations=cache, resume_path=stagekit.resume_file(out, work_dir),
+                          activations=cache, **stagekit.resume_location(out, work_dir),
                           device=stagekit.device_or_default(device))
         history = trainer.fit(resume=resume)
         model.cpu()
 
-    metrics = {**stagekit.final_metrics(history), **(stagekit.selection_metrics(trainer) if trainer is not None else {})}
+    metrics = {**stagekit.final_metrics(history), **(stagekit.trainer_metrics(trainer) if trainer is not None else {})}
     record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations}, metrics=metrics,
                           history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
                                                   "num_slices": int(model.num_slices)})
@@ -123,6 +126,7 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
                  **({"merged_from": merged_from} if merged_from is not None else {}))
     if trainer is not None:
         trainer.resume_path.unlink(missing_ok=True)
+    events.emit("summary", text=stagekit.training_summary(record) if trainer is not None else "merged, no fine-tuning")
     return record
 
 

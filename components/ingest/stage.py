@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml.contracts import manifest, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
@@ -33,6 +35,7 @@ def run(out, vehicleid_test_size: int = 800, **hyper) -> dict:
     check fails.
     """
     hp = params.resolve(PARAMS, hyper, "ingest", rename=RENAME)
+    check_writable(out)
     name = registry.canonical(hp["dataset"])
     module = registry.reader_module(name)
     root, check_images, val_fraction = hp["root"] or None, hp["check_images"], hp["val_fraction"]
@@ -59,9 +62,16 @@ def run(out, vehicleid_test_size: int = 800, **hyper) -> dict:
                           extra={"root": meta["root"], "fingerprint": meta["fingerprint"], "splits": splits,
                                  "validation": validation})
     manifest.write(out, df, {**meta, "record": record})
-    per_split = ", ".join(f"{split} {s['images']} images / {s['classes']} classes" for split, s in splits.items())
-    click.echo(f"ingest {name} ({split_mode}): {len(df)} images, {metrics['classes']} classes [{per_split}] -> {out}")
+    events.emit("summary", text=describe(record) + (f"; {validation['note']}" if validation.get("note") else ""))
     return record
+
+
+def describe(record: dict) -> str:
+    """'<dataset> (<split mode>): N images, C classes [train ..., val ..., test ...]' from an ingest record."""
+    splits = record["extra"]["splits"]
+    per_split = ", ".join(f"{split} {s['images']} images / {s['classes']} classes" for split, s in splits.items())
+    m, p = record["metrics"], record["params"]
+    return f"{p['dataset']} ({p['split_mode']}): {m['images']} images, {m['classes']} classes [{per_split}]"
 
 
 @click.command("ingest")
@@ -73,4 +83,5 @@ def run(out, vehicleid_test_size: int = 800, **hyper) -> dict:
               help="VehicleID test set (number of vehicles).")
 def cli(out, vehicleid_test_size, **hyper):
     """Turn a dataset into a Parquet manifest (one row per image)."""
-    run(out=out, vehicleid_test_size=int(vehicleid_test_size), **hyper)
+    record = run(out=out, vehicleid_test_size=int(vehicleid_test_size), **hyper)
+    click.echo(f"ingest {describe(record)} -> {out}")

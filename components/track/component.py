@@ -18,10 +18,11 @@ def track(
 ):
     import os
 
+    from dcml.contracts import events
     from dcml.tracking import log_pipeline_run
 
     os.makedirs(mlflow_run.path, exist_ok=True)
-    log_pipeline_run(
+    run_id = log_pipeline_run(
         metrics=os.path.join(metrics.path, "metrics.json"),
         model=os.path.join(model.path, "model.pt"),
         embeddings=os.path.join(embeddings.path, "embeddings.parquet"),
@@ -29,3 +30,4 @@ def track(
         run_name=run_name or None,
         out=os.path.join(mlflow_run.path, "record.json"),
     )
+    events.emit("summary", text=f"MLflow run {run_id} in experiment {experiment}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import click
 
+from dcml.contracts import events
+from dcml.contracts.io import check_writable
 from dcml import model_files, stagekit
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
@@ -41,6 +43,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     activations of the frozen lower part instead of on images.
     """
     hp = params.resolve(PARAMS, hyper, "train")
+    check_writable(out)
     from dcml.algorithm.models import build_model
     from dcml.algorithm.training import Trainer, seed_everything
 
@@ -86,12 +89,12 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
                       only_learner=cluster_id if mode == "worker" else None,
                       eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
-                      resume_path=stagekit.resume_file(out, work_dir), device=stagekit.device_or_default(device))
+                      **stagekit.resume_location(out, work_dir), device=stagekit.device_or_default(device))
     history = trainer.fit(resume=resume)
 
     model.cpu()
     record = timer.finish(inputs={"manifest": manifest, "clusters": clusters, "init": init, "activations": activations},
-                          metrics={**stagekit.final_metrics(history), **stagekit.selection_metrics(trainer)},
+                          metrics={**stagekit.final_metrics(history), **stagekit.trainer_metrics(trainer)},
                           history=history,
                           extra={"mode": mode, "k": k, "cluster_id": cluster_id, "fast_mode": cache is not None,
                                  "head_init": trainer.head_init})
@@ -100,6 +103,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         extra["worker"] = {"cluster_id": cluster_id, "k": k, "freeze_backbone": bool(freeze_backbone)}
     stagekit.write_output(out, model, record, **extra)
     trainer.resume_path.unlink(missing_ok=True)
+    events.emit("summary", text=stagekit.training_summary(record))
     return record
 
 

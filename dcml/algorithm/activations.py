@@ -37,9 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.events import progress
 from dcml.contracts.io import atomic_dir, read_parquet_meta, write_parquet
 
 TRAIN_FILE, EVAL_FILE, ROWS_FILE = "train.npy", "eval.npy", "rows.parquet"
@@ -80,7 +80,7 @@ def _compute(model, manifest, rows: pd.DataFrame, views: int, seed: int, batch_s
                         num_workers=num_workers)
     out = None
     with torch.inference_mode():
-        for batch, index in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+        for batch, index in progress(loader, total=len(loader), desc=desc, unit="batch"):
             n, v = batch.shape[:2]
             lower = model.lower(batch.flatten(0, 1).to(device)).float().cpu()
             lower = lower.reshape(n, v, *lower.shape[1:])

@@ -11,6 +11,8 @@ anyway, the main cost of the data path on large photos).
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,33 @@ def build_transform(model_config: dict, train: bool) -> ImageTransform:
     return ImageTransform(mode, v2.Compose(ops + to_tensor), draft)
 
 
+MAX_PIXELS_ENV = "DCML_MAX_IMAGE_PIXELS"
+
+
+def set_pixel_limit() -> int:
+    """PIL's decompression-bomb limit: $DCML_MAX_IMAGE_PIXELS, else PIL's own.
+
+    PIL warns above MAX_IMAGE_PIXELS (about 89 Mpx) and refuses images of more
+    than twice that; dcml turns the refusal into a one-line error (the warning
+    into nothing).
+    """
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value:
+        try:
+            Image.MAX_IMAGE_PIXELS = int(value)
+        except ValueError:
+            raise DcmlError(f"{MAX_PIXELS_ENV}={value!r}: expected a whole number of pixels, e.g. 400000000") from None
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return int(Image.MAX_IMAGE_PIXELS or 0)
+
+
+def bomb_message(exc: Exception) -> str:
+    limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+    return (f"image too large to decode safely ({' '.join(str(exc).split())[:120]}); the limit is {limit:,} pixels "
+            f"(a guard against decompression bombs): shrink the image, or raise the limit with "
+            f"{MAX_PIXELS_ENV}=<pixels> (it is twice that value) if you trust the file")
+
+
 def _is_set(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
@@ -124,6 +153,7 @@ class ManifestImageDataset(Dataset):
             raise DcmlError(f"{where}: rows lack column(s) {missing or ['path/image_bytes']}; pass rows of the manifest's DataFrame")
         self.root = Path(manifest.root)
         self.source = str(manifest.path or "manifest")
+        set_pixel_limit()
         n = len(rows)
         self.image_ids = rows["image_id"].astype(str).tolist()
         self.paths = rows["path"].tolist() if "path" in rows.columns else [None] * n
@@ -137,7 +167,11 @@ class ManifestImageDataset(Dataset):
         return len(self.labels)
 
     def load_image(self, i: int) -> Image.Image:
-        """Decode image ``i`` (PIL), JPEG-drafted to the transform's size when allowed."""
+        """Decode image ``i`` (PIL), JPEG-drafted to the transform's size when allowed.
+
+        Any failure to decode it, a decompression-bomb refusal included, is a
+        one-line DcmlError naming the file.
+        """
         path = self.paths[i]
         if _is_set(path):
             where = self.root / path
@@ -154,8 +188,11 @@ class ManifestImageDataset(Dataset):
             img.load()
         except FileNotFoundError:
             raise DcmlError(f"{where}: image file not found; check the manifest root ({self.root}) or re-run `dcml ingest`") from None
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            raise DcmlError(f"{where}: cannot decode image ({exc}); remove or replace the file and re-run `dcml ingest`") from None
+        except Image.DecompressionBombError as exc:
+            raise DcmlError(f"{where}: {bomb_message(exc)}") from None
+        except Exception as exc:  # any decoder failure (truncated, corrupt, unsupported) is the file's fault
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise DcmlError(f"{where}: cannot decode image ({detail}); remove or replace the file and re-run `dcml ingest`") from None
         return img
 
     def __getitem__(self, i: int):

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dcml.algorithm.data import ManifestImageDataset, build_transform
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.events import progress
 
 KINDS = ("embedding", "features")
 
@@ -48,8 +48,8 @@ def compute_vectors(model, manifest, rows: pd.DataFrame, kind: str = "embedding"
     out = None
     try:
         with torch.inference_mode():
-            for images, _, index in tqdm(loader, desc=desc or f"{kind} ({len(dataset)} images)",
-                                         unit="batch", disable=None, leave=False):
+            for images, _, index in progress(loader, total=len(loader), desc=desc or f"{kind} ({len(dataset)} images)",
+                                         unit="batch"):
                 images = images.to(device, non_blocking=True)
                 vectors = model.features(images) if kind == "features" else model(images)
                 if out is None:

@@ -29,10 +29,12 @@ are seeded from a per-epoch generator, and the RNG states are restored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -44,11 +46,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dcml.contracts import checkpoint
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.events import progress
 from dcml.contracts.params import PARAMS
 
 CLUSTER_INPUTS = ("features", "embedding")
@@ -204,6 +206,10 @@ class Trainer:
             applies to it.
         resume_path: where the per-epoch resume checkpoint lives; an existing
             one written by the same settings is resumed.
+        resume_dir: instead of ``resume_path``, a folder where the resume
+            checkpoint is named by the run's fingerprint (its settings, data,
+            clusters and initial weights): any later run of the same training,
+            in another output folder or another pod, finds and resumes it.
         fingerprint_extra: anything else that makes this run distinct (e.g.
             the lineage of the input files), mixed into the resume check.
 
@@ -217,7 +223,7 @@ class Trainer:
                  clusters: Sequence[int] | None = None, only_learner: int | None = None,
                  eval_rows: pd.DataFrame | None = None, val_rows: pd.DataFrame | None = None,
                  activations=None, fresh_head: bool = False, resume_path: str | Path | None = None,
-                 device=None, fingerprint_extra=None):
+                 resume_dir: str | Path | None = None, device=None, fingerprint_extra=None):
         self.model = model
         self.manifest = manifest
         self.settings = settings
@@ -235,6 +241,7 @@ class Trainer:
         self.epoch = 0  # epochs finished
         self.best: dict | None = None  # {"epoch", "score", "state", "num_slices"} of the best validation score
         self.stopped_early = False
+        self.initial: dict = {}  # test scores of the model training starts from (with eval_every)
         self.head_init = self._resolved_head_init(fresh_head)
 
         if only_learner is not None:
@@ -263,6 +270,9 @@ class Trainer:
             self._kept_weight = self.model.head.weight.detach()[self._keep_rows].clone()
             self._kept_bias = self.model.head.bias.detach()[self._keep_rows].clone()
         self.fingerprint = self._fingerprint(fingerprint_extra)
+        if self.resume_path is None and resume_dir is not None:
+            self.resume_path = Path(resume_dir) / f"{self.fingerprint[:40]}.resume.pt"
+        self.resumed_from: int | None = None  # the epoch a resumed run continued after
 
     # -- setup -----------------------------------------------------------------
     def _resolved_head_init(self, fresh_head: bool) -> str | None:
@@ -362,6 +372,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "best": best,
             "stopped_early": bool(self.stopped_early),
+            "initial": json.dumps(self.initial),
             "fingerprint": self.fingerprint,
         }
 
@@ -401,7 +412,9 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.best = state.get("best")
         self.stopped_early = bool(state.get("stopped_early", False))
+        self.initial = json.loads(state.get("initial", "{}"))
         set_rng_state(state["rng"])
+        self.resumed_from = self.epoch
         return True
 
     # -- vectors of rows (eval transform; cached activations in the fast mode) --
@@ -557,6 +570,27 @@ class Trainer:
         validated epoch (``best_epoch``; 0 = the initial model) and training
         stops early after ``patience`` epochs without improvement.
         """
+        with self._resume_lock():
+            return self._fit(callbacks, resume)
+
+    @contextlib.contextmanager
+    def _resume_lock(self):
+        """Hold the resume file for this process; if another live process holds it
+        (the same training running twice at once), use a private one instead."""
+        if self.resume_path is None:
+            yield
+            return
+        import fcntl
+
+        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.resume_path.with_name(self.resume_path.name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.resume_path = self.resume_path.with_name(f"{self.resume_path.stem}.{os.getpid()}.pt")
+            yield
+
+    def _fit(self, callbacks, resume: bool) -> list[dict]:
         s = self.settings
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
@@ -575,16 +609,21 @@ class Trainer:
         return self.history
 
     def start(self) -> None:
-        """Before epoch 1: the initial clustering, the head init, the initial model's scores."""
+        """Before epoch 1: the initial clustering, the head init, the initial model's scores.
+
+        The initial model is validated (a candidate for the epoch kept, epoch
+        0 of the history) and, with ``eval_every``, scored on the test rows
+        (``initial``: what training started from, for the record).
+        """
         if self.num_learners > 1 and self.only_learner is None and self.clusters is None:
             self.clusters = self.recluster(0)
             self.clustered_at = 0
         if self.head_init == "pca":
             self.initialise_head()
+        if self.eval_rows is not None and self.settings.eval_every:
+            self.initial = self.evaluate()
         if self.val_rows is not None:
-            entry = {"epoch": 0, "phase": "initial", **self.validate()}
-            if self.eval_rows is not None and self.settings.eval_every:
-                entry.update(self.evaluate())
+            entry = {"epoch": 0, "phase": "initial", **self.validate(), **self.initial}
             self._consider(0, entry)
             self.history.append(entry)
 
@@ -664,10 +703,9 @@ class Trainer:
         steps = len(sampler)
         t0 = time.perf_counter()
         self._epoch_now = epoch
-        progress = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
-                        disable=None, leave=False)
+        bar = progress(loader, total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch")
         try:
-            for inputs, labels, index in progress:
+            for inputs, labels, index in bar:
                 self._batch_now = batches
                 self._set_lr(epoch, batches, steps)
                 inputs = inputs.to(self.device, non_blocking=True)
@@ -682,9 +720,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 images += len(labels)
                 batches += 1
-                progress.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
         finally:
-            progress.close()
+            bar.close()
             for p in backbone:
                 p.requires_grad_(True)
         seconds = time.perf_counter() - t0

@@ -28,12 +28,53 @@ os.umask(_UMASK)
 PARQUET_META_KEY = b"dcml"
 
 
+def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
+    """Fail now, in one line, if an output cannot be written at ``dest``.
+
+    Checked before a stage does any work: the name and path fit the file
+    system's limits, the parent folder exists or can be created, a file can be
+    created in it, and ``dest`` is not a folder (a file when ``folder``: the
+    output is a folder written by :func:`atomic_dir`). Returns ``dest``.
+    """
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("/"))
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    name_bytes = len(os.fsencode(dest.name))
+    if name_bytes > name_max:
+        raise DcmlError(f"{dest.name[:40]}...: the name is {name_bytes} bytes, over this file system's "
+                        f"{name_max}-byte limit; choose a shorter name")
+    if len(os.fsencode(str(dest.absolute()))) >= path_max:
+        raise DcmlError(f"{str(dest)[:60]}...: the path is over this system's {path_max}-byte limit; "
+                        "choose a shorter output location")
+    if dest.exists() and dest.is_dir() != folder:
+        kind = "a folder" if dest.is_dir() else "a file"
+        raise DcmlError(f"{dest}: is {kind}; pass {'a folder' if folder else 'a file'} path for this output")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dcml-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DcmlError(f"{parent}: cannot write here ({exc.strerror or exc}); "
+                        "choose a writable output location") from None
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success."""
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success.
+
+    The temporary name keeps at most 40 characters of ``dest``'s, so any name
+    the file system allows for ``dest`` works.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -58,13 +99,13 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name[:40]}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
         if old is not None:

@@ -81,8 +81,8 @@ def carve_validation(df: pd.DataFrame, fraction: float, source: str = "manifest"
     if fraction == 0:
         return df, info
     if wanted < 2 or len(train_names) - wanted < 2:
-        info["note"] = (f"no validation split: {fraction:.0%} of {len(train_names)} training classes is {wanted}; "
-                        "validation needs >= 2 classes and training keeps >= 2")
+        info["note"] = (f"no validation split ({fraction:.0%} of {len(train_names)} training classes is under the "
+                        "2 classes validation needs)")
         return df, info
     ranked = sorted(train_names, key=lambda name: hashlib.sha256(f"dcml-val/{name}".encode()).hexdigest())
     chosen = set(ranked[:wanted])
