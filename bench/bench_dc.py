@@ -1,0 +1,182 @@
+"""Divide and conquer against one learner, at equal images trained, seed by seed.
+
+For one data set, every configuration trains the same budget: ``epochs`` epochs
+of the same number of batches (the K=1 epoch, ``batches_per_epoch``), re-
+clustering every ``recluster_every`` epochs, then ``finetune_epochs`` epochs
+of K=1 fine-tuning on all data, through the stages' public ``run`` functions:
+
+* ``k1``: one learner, the whole embedding (plain metric learning);
+* ``k2`` / ``k4`` / ``k8``: the paper's shared mode, K learners on K clusters;
+* ``k4-parallel``: one worker per cluster (own backbone copy), merge, fine-tune.
+
+Each stage keeps the epoch with the best validation MAP@R (a class-disjoint
+split of the training classes); the test classes only feed the final
+evaluation and the curves. Results: bench/results/dc/<dataset>-<config>-s<seed>.json.
+
+    python -m bench.bench_dc --dataset omniglot --configs k1,k4 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+
+OUT = RESULTS / "dc"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+DATASETS = {
+    # Omniglot background set: 964 characters x 20 drawings; a small CNN from scratch.
+    "omniglot": {
+        "ingest": {"dataset": "folder", "data_root": str(SHARED / "omniglot"), "split_mode": "class-disjoint",
+                   "val_fraction": 0.15},
+        "model": {"backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 128,
+                  "train_blocks": -1, "freeze_bn": "false"},
+        "training": {"loss": "margin", "classes_per_batch": 32, "images_per_class": 4, "lr_backbone": 1e-3,
+                     "lr_embedding": 1e-3, "schedule": "cosine", "select_on": "map@r", "eval_every": 2},
+        "epochs": 40, "finetune_epochs": 4, "recluster_every": 2, "fast_views": 0, "batch_size": 256,
+    },
+    # Stanford Cars (training half): EfficientNet-Lite0 with the recipe of bench_recipe (fast mode).
+    "cars196": {
+        "ingest": {"dataset": "cars196", "data_root": str(SHARED / "cars196"), "split_mode": "official",
+                   "val_fraction": 0.15},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 160, "embedding_dim": 128,
+                  "train_blocks": 5, "freeze_bn": "true"},
+        "training": {"loss": "margin", "classes_per_batch": 8, "images_per_class": 4, "lr_backbone": 1e-4,
+                     "lr_embedding": 1e-4, "schedule": "cosine", "select_on": "map@r", "eval_every": 2},
+        "epochs": 20, "finetune_epochs": 2, "recluster_every": 2, "fast_views": 4, "batch_size": 64,
+    },
+}
+CONFIGS = {
+    "k1": {"k": 1, "mode": "shared", "label": "K=1 (one learner)"},
+    "k2": {"k": 2, "mode": "shared", "label": "K=2 shared (paper)"},
+    "k4": {"k": 4, "mode": "shared", "label": "K=4 shared (paper)"},
+    "k8": {"k": 8, "mode": "shared", "label": "K=8 shared (paper)"},
+    "k4-parallel": {"k": 4, "mode": "parallel", "label": "K=4 parallel (workers, merge)"},
+}
+CURVE_KEYS = ("epoch", "phase", "loss", "val_recall@1", "val_map@r", "recall@1", "map@r", "images", "seconds",
+              "num_slices", "cluster_sizes")
+
+
+def prepared(dataset: str, spec: dict, seed: int) -> dict:
+    """Manifest, features (of the untrained or pretrained backbone) and fast-mode cache, built once."""
+    from components.extract.stage import run as extract
+    from components.ingest.stage import run as ingest
+    from dcml.contracts.params import STAGE_NAMES
+
+    folder = WORK / "dc" / dataset
+    manifest = folder / "manifest.parquet"
+    if not manifest.is_file():
+        rename = STAGE_NAMES["ingest"]
+        ingest(out=manifest, **{rename.get(k, k): v for k, v in spec["ingest"].items()})
+    features = folder / f"features-s{seed}.parquet"
+    cache = folder / f"cache-s{seed}" if spec["fast_views"] else None
+    if not features.is_file():
+        model = spec["model"]
+        extract(manifest=manifest, out=features, backbone=model["backbone"], weights=model["weights"],
+                image_size=model["image_size"], train_blocks=model["train_blocks"], views=spec["fast_views"],
+                batch_size=spec["batch_size"], seed=seed, activations_out=cache)
+    return {"manifest": manifest, "features": features, "activations": cache}
+
+
+def natural_batches(manifest: Path, spec: dict) -> int:
+    """Batches of one K=1 epoch: the budget every configuration gets per epoch."""
+    from dcml.algorithm.samplers import ClusterBatchSampler
+    from dcml.algorithm.training import dense_labels
+    from dcml.contracts import manifest as manifest_lib
+
+    labels = dense_labels(manifest_lib.read(manifest).split("train")["label"].to_numpy())
+    t = spec["training"]
+    return len(ClusterBatchSampler(labels, None, t["classes_per_batch"], t["images_per_class"]))
+
+
+def curves(record: dict, phase: str) -> list[dict]:
+    return [{**{k: h.get(k) for k in CURVE_KEYS if k in h}, "stage": phase} for h in record["history"]]
+
+
+def run_config(dataset: str, config: str, seed: int, spec: dict, work: Path) -> dict:
+    from components.cluster.stage import run as cluster
+    from components.evaluate.stage import run as evaluate
+    from components.finetune import stage as finetune_stage
+    from components.train.stage import run as train
+
+    c = CONFIGS[config]
+    inputs = prepared(dataset, spec, seed)
+    batches = natural_batches(inputs["manifest"], spec)
+    hyper = {**spec["model"], **spec["training"], "seed": seed}
+    finetune_hyper = {k: v for k, v in hyper.items() if k in finetune_stage.PARAMS}
+    common = {"manifest": str(inputs["manifest"]), "activations": inputs["activations"]}
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records, history = [], []
+    clusters = None
+    if c["k"] > 1:
+        clusters = work / "clusters.parquet"
+        cluster(features=inputs["features"], out=clusters, k=c["k"], seed=seed)
+    if c["mode"] == "shared":
+        rec = train(out=str(work / "train.pt"), clusters=clusters, num_slices=c["k"], mode="shared",
+                    epochs=spec["epochs"], recluster_every=spec["recluster_every"], batches_per_epoch=batches,
+                    **common, **hyper)
+        records.append(rec)
+        history += curves(rec, "train")
+        checkpoints = [str(work / "train.pt")]
+    else:
+        checkpoints = []
+        # Each worker gets 1/K of the K=1 epoch (equal images overall); its test
+        # curve would score a model with K-1 untrained slices, so it is not drawn.
+        for k in range(c["k"]):
+            path = work / f"worker{k}.pt"
+            rec = train(out=str(path), clusters=clusters, mode="worker", cluster_id=k, epochs=spec["epochs"],
+                        batches_per_epoch=-(-batches // c["k"]), **common, **{**hyper, "eval_every": 0})
+            records.append(rec)
+            history += curves(rec, f"worker{k}")
+            checkpoints.append(str(path))
+    ft = finetune_stage.run(out=str(work / "model.pt"), checkpoints=checkpoints, epochs=spec["finetune_epochs"],
+                            batches_per_epoch=batches, **common, **finetune_hyper)
+    records.append(ft)
+    history += curves(ft, "finetune")
+    train_s = sum(r["duration_s"] for r in records)
+    evaluated = evaluate(out=str(work / "metrics.json"), model=str(work / "model.pt"),
+                         manifest=str(inputs["manifest"]), ks=(1, 2, 4, 8))
+    images = sum(h.get("images") or 0 for h in history)
+    return {"config": config, "label": c["label"], "k": c["k"], "mode": c["mode"], "seed": seed,
+            "metrics": evaluated["metrics"], "history": history, "images_trained": images,
+            "batches_per_epoch": batches, "train_stage_s": round(train_s, 1),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "kept": [{"stage": r["stage"], "name": r.get("name"), "best_epoch": r["metrics"].get("best_epoch")}
+                     for r in records]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="omniglot", choices=sorted(DATASETS))
+    parser.add_argument("--configs", default="k1,k4", help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--epochs", type=int, default=None, help="override the data set's epochs")
+    parser.add_argument("--tag", default="", help="suffix of the result names (a budget variant)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    spec = dict(DATASETS[args.dataset])
+    if args.epochs:
+        spec["epochs"] = args.epochs
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+            name = f"{args.dataset}-{config}{('-' + args.tag) if args.tag else ''}-s{seed}"
+            dest = OUT / f"{name}.json"
+            if dest.is_file() and not args.force:
+                log(f"{dest.name} exists; skipped")
+                continue
+            header = result_header("dc", "bench.bench_dc", argv)
+            log(f"{name}: {CONFIGS[config]['label']}, {spec['epochs']} + {spec['finetune_epochs']} epochs")
+            result = run_config(args.dataset, config, seed, spec, WORK / "dc" / args.dataset / name)
+            write_result(dest, {**header, "dataset": args.dataset, "tag": args.tag, "spec": spec, **result})
+            m = result["metrics"]
+            log(f"{name}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} ({result['images_trained']} images trained)")
+
+
+if __name__ == "__main__":
+    main()
