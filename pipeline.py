@@ -141,7 +141,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                           "lr_embedding", "lr_proxies", "weight_decay", "batches_per_epoch", "head_init",
                           "warmup_epochs", "schedule", "select_on", "patience", "eval_every", "seed", "num_workers")
         ingest = task("ingest", **pick(p, "dataset", "data_root", "split_mode", "max_per_class", "check_images",
-                                       "val_fraction"))
+                                       "val_fraction", "data_version"))
         manifest = ingest.outputs["manifest"]
         cluster_args = pick(p, "num_clusters", "niter", "nredo", "seed")
 

@@ -95,5 +95,5 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
     df = pd.DataFrame(rows, columns=["image_id", "path", "label", "class_name"])
     df["split"] = _split(df["label"])
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=source, fingerprint_value=common.listing_fingerprint(entries, annotations),
+                         source=source, fingerprint_value=common.content_fingerprint(root, entries, annotations),
                          class_sources=class_dirs)

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.digests import file_digests
 from dcml.contracts.manifest import SPLITS, fingerprint
 
 OFFICIAL = "official"
@@ -173,11 +174,18 @@ def check_unique(df: pd.DataFrame, source) -> None:
         raise DcmlError(f"{source}: image {df['image_id'][dup].iloc[0]!r} is listed more than once; remove the duplicate line")
 
 
-def listing_fingerprint(entries, annotation_files=()) -> str:
-    """sha256 over the sorted (relative path, size) listing and the annotation files' bytes."""
+def content_fingerprint(root, entries, annotation_files=()) -> str:
+    """sha256 over the sorted (relative path, content sha256) listing and the annotation files' bytes.
+
+    Any change to any image's bytes changes it, same name and size included;
+    the per-file digests are cached (dcml.contracts.digests), so a re-run over
+    unchanged files only stats them.
+    """
+    rels = sorted(rel for rel, _ in entries)
+    digests = file_digests(os.path.join(root, rel) for rel in rels)
     items: list = []
-    for rel, size in sorted(entries):
-        items += [rel, str(size)]
+    for rel in rels:
+        items += [rel, digests[os.path.join(root, rel)]]
     for path in annotation_files:
         items += [Path(path).name, Path(path).read_bytes()]
     return fingerprint(items)

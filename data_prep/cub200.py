@@ -71,4 +71,4 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
     df["split"] = np.where(df["label"] <= LAST_TRAIN_CLASS, "train", "test")
     annotations = [p for p in (images_txt, labels_txt, classes_txt) if p.is_file()]
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=images_txt, fingerprint_value=common.listing_fingerprint(entries, annotations))
+                         source=images_txt, fingerprint_value=common.content_fingerprint(root, entries, annotations))

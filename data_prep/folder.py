@@ -59,5 +59,5 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
         train, _ = common.class_halves(names)
         df["split"] = ["train" if n in train else "test" for n in df["class_name"]]
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=root, fingerprint_value=common.listing_fingerprint(entries),
+                         source=root, fingerprint_value=common.content_fingerprint(root, entries),
                          class_sources={labels[n]: d for n, d in class_sources.items()})

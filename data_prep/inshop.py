@@ -58,4 +58,4 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
         ids = {item: i for i, item in enumerate(items)}
     df["label"] = df["class_name"].map(ids).astype("int64")
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=partition, fingerprint_value=common.listing_fingerprint(entries, [partition]))
+                         source=partition, fingerprint_value=common.content_fingerprint(root, entries, [partition]))

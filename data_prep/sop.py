@@ -51,5 +51,5 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
     df = pd.DataFrame(rows, columns=["image_id", "path", "label", "class_name", "split"])
     annotations = [root / f for f in FILES.values()]
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=root / FILES["train"], fingerprint_value=common.listing_fingerprint(entries, annotations),
+                         source=root / FILES["train"], fingerprint_value=common.content_fingerprint(root, entries, annotations),
                          class_sources=class_files)

@@ -53,5 +53,5 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
         raise DcmlError(f"{files['train']}: lists no images; restore the VehicleID list files")
     df = pd.DataFrame(rows, columns=["image_id", "path", "label", "class_name", "split"])
     return common.finish(df, dataset=NAME, root=root, split_mode=split_mode, max_per_class=max_per_class,
-                         source=files["train"], fingerprint_value=common.listing_fingerprint(entries, files.values()),
+                         source=files["train"], fingerprint_value=common.content_fingerprint(root, entries, files.values()),
                          class_sources=class_files)

@@ -111,7 +111,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     from dcml.stagekit import RESUME_ROOT_ENV
     from dcml_app.console import PipelineConsole
 
-    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
+    args = _with_data_version(_absolute_data_root(params.validate(dict(args), "pipeline parameters")))
     output_dir = Path(output_dir).resolve()
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                             max_parallel_workers=max_parallel_workers)
@@ -131,6 +131,8 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     local_runner = _docker_runner(args, output_dir) if runner == "docker" else local.SubprocessRunner(use_venv=False)
     local.init(runner=local_runner, pipeline_root=str(run_root), enable_caching=cache,
                cache_root=str(output_dir / "cache"))
+    if cache:
+        _serve_only_sealed_outputs(output_dir / "cache")
     console = PipelineConsole(run_root / "logs", terminal=terminal or sys.stdout, verbose=verbose)
     started = time.perf_counter()
     try:
@@ -174,6 +176,58 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
                                  "metrics": json.loads(compressed.read_text())["metrics"],
                                  "mlflow": tracked("track-2")}
     return summary
+
+
+def _with_data_version(args: dict) -> dict:
+    """Set ``data_version`` to the dataset's content fingerprint (unless given).
+
+    kfp.local keys its cache on parameter strings, so without it a dataset
+    folder whose images changed would be served from the cache; with it, any
+    changed byte re-runs ingestion and so everything after it. The per-file
+    digests are cached (dcml.contracts.digests): on unchanged data this costs
+    a listing and a stat per file.
+    """
+    if args.get("data_version"):
+        return args
+    from data_prep import registry
+
+    defaults = params.defaults(("dataset", "split_mode", "max_per_class"))
+    get = lambda k: args.get(k, defaults[k])  # noqa: E731
+    _, meta = registry.read_dataset(get("dataset"), args.get("data_root") or None, get("split_mode") or None,
+                                    max_per_class=get("max_per_class") or None)
+    return {**args, "data_version": meta["fingerprint"]}
+
+
+def _serve_only_sealed_outputs(cache_root: Path) -> None:
+    """Make kfp.local's cache check the outputs it would serve.
+
+    kfp.local serves a cache entry while its artifacts' folders exist; a file
+    deleted or changed inside one would make a later stage fail. Every dcml
+    component seals its output folders (dcml.contracts.io.seal); this cache
+    serves an entry only while all its seals hold, else the stage runs again.
+    (Installed as kfp.local's cache object, a module-level singleton of the
+    pinned kfp version.)
+    """
+    import logging
+
+    from kfp import dsl
+    from kfp.local import cache as kfp_cache
+
+    from dcml.contracts.io import check_seal
+
+    class SealedCache(kfp_cache.LocalCache):
+        def get(self, key):
+            outputs = super().get(key)
+            for value in (outputs or {}).values():
+                for artifact in value if isinstance(value, list) else [value]:
+                    problem = isinstance(artifact, dsl.Artifact) and check_seal(artifact.path)
+                    if problem:
+                        logging.info(f"cache entry {key[:12]} not served: {problem}; running the task again")
+                        return None
+            return outputs
+
+    kfp_cache._cache_singleton = SealedCache(str(cache_root))
+    kfp_cache._cache_singleton_root = str(cache_root)
 
 
 def _training_effect(metrics_file: Path) -> dict:

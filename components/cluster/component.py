@@ -24,4 +24,7 @@ def cluster(
         out=os.path.join(clusters.path, "clusters.parquet"),
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(clusters.path)
     return list(range(num_clusters))

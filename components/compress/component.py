@@ -26,3 +26,6 @@ def compress(
         bits=bits, method=method, loss=loss, seed=seed,
         importance_batches=importance_batches, finetune_steps=finetune_steps,
     )
+    from dcml.contracts.io import seal
+
+    seal(compressed.path)

@@ -48,3 +48,6 @@ def train_dfml(
         out=os.path.join(model.path, "model.pt"),
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(model.path)

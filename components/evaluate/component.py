@@ -32,3 +32,7 @@ def evaluate(
     # Also shown by the Kubeflow UI.
     for key, value in json.load(open(out))["metrics"].items():
         metrics.log_metric(key, float(value))
+    from dcml.contracts.io import seal
+
+    seal(metrics.path)
+    seal(embeddings.path)

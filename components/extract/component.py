@@ -30,6 +30,10 @@ def extract(
         splits=("train",),
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(features.path)
+    seal(activations.path)
 
 
 def extract_with_model(
@@ -53,3 +57,6 @@ def extract_with_model(
         num_workers=num_workers,
         splits=("train",),
     )
+    from dcml.contracts.io import seal
+
+    seal(features.path)

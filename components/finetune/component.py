@@ -50,6 +50,9 @@ def merge_finetune(
         merge=merge,
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(model.path)
 
 
 def finetune(
@@ -91,3 +94,6 @@ def finetune(
         out=os.path.join(model.path, "model.pt"),
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(model.path)

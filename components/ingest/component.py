@@ -10,6 +10,7 @@ def ingest(
     max_per_class: int,
     check_images: bool,
     val_fraction: float,
+    data_version: str,
     manifest: Output[Dataset],
 ):
     import os
@@ -19,3 +20,6 @@ def ingest(
     hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(manifest.path, exist_ok=True)
     stage.run(out=os.path.join(manifest.path, "manifest.parquet"), **hyper)
+    from dcml.contracts.io import seal
+
+    seal(manifest.path)

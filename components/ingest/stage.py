@@ -12,7 +12,7 @@ from dcml.contracts.records import StageTimer
 from data_prep import common, registry
 
 # Parameters this stage takes (dcml.contracts.params); data_root is its --root.
-PARAMS = ("dataset", "data_root", "split_mode", "max_per_class", "check_images", "val_fraction")
+PARAMS = ("dataset", "data_root", "split_mode", "max_per_class", "check_images", "val_fraction", "data_version")
 RENAME = params.STAGE_NAMES["ingest"]
 
 
@@ -46,6 +46,8 @@ def run(out, vehicleid_test_size: int = 800, **hyper) -> dict:
     params_record = {"dataset": name, "root": None if root is None else str(root), "split_mode": split_mode,
                      "check_images": bool(check_images), "max_per_class": max_per_class,
                      "val_fraction": float(val_fraction)}
+    if hp["data_version"]:
+        params_record["data_version"] = hp["data_version"]
     options = {}
     if name == "vehicleid":
         params_record["vehicleid_test_size"] = options["test_size"] = int(vehicleid_test_size)

@@ -54,6 +54,9 @@ def train_shared(
         mode="shared",
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(model.path)
 
 
 def train_worker(
@@ -106,3 +109,6 @@ def train_worker(
         init=os.path.join(init.path, "model.pt") if init is not None else None,
         **hyper,
     )
+    from dcml.contracts.io import seal
+
+    seal(model.path)

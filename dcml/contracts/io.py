@@ -196,3 +196,40 @@ def read_vectors(path, column: str | None = None) -> tuple[pd.DataFrame, np.ndar
     vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
     others = table.drop_columns([column]).to_pandas()
     return others, vectors, meta
+
+
+SEAL = ".dcml-seal.json"
+
+
+def seal(folder: str | os.PathLike) -> None:
+    """Record the size and sha256 of every file in an output folder (``.dcml-seal.json``).
+
+    A local run's cache serves a stage's earlier outputs only while their
+    seal still holds (:func:`check_seal`): a file deleted, truncated or
+    changed since makes the stage run again instead of failing later.
+    """
+    from dcml.contracts.digests import sha256_file
+
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SEAL):
+        files[path.relative_to(folder).as_posix()] = [path.stat().st_size, sha256_file(path)]
+    write_json(folder / SEAL, {"files": files})
+
+
+def check_seal(folder: str | os.PathLike) -> str | None:
+    """None when ``folder`` holds exactly what its seal lists, else what is wrong."""
+    from dcml.contracts.digests import sha256_file
+
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / SEAL).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{folder}: no readable {SEAL}"
+    for rel, (size, digest) in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size or sha256_file(path) != digest:
+            return f"{path}: changed since it was written"
+    return None

@@ -119,6 +119,8 @@ _PARAMS = [
        choices=("", "official", "class-disjoint")),
     _p("max_per_class", int, 0, "Keep at most N images per class and split (0 = all).", "data", low=0),
     _p("check_images", bool, False, "Decode every image at ingestion and fail on a corrupt one.", "data"),
+    _p("data_version", str, "", "The dataset's content fingerprint: `dcml run` sets it, so changed images re-run "
+       "ingestion and everything after it (on a cluster: any label that changes with the data).", "data"),
     _p("val_fraction", float, 0.15, "Share of the training classes held out for validation (class-disjoint; "
        "picks the epoch kept; 0 = none).", "data", low=0.0, high=1.0, high_open=True),
     # -- model -----------------------------------------------------------------
