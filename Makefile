@@ -41,6 +41,7 @@ demo: install fashion-mnist
 	$(BIN)/dcml run --config demo
 
 mlflow-ui: install
+	@echo "dcml runs: http://127.0.0.1:5000/#/experiments (switch the top-left toggle to 'Model training' once)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 compile: install

@@ -207,6 +207,12 @@ def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_pa
     assert picked.exit_code == 0, picked.output
     assert [line.split(",")[0] for line in picked.output.strip().splitlines()[1:]] == ["older run"]
     assert tracking.latest_experiment(store) == "dcml-demo"
+    # An experiment of dcml runs from before experiments were marked gets marked when compared.
+    client = MlflowClient(store)
+    older = client.get_experiment_by_name("dcml-older")
+    client.delete_experiment_tag(older.experiment_id, tracking.EXPERIMENT_KIND_TAG)
+    assert CliRunner().invoke(cli, ["compare", "--experiment", "dcml-older"]).exit_code == 0
+    assert client.get_experiment(older.experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 # -- the model: a dcml checkpoint, never a pickle ---------------------------------------------------------

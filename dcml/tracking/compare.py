@@ -48,7 +48,8 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     name = experiment or latest_experiment(uri)
     if name is None:
         raise DcmlError(f"{uri}: no dcml pipeline runs in this store; run `dcml run` first")
-    if MlflowClient(uri).get_experiment_by_name(name) is None:
+    exp = MlflowClient(uri).get_experiment_by_name(name)
+    if exp is None:
         empty = pd.DataFrame()
         empty.attrs["experiment"] = name
         return empty
@@ -57,6 +58,7 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     df.attrs["experiment"] = name
     if df.empty:
         return df
+    store.mark_training(MlflowClient(uri), exp)  # an experiment of dcml runs made by an older dcml
     sort_col = f"metrics.{metric_key(metric)}"
     cols = ["tags.mlflow.runName", "start_time"] + (["status"] if include_all else [])
     cols += [f"params.{p}" for p in KEY_PARAMS if f"params.{p}" in df.columns]

@@ -117,9 +117,14 @@ def setup(experiment: str | None = None, tracking_uri: str | None = None) -> str
                     exp = client.get_experiment_by_name(name)
                     if exp is None:
                         raise exc from None
-    if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    mark_training(client, exp)
     return exp.experiment_id
+
+
+def mark_training(client, experiment) -> None:
+    """Tag an experiment made before dcml marked its experiments (one without a kind) as model training."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
 def ui_base(tracking_uri: str | None = None) -> str:
