@@ -9,7 +9,7 @@ TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 PYTEST_ARGS ?=
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 
-.PHONY: install test demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
+.PHONY: install test browser demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Tests use real Fashion-MNIST when it can be had (they skip what needs it otherwise).
-test: install
+test: install browser
 	-@$(BIN)/python -m data_prep.fashion_mnist_fetch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for the MLflow UI test (it skips without /usr/bin/chromium); installs only as root.
+browser:
+	-@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	  apt-get install -y -qq chromium >/dev/null 2>&1; } || echo "browser: chromium not installed; the MLflow UI test will skip"
 
 # Fashion-MNIST from Debian's package (see ../shared/data/README.md).
 fashion-mnist:
@@ -35,6 +41,7 @@ demo: install fashion-mnist
 	$(BIN)/dcml run --config demo
 
 mlflow-ui: install
+	@echo "dcml runs: http://127.0.0.1:5000/#/experiments (switch the top-left toggle to 'Model training' once)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 compile: install

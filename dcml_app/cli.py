@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("dcml_app.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
     "compile": ("dcml_app.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
     "submit": ("dcml_app.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
-    "compare": ("dcml.tracking:compare_cli", "Compare runs tracked in MLflow."),
+    "compare": ("dcml_app.compare:compare_cli", "Compare runs tracked in MLflow (the latest experiment by default)."),
     "study": ("dcml_app.study:study_cli", "Run a hyper-parameter study (embedding size, margin, batch size, loss)."),
 }
 

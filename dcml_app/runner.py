@@ -315,6 +315,8 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
     if summary["mlflow"]:
         info = summary["mlflow"]
         click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']} (`make mlflow-ui`)")
+        if info.get("ui_url"):
+            click.echo(f"             {info['ui_url']}")
     click.echo(f"wall time  : {summary['seconds']:.1f} s")
     if json_out:
         from dcml.contracts.io import write_json

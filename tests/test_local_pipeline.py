@@ -79,12 +79,12 @@ def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
     assert len(client.get_metric_history(train.info.run_id, "epoch.loss")) == TINY["epochs"]
     assert parent.data.tags["dcml.model_logged"] == "true"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"plots", "lineage.json"}
-    # The logged model loads back through MLflow and embeds like the checkpoint.
-    import mlflow
+    # The logged model (the dcml checkpoint, no pickle) loads back from MLflow and embeds like the checkpoint.
     import torch
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(parent.data.tags["dcml.model_uri"])
+    from dcml.tracking import load_logged_model
+
+    model, _ = load_logged_model(parent.data.tags["dcml.model_uri"], tracking_uri=tracking_uri)
     with torch.no_grad():
         out = model(torch.zeros(3, 1, 28, 28))
     assert out.shape == (3, TINY["embedding_dim"])

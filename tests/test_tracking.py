@@ -1,18 +1,26 @@
 """MLflow run tree from stage records, against a real sqlite store."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from dcml.contracts import records
+from dcml.contracts.errors import DcmlError
 from dcml import tracking
 from dcml_app.cli import cli
-from dcml.contracts.io import write_json, write_vectors
+from dcml.contracts.io import write_json
+
+_spec = importlib.util.spec_from_file_location("tracking_lineage", Path(__file__).with_name("tracking_lineage.py"))
+lineage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lineage)
+fake_lineage, child_runs = lineage.fake_lineage, lineage.child_runs
+VALIDATED_HISTORY, TINY_MODEL = lineage.VALIDATED_HISTORY, lineage.TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -26,50 +34,6 @@ def store(store_dir, monkeypatch):
     uri = f"sqlite:///{store_dir / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def fake_lineage(tmp_path, k=2):
-    """Records shaped like the real stages', written into real artifact files."""
-    ingest = records.StageTimer("ingest", {"dataset": "fashion-mnist", "split_mode": "class-disjoint",
-                                           "out": str(tmp_path / "m.parquet")}).finish(metrics={"images": 100})
-    manifest = tmp_path / "ingest"
-    manifest.mkdir()
-    write_json(manifest / "record.json", {"record": ingest})
-    cluster = records.StageTimer("cluster", {"k": k, "niter": 20}).finish(
-        inputs={"features": manifest}, metrics={"inertia": 1.5, "sizes": [60, 40]})
-    cluster_dir = tmp_path / "cluster"
-    cluster_dir.mkdir()
-    write_json(cluster_dir / "record.json", {"record": cluster})
-    history = [{"epoch": e, "loss": 1.0 / (e + 1), "seconds": 2.0,
-                **({"recall@1": 0.5 + 0.1 * e} if e % 2 else {}),
-                **({"cluster_sizes": [55, 45]} if e == 2 else {})} for e in range(4)]
-    train = records.StageTimer("train", {"mode": "shared", "num_slices": k, "loss": "margin", "margin": 0.2,
-                                         "epochs": 4, "backbone": "small_cnn", "embedding_dim": 64}).finish(
-        inputs={"manifest": manifest, "clusters": cluster_dir}, history=history)
-    train_dir = tmp_path / "train"
-    train_dir.mkdir()
-    write_json(train_dir / "record.json", {"record": train})
-    finetune = records.StageTimer("finetune", {"epochs": 2}).finish(
-        inputs={"manifest": manifest, "checkpoints": [train_dir]}, history=[{"epoch": 0, "loss": 0.2}])
-    ft_dir = tmp_path / "finetune"
-    ft_dir.mkdir()
-    write_json(ft_dir / "record.json", {"record": finetune})
-    metrics = {"recall@1": 0.71, "recall@2": 0.8, "recall@4": 0.88, "recall@8": 0.93,
-               "nmi": 0.5, "ami": 0.45, "map@r": 0.3, "r_precision": 0.4}
-    evaluate = records.StageTimer("evaluate", {"ks": [1, 2, 4, 8]}).finish(
-        inputs={"model": ft_dir, "manifest": manifest}, metrics=metrics)
-    metrics_path = tmp_path / "metrics.json"
-    write_json(metrics_path, {"metrics": metrics, "record": evaluate})
-    rng = np.random.default_rng(0)
-    emb = tmp_path / "embeddings.parquet"
-    labels = rng.integers(0, 5, 200)
-    write_vectors(emb, pd.DataFrame({"image_id": [str(i) for i in range(200)], "label": labels, "split": "test"}),
-                  rng.normal(size=(200, 16)) + labels[:, None], "embedding", {})
-    return metrics_path, emb
-
-
-def child_runs(client, experiment_id, parent_id):
-    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 def test_run_tree_params_metrics_history_and_plots(tmp_path, store):
@@ -151,3 +115,166 @@ def test_compare_lists_runs_best_first(tmp_path, store):
 def test_compare_without_runs_is_a_clear_error(tmp_path, store):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "nothing-here"])
     assert result.exit_code != 0
+
+
+# -- training curves with validation (the epoch kept, val and test R@1) ---------------------------------
+
+def test_validation_history_is_logged_as_step_metrics(tmp_path, store):
+    metrics_path, _ = fake_lineage(tmp_path, validated=True)
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="validated")
+    client = MlflowClient(store)
+    train = next(c for c in child_runs(client, client.get_run(run_id).info.experiment_id, run_id)
+                 if c.data.tags["dcml.stage"] == "train")
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(train.info.run_id, key)]
+               for key in ("epoch.val_recall_at_1", "epoch.val_map_at_r", "epoch.recall_at_1", "epoch.loss",
+                           "epoch.best_epoch", "epoch.lr.backbone")}
+    assert history["epoch.val_recall_at_1"] == [(0, 0.40), (1, 0.55), (2, 0.62), (3, 0.60)]
+    assert [s for s, _ in history["epoch.val_map_at_r"]] == [0, 1, 2, 3]
+    assert [s for s, _ in history["epoch.recall_at_1"]] == [0, 1, 2, 3]
+    assert [s for s, _ in history["epoch.loss"]] == [1, 2, 3]  # the initial model has no loss
+    assert history["epoch.best_epoch"] == [(1, 1.0), (2, 2.0), (3, 2.0)]
+    assert history["epoch.lr.backbone"] == [(1, 1e-4)]
+    assert "plots/training_curves.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+
+
+def test_training_curves_show_validation_beside_loss_and_mark_the_epoch_kept(tmp_path):
+    train = records.StageTimer("train", {}).finish(history=VALIDATED_HISTORY)
+    fig = tracking.training_curves_figure([train])
+    loss_ax, val_ax, test_ax = fig.axes
+    assert "loss" in loss_ax.get_title()
+    assert "validation" in val_ax.get_title() and "test" in test_ax.get_title()
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert list(lines["train val R@1"].get_xdata()) == [0, 1, 2, 3]
+    assert list(lines["train val MAP@R"].get_ydata()) == [0.10, 0.20, 0.25, 0.24]
+    assert list(lines["train test R@1"].get_xdata()) == [0, 1, 2, 3]
+    assert list(lines["train"].get_xdata()) == [1, 2, 3]  # loss: no point for the initial model
+    kept = lines["train kept: epoch 2"]
+    assert (list(kept.get_xdata()), list(kept.get_ydata()), kept.get_marker()) == ([2], [0.62], "*")
+    # The epoch kept is marked on every panel.
+    for ax in fig.axes:
+        assert any(list(line.get_xdata()) == [2, 2] for line in ax.get_lines())
+    fig.savefig(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+# -- run names -------------------------------------------------------------------------------------
+
+def test_a_run_without_a_name_is_named_from_its_lineage(tmp_path, store):
+    metrics_path, _ = fake_lineage(tmp_path)
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="names")
+    assert MlflowClient(store).get_run(run_id).info.run_name == "fashion-mnist dc-shared K=2 margin seed0"
+    named = tracking.log_pipeline_run(str(metrics_path), experiment="names", run_name="mine")
+    assert MlflowClient(store).get_run(named).info.run_name == "mine"
+
+
+@pytest.mark.parametrize("stages,name", [
+    ([("ingest", {"dataset": "cars196"}), ("cluster", {"k": 4}),
+      ("train", {"mode": "shared", "loss": "margin", "seed": 0})], "cars196 dc-shared K=4 margin seed0"),
+    ([("ingest", {"dataset": "cub200"}), ("cluster", {"k": 8}),
+      ("train", {"mode": "worker", "cluster_id": 0, "loss": "triplet", "seed": 3})], "cub200 dc-parallel K=8 triplet seed3"),
+    ([("ingest", {"dataset": "sop"}), ("train-dfml", {"groups": 2, "loss": "proxy_anchor", "seed": 1})],
+     "sop dfml G=2 proxy_anchor seed1"),
+])
+def test_run_names_say_dataset_method_mode_k_loss_seed(stages, name):
+    lineage = [records.StageTimer(stage, params).finish() for stage, params in stages]
+    assert tracking.run_name_for(lineage) == name
+
+
+# -- experiments are model-training experiments ------------------------------------------------------
+
+def test_experiments_are_marked_model_training_when_created_and_when_found_unmarked(store):
+    client = MlflowClient(store)
+    new_id = tracking.setup("kind-new", store)
+    assert client.get_experiment(new_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old_id = client.create_experiment("kind-old")  # made before dcml marked its experiments
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old_id).tags
+    assert tracking.setup("kind-old", store) == old_id
+    assert client.get_experiment(old_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracking.ui_url(new_id, base="http://h:1") == f"http://h:1/#/experiments/{new_id}?workflowType=machine_learning"
+
+
+# -- `dcml compare` with no options --------------------------------------------------------------------
+
+def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_path, store):
+    metrics_path, _ = fake_lineage(tmp_path)
+    tracking.log_pipeline_run(str(metrics_path), experiment="dcml-older", run_name="older run")
+    tracking.log_pipeline_run(str(metrics_path), experiment="dcml-demo", run_name="demo run")
+    result = CliRunner().invoke(cli, ["compare"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "experiment: dcml-demo"
+    assert "demo run" in result.output and "older run" not in result.output
+    picked = CliRunner().invoke(cli, ["compare", "--experiment", "dcml-older", "--format", "csv"])
+    assert picked.exit_code == 0, picked.output
+    assert [line.split(",")[0] for line in picked.output.strip().splitlines()[1:]] == ["older run"]
+    assert tracking.latest_experiment(store) == "dcml-demo"
+    # An experiment of dcml runs from before experiments were marked gets marked when compared.
+    client = MlflowClient(store)
+    older = client.get_experiment_by_name("dcml-older")
+    client.delete_experiment_tag(older.experiment_id, tracking.EXPERIMENT_KIND_TAG)
+    assert CliRunner().invoke(cli, ["compare", "--experiment", "dcml-older"]).exit_code == 0
+    assert client.get_experiment(older.experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+# -- the model: a dcml checkpoint, never a pickle ---------------------------------------------------------
+
+def _embed(model):
+    torch.manual_seed(1)
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        return model(images)
+
+
+class _Payload:
+    """Runs code when unpickled: what a malicious 'model' file would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_model_is_logged_as_a_checkpoint_that_loads_without_unpickling(tmp_path, store):
+    model_file = tmp_path / "model.pt"
+    metrics_path, _ = fake_lineage(tmp_path, model=model_file)
+    run_id = tracking.log_pipeline_run(str(metrics_path), model=str(model_file), experiment="model")
+    client = MlflowClient(store)
+    tags = client.get_run(run_id).data.tags
+    assert tags["dcml.model_uri"] == f"runs:/{run_id}/dcml-model/model.pt"
+    assert tags["dcml.model_format"] == "dcml.checkpoint" and tags["dcml.model_logged"] == "true"
+    logged = {a.path for a in client.list_artifacts(run_id, "dcml-model")}
+    assert logged == {"dcml-model/model.pt", "dcml-model/model_config.json"}  # no MLmodel, no pickle
+    config = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/dcml-model/model_config.json"))
+    assert config["model_config"] == TINY_MODEL.config
+
+    model, ckpt = tracking.load_logged_model(tags["dcml.model_uri"])
+    assert torch.allclose(_embed(model), _embed(TINY_MODEL.eval()), atol=1e-6)
+
+    # The same model served from the cache: the next run points at the logged file.
+    again = tracking.log_pipeline_run(str(metrics_path), model=str(model_file), experiment="model")
+    assert client.get_run(again).data.tags["dcml.model_uri"] == tags["dcml.model_uri"]
+    assert "dcml.model_logged" not in client.get_run(again).data.tags
+
+    # A tampered copy of the artifact that carries pickled code is refused, and the code never runs.
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil" / "model.pt"
+    evil.parent.mkdir()
+    torch.save({**ckpt, "model": {"weight": _Payload(marker)}}, evil)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name="tampered") as tampered:
+        mlflow.log_artifact(str(evil), artifact_path="dcml-model")
+    uri = f"runs:/{tampered.info.run_id}/dcml-model/model.pt"
+    with pytest.raises(DcmlError) as refused:
+        tracking.load_logged_model(uri)
+    message = str(refused.value)
+    print(f"refused: {message}")
+    assert "\n" not in message and message.startswith(f"{uri}: refused: the file holds pickled objects")
+    assert not marker.exists()
+    # (The payload is real: an unrestricted unpickler runs it.)
+    torch.load(evil, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_a_model_uri_from_mlflow_pytorch_is_refused(store):
+    with pytest.raises(DcmlError, match="not a dcml model URI"):
+        tracking.load_logged_model("models:/m-0123456789abcdef")

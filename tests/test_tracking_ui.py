@@ -1,0 +1,108 @@
+"""dcml's experiments open on their training runs in MLflow's UI (not the GenAI overview).
+
+A real `mlflow server` on a free localhost port serves a store dcml logged to;
+headless Chromium loads the link dcml prints (dcml.tracking.ui_url) and the
+test reads what the page shows. MLflow 3.17's UI chooses between the runs and
+the GenAI overview from its "workflow type" (default GenAI, remembered per
+browser; a fresh browser opening a bare experiment URL lands on the GenAI
+overview, even for an experiment tagged mlflow.experimentKind), so dcml both
+tags its experiments as model training (custom_model_development) and links
+with ?workflowType=machine_learning.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dcml import tracking
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="/usr/bin/chromium is absent (`make browser` installs it as root)")
+
+_spec = importlib.util.spec_from_file_location("tracking_lineage", Path(__file__).with_name("tracking_lineage.py"))
+_lineage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_lineage)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A store with dcml runs, served by a real `mlflow server`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    metrics_path, emb = _lineage.fake_lineage(tmp_path)
+    experiment_id = tracking.setup("ui-demo", uri)
+    names = []
+    for run_name in (None, "second look"):
+        run_id = tracking.log_pipeline_run(str(metrics_path), embeddings=str(emb), experiment="ui-demo",
+                                           run_name=run_name, tracking_uri=uri)
+        names.append(MlflowClient(uri).get_run(run_id).info.run_name)
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield base, experiment_id, names
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def chromium(url: str, profile: Path, *args: str) -> str:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--window-size=1400,900", "--virtual-time-budget=15000", *args, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_experiment_link_opens_on_the_training_runs(mlflow_server, tmp_path):
+    base, experiment_id, names = mlflow_server
+    assert names[0] == "fashion-mnist dc-shared K=2 margin seed0"
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}") as reply:
+        tags = {t["key"]: t["value"] for t in json.load(reply)["experiment"]["tags"]}
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+    url = tracking.ui_url(experiment_id, base=base)
+    screenshot = tmp_path / "experiment.png"
+    chromium(url, tmp_path / "profile-shot", f"--screenshot={screenshot}")
+    print(f"\nscreenshot of {url}: {screenshot}")
+    assert screenshot.stat().st_size > 20_000
+    page = chromium(url, tmp_path / "profile-dom", "--dump-dom")
+    (tmp_path / "experiment.html").write_text(page)
+    for name in names:
+        assert name in page, f"run {name!r} not on the page (see {tmp_path / 'experiment.html'})"
+    assert "matching runs" in page and "Run Name" in page  # the runs table
+    assert "Detect Issues" not in page and "Evaluation runs" not in page  # the GenAI overview's
