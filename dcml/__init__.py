@@ -35,6 +35,9 @@ def _keep_large_buffers() -> None:
 _keep_large_buffers()
 
 
+RUNNER: str | None = None  # the `dcml run` this process works for (its runner_token), if any
+
+
 def runner_token(pid: int) -> str:
     """"pid:start-time" of a process (the start time tells a reused pid from the original)."""
     try:
@@ -61,7 +64,9 @@ def _die_with_runner() -> None:
     import threading
     import time
 
+    global RUNNER
     token = os.environ.pop("DCML_RUNNER", None)
+    RUNNER = token
     if not token or not os.path.isdir("/proc"):
         return
 

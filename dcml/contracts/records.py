@@ -20,6 +20,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import dcml
 from dcml import __version__
 
 
@@ -72,6 +73,7 @@ class StageTimer:
             "dcml_version": __version__,
             "git_commit": git_commit(),
             "image_tag": os.environ.get("DCML_IMAGE_TAG", ""),  # set in the images
+            "runner": dcml.RUNNER,  # the local `dcml run` that executed it (None elsewhere)
             "extra": dict(extra or {}),
             "inputs": upstream,
         }

@@ -92,6 +92,22 @@ def run_name_for(lineage: list[dict]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def cached_exec_ids(client, experiment_id: str, lineage: list[dict]) -> set[str]:
+    """Stages this run did not execute itself (served from the cache).
+
+    Under `dcml run` every record names the run that executed it
+    (``runner``): a stage executed by another run was cached, even when that
+    run was killed before it reached MLflow. Records without it (a cluster)
+    count as cached when an earlier MLflow run logged the same execution.
+    """
+    import dcml
+
+    current = dcml.RUNNER
+    known = {r["exec_id"] for r in lineage if current and r.get("runner")}
+    cached = {r["exec_id"] for r in lineage if r["exec_id"] in known and r["runner"] != current}
+    return cached | _seen_exec_ids(client, experiment_id, [r["exec_id"] for r in lineage if r["exec_id"] not in known])
+
+
 def _seen_exec_ids(client, experiment_id: str, exec_ids: list[str]) -> set[str]:
     seen = set()
     for exec_id in exec_ids:
@@ -142,7 +158,7 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     experiment_id = store.setup(experiment, tracking_uri)
     client = MlflowClient()
     liveness.reap_dead_runs(client)
-    cached = _seen_exec_ids(client, experiment_id, [r["exec_id"] for r in lineage])
+    cached = cached_exec_ids(client, experiment_id, lineage)
     final_metrics = json.loads(Path(metrics).read_text())["metrics"]
 
     tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"], **liveness.owner_tags()}
