@@ -27,7 +27,7 @@ from dcml.contracts import events
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STARTED = re.compile(r"Executing task '([^']+)'")
-CACHED = re.compile(r"Task '([^']+)' cache hit")
+CACHED = re.compile(r"Task '?([\w.-]+)'? cache hit")
 FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 ERROR = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)$")
 

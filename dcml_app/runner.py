@@ -136,7 +136,8 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     console = PipelineConsole(run_root / "logs", terminal=terminal or sys.stdout, verbose=verbose)
     started = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), warnings.catch_warnings():
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), warnings.catch_warnings(), \
+                _info_logs_to(console):
             warnings.simplefilter("always")  # known-harmless kfp warnings: into the log, once per task
             task = pipeline_fn(**args)
     except RuntimeError as exc:
@@ -176,6 +177,24 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
                                  "metrics": json.loads(compressed.read_text())["metrics"],
                                  "mlflow": tracked("track-2")}
     return summary
+
+
+@contextlib.contextmanager
+def _info_logs_to(stream):
+    """kfp.local logs some task events (cache hits) at INFO outside its own log set-up: catch them."""
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def _with_data_version(args: dict) -> dict:
