@@ -39,6 +39,7 @@ IMAGE_OF = {
     "train-shared": "train", "train-worker": "train", "train-dfml": "train", "finetune": "finetune",
     "merge-finetune": "finetune", "evaluate": "evaluate", "compress": "compress", "track": "base",
 }
+TRAINING_STAGES = frozenset({"train-shared", "train-worker", "train-dfml", "finetune", "merge-finetune"})
 GPU_STAGES = frozenset({"extract", "extract-with-model", "train-shared", "train-worker", "train-dfml",
                         "finetune", "merge-finetune", "evaluate", "compress"})
 
@@ -62,6 +63,7 @@ class ClusterSettings:
     cpu_request: str = "1"
     memory_request: str = "4Gi"
     shm_size: str = "8Gi"                         # in-memory /dev/shm for DataLoader workers
+    resume_dir: str = ".dcml/resume"              # training resume files, under data_mount
     tolerations: list = field(default_factory=list)   # [{"key":..., "operator":..., "value":..., "effect":...}]
     node_selector: dict = field(default_factory=dict)  # {"label": "value"} for GPU stages
 
@@ -97,6 +99,10 @@ def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None):
     if name == "track":
         kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret,
                                      secret_key_to_env=settings.mlflow_secret_keys)
+    if name in TRAINING_STAGES:
+        # Resume files on the data volume: a retried pod finds the checkpoint of its
+        # last finished epoch (named by the training's fingerprint, dcml.stagekit).
+        task.set_env_variable(name="DCML_RESUME_ROOT", value=f"{settings.data_mount}/{settings.resume_dir}")
     if name in GPU_STAGES:
         task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpus_per_task)
         task.set_cpu_request(settings.gpu_cpu_request).set_memory_request(settings.gpu_memory_request)

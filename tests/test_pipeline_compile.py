@@ -155,3 +155,12 @@ def test_pipeline_module_importable_without_the_cli():
     result = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.MODES)"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_training_stages_keep_their_resume_files_on_the_data_volume(tmp_path):
+    spec, platform = compile_with_cli(tmp_path, "--data-mount", "/data")
+    env = {name: {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+           for name, ex in executors(spec).items()}
+    assert env["exec-train-shared"]["DCML_RESUME_ROOT"] == "/data/.dcml/resume"
+    assert env["exec-finetune"]["DCML_RESUME_ROOT"] == "/data/.dcml/resume"
+    assert "DCML_RESUME_ROOT" not in env["exec-evaluate"]
