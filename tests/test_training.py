@@ -188,3 +188,13 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_evaluating_during_training_does_not_change_what_is_trained(tiny, tmp_path):
+    man, train, test = tiny
+    weights = []
+    for every in (0, 1):
+        t = Trainer(new_model(), man, train, settings(eval_every=every), eval_rows=test, val_rows=test.iloc[:20])
+        t.fit()
+        weights.append(t.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -484,7 +484,16 @@ class Trainer:
         return drop_singletons(assignments, self.labels)
 
     def _score(self, rows: pd.DataFrame, desc: str) -> dict:
-        """R@1 and MAP@R of ``rows`` (query vs gallery when both are there, else each row vs the rest)."""
+        """R@1 and MAP@R of ``rows`` (query vs gallery when both are there, else each row vs the rest).
+
+        Scoring is an observation: it runs on a fork of the RNG (data loaders
+        draw a seed from it), so how often a run validates or draws its test
+        curve never changes the model it trains.
+        """
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self.device.type == "cuda" else []):
+            return self._score_now(rows, desc)
+
+    def _score_now(self, rows: pd.DataFrame, desc: str) -> dict:
         from dcml.algorithm.metrics import evaluate_embeddings
 
         splits = set(rows["split"])
