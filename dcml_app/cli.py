@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate.stage:cli", "Stage 6: Recall@K, MAP@R, R-Precision, NMI, AMI."),
     "train-dfml": ("components.dfml.stage:cli", "Stage 4 (DFML): factorised backbone with a router."),
     "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
+    "params": ("dcml_app.params_cli:params_cli", "List the pipeline parameters: defaults, allowed values, meaning."),
     "run": ("dcml_app.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
     "compile": ("dcml_app.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
     "submit": ("dcml_app.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),

@@ -1,0 +1,34 @@
+"""`dcml params`: the pipeline parameters, their defaults, ranges and meaning (from dcml.contracts.params)."""
+
+from __future__ import annotations
+
+import click
+
+from dcml.contracts import params
+
+
+@click.command("params")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+@click.argument("names", nargs=-1)
+def params_cli(fmt, names):
+    """List the pipeline parameters (`dcml run --set NAME=VALUE`), or only NAMES."""
+    from dcml.contracts.errors import DcmlError
+
+    unknown = sorted(set(names) - set(params.PARAMS))
+    if unknown:
+        raise DcmlError(f"unknown parameter(s) {', '.join(unknown)}; `dcml params` lists them all")
+    rows = [p for p in params.pipeline_params() if not names or p.name in names]
+    if fmt == "markdown":
+        click.echo("| parameter | default | allowed | meaning |\n|---|---|---|---|")
+        for p in rows:
+            click.echo(f"| `{p.name}` | `{p.default!r}` | {p.describe_range()} | {p.help} |")
+        return
+    width = max(len(p.name) for p in rows)
+    dwidth = max(len(repr(p.default)) for p in rows)
+    group = None
+    for p in rows:
+        if p.group != group:
+            group = p.group
+            click.echo(f"[{group}]")
+        allowed = "" if p.type in (str, bool) and not p.choices else f" ({p.describe_range()})"
+        click.echo(f"  {p.name.ljust(width)}  {repr(p.default).ljust(dwidth)}  {p.help}{allowed}")
