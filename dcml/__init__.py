@@ -51,7 +51,8 @@ def runner_token(pid: int) -> str:
 def _die_with_runner() -> None:
     """A stage process started by `dcml run` ends when that run's process ends.
 
-    `dcml run` puts its own ``runner_token`` in DCML_RUNNER in the environment
+    `dcml run` puts its own ``runner_token`` (plus "#<run id>", so two runs
+    from one process differ) in DCML_RUNNER in the environment
     its stage processes inherit (through kfp's ``sh`` wrapper). Such a process
     watches the runner from a daemon thread and terminates itself (SIGTERM)
     within a second of the runner's end, so killing the run (even with kill
@@ -70,9 +71,11 @@ def _die_with_runner() -> None:
     if not token or not os.path.isdir("/proc"):
         return
 
+    process = token.split("#", 1)[0]  # "pid:start#run-id": the run's process, then which of its runs
+
     def watch():
-        pid = int(token.split(":")[0])
-        while runner_token(pid) == token:
+        pid = int(process.split(":")[0])
+        while runner_token(pid) == process:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -92,6 +92,20 @@ def _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_t
 
 
 # ------------------------------------------------------------------------ run
+def _new_run_folder(parent: Path) -> tuple[str, Path]:
+    """A run folder no other run (of any process, or of this one) has: "<time>-<pid>[-n]"."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for n in range(1000):
+        run_id = stem if n == 0 else f"{stem}-{n}"
+        try:
+            (parent / run_id).mkdir()
+            return run_id, parent / run_id
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {parent}")
+
+
 def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="average", freeze_backbone=False,
               output_dir=DEFAULT_OUTPUT_DIR, cache=True, runner="subprocess", image_registry="dcml",
               image_tag=None, tracking_uri=None, max_parallel_workers=1, verbose=False, terminal=None) -> dict:
@@ -115,9 +129,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     output_dir = Path(output_dir).resolve()
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                             max_parallel_workers=max_parallel_workers)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_root = output_dir / "pipelines" / run_id
-    run_root.mkdir(parents=True, exist_ok=True)
+    run_id, run_root = _new_run_folder(output_dir / "pipelines")
 
     # Stages run in subprocesses that inherit this environment: the MLflow
     # store is chosen here, not passed as a (cache-busting) pipeline input;
@@ -125,7 +137,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     # with this process.
     environment = {"MLFLOW_TRACKING_URI": tracking_uri or tracking.default_tracking_uri(),
                    "DCML_EVENTS": "1", RESUME_ROOT_ENV: str(output_dir / "resume"),
-                   "DCML_RUNNER": dcml.runner_token(os.getpid())}
+                   "DCML_RUNNER": f"{dcml.runner_token(os.getpid())}#{run_id}"}
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
     local_runner = _docker_runner(args, output_dir) if runner == "docker" else local.SubprocessRunner(use_venv=False)
