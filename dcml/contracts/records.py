@@ -82,7 +82,7 @@ class StageTimer:
 # The primary file inside each kind of pipeline artifact directory.
 ARTIFACT_FILES = (
     "manifest.parquet", "features.parquet", "clusters.parquet", "model.pt",
-    "metrics.json", "embeddings.parquet", "record.json",
+    "metrics.json", "embeddings.parquet", "record.json", "index.json",
 )
 
 
