@@ -2,7 +2,7 @@
 
 Index cases (each in a fresh process, so its peak RSS is its own; 1 thread):
 
-* cars196: the 4,052 test images of the training half embedded by
+* cars196: the test images of Stanford Cars' training half (official split) embedded by
   EfficientNet-Lite0 (offline ImageNet weights, 128 px, a seeded random
   128-d head: search speed does not depend on how well the head is trained),
   through the index stage (``components.index.stage.run``);
