@@ -23,6 +23,9 @@ from importlib import resources
 from pathlib import Path
 
 import click
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from dcml.contracts.errors import DcmlError
 from dcml.retrieval.search import MAX_QUERY_BYTES
@@ -64,10 +67,6 @@ async def _reply(send, status: int, detail: str) -> None:
 
 def create_app(index_dir, device: str = "cpu", max_request_bytes: int = MAX_REQUEST_BYTES):
     """The FastAPI application serving ``index_dir`` (its model loaded once, here)."""
-    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
     from dcml.algorithm.data import decode_image
     from dcml.retrieval.pictures import thumbnail_jpeg
     from dcml.retrieval.search import Searcher
