@@ -185,7 +185,7 @@ class DevTools:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing: apt-get install chromium")
-def test_page_in_headless_chromium_picks_a_query_and_shows_its_neighbours(server, tmp_path):
+def test_page_in_headless_chromium_picks_or_drops_a_query_and_shows_its_neighbours(server, tmp_path):
     url, man = server
     port = free_port()
     profile = tempfile.mkdtemp(prefix="dcml-chromium-")
@@ -224,6 +224,17 @@ def test_page_in_headless_chromium_picks_a_query_and_shows_its_neighbours(server
         tab("DOM.setFileInputFiles", nodeId=node, files=[str(bad)])
         tab.wait("document.body.dataset.state === 'error'")
         assert "400: " in tab.evaluate("document.getElementById('error').textContent")
+        # Drop another query onto the page: its neighbours replace the old ones.
+        box = tab.evaluate("(({x, y, width, height}) => [x + width / 2, y + height / 2])"
+                           "(document.getElementById('drop').getBoundingClientRect())")
+        dropped = gallery_file(man, 31)
+        data = {"items": [], "files": [str(dropped)], "dragOperationsMask": 1}
+        for kind in ("dragEnter", "dragOver", "drop"):
+            tab("Input.dispatchDragEvent", type=kind, x=box[0], y=box[1], data=data)
+        tab.wait("document.body.dataset.state === 'done'")
+        first = tab.evaluate("document.querySelector('.hit').innerText")
+        assert first.startswith("#1 score 1.000") and man.df["class_name"][31] in first
+        assert tab.evaluate("document.getElementById('error').textContent") == ""
         tab.ws.close()
     finally:
         browser.terminate()

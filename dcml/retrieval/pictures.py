@@ -33,7 +33,7 @@ from dcml.contracts.errors import DcmlError
 THUMB = 96  # thumbnail side in pixels
 BORDER = 4  # frame width
 GAP = 8
-CAPTION = 30  # caption height under each thumbnail
+CAPTION = 42  # caption height under each thumbnail: two lines of class name, one of score
 LABEL_WIDTH = 150  # left column with the section names
 QUERY = (40, 90, 220)
 SAME = (0, 160, 60)
@@ -125,15 +125,15 @@ def draw_grid(rows: list[GridRow], load, class_names, title: str = "") -> tuple[
         if r == 0 or rows[r - 1].section != row.section:
             draw.text((GAP, y + cell // 2 - 8), f"{row.section} queries", fill=TEXT, font=big)
         boxes = []
-        for c, (position, colour, caption) in enumerate(
-                [(row.query, QUERY, f"query: {class_names[row.query]}")]
-                + [(n, SAME if s else DIFFERENT, f"{class_names[n]}  {score:.3f}")
+        for c, (position, colour, last_line) in enumerate(
+                [(row.query, QUERY, "query")]
+                + [(n, SAME if s else DIFFERENT, f"score {score:.3f}")
                    for n, s, score in zip(row.neighbours, row.same, row.scores)]):
             x = LABEL_WIDTH + GAP + c * (cell + GAP) + (GAP if c else 0)
             box = (x, y, x + cell - 1, y + cell - 1)
             draw.rectangle(box, fill=colour)
             canvas.paste(thumbnail(load(position)), (x + BORDER, y + BORDER))
-            for line, text in enumerate(_wrap(caption, 17)[:2]):
+            for line, text in enumerate(_fit(class_names[position], draw, small, cell) + [last_line]):
                 draw.text((x, y + cell + 2 + 13 * line), text, fill=TEXT, font=small)
             boxes.append(box)
         layout.append({"query": boxes[0], "neighbours": boxes[1:]})
@@ -160,8 +160,22 @@ def thumbnail_jpeg(image: Image.Image, side: int) -> bytes:
     return buf.getvalue()
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    return [text[i:i + width] for i in range(0, len(text), width)] or [""]
+def _fit(text: str, draw: ImageDraw.ImageDraw, font, width: int, lines: int = 2) -> list[str]:
+    """``text`` broken into at most ``lines`` lines of at most ``width`` pixels (the last one cut with '…')."""
+    out = []
+    rest = text.replace("_", " ")
+    while rest and len(out) < lines:
+        n = len(rest)
+        while n > 1 and draw.textlength(rest[:n], font=font) > width:
+            n -= 1
+        if len(out) == lines - 1 and n < len(rest):
+            while n > 1 and draw.textlength(rest[:n - 1] + "…", font=font) > width:
+                n -= 1
+            out.append(rest[:n - 1] + "…")
+            break
+        out.append(rest[:n])
+        rest = rest[n:].lstrip()
+    return out or [""]
 
 
 def per_class_recall(queries, found, labels, class_names) -> pd.DataFrame:
