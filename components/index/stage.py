@@ -17,8 +17,9 @@ from pathlib import Path
 
 import click
 
-from dcml.contracts import params
+from dcml.contracts import events, params
 from dcml.contracts.errors import DcmlError
+from dcml.contracts.io import check_writable
 from dcml.contracts.records import StageTimer
 
 STAGE = "index"
@@ -34,7 +35,7 @@ def run(out, manifest, model=None, split: str = "auto", append: bool = False, in
     values = params.resolve(PARAMS, {"index_type": index_type, "target_recall": target_recall,
                                      "batch_size": batch_size, "num_workers": num_workers, "seed": seed},
                             STAGE, rename=RENAME)
-    out = Path(out)
+    out = check_writable(out, folder=True)
     timer = StageTimer(STAGE, {"model": _str(model), "manifest": str(manifest), "out": str(out), "split": split,
                                "append": bool(append), **values})
     previous = None
@@ -108,6 +109,7 @@ def run(out, manifest, model=None, split: str = "auto", append: bool = False, in
                       "exec_id": _record_of(ckpt).get("exec_id")},
             "sources": sources, "metrics": metrics, "record": record}
     index_lib.write(out, gallery, items, meta, model_file)
+    events.emit("summary", text=describe(record, out))
     return record
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dcml.contracts.errors import DcmlError
-from dcml.contracts.io import atomic_path
+from dcml.contracts.io import atomic_path, check_writable
 
 FORMATS = ("torchscript", "onnx")
 FORMAT = "dcml.export/1"
@@ -70,6 +70,7 @@ def export(model, fmt: str, out: str | os.PathLike, images: list, model_sha256: 
         raise DcmlError(f"--format {fmt!r}: unknown; use one of {', '.join(FORMATS)}")
     if not images:
         raise DcmlError("export: no images to check the export on; pass --manifest M or --image PATH")
+    out = check_writable(out)
     model = model.to("cpu").eval()
     config = dict(model.config)
     wrapper = PixelsToEmbedding(model, *normalization(config)).eval()
@@ -83,7 +84,6 @@ def export(model, fmt: str, out: str | os.PathLike, images: list, model_sha256: 
             "preprocessing": preprocessing(config), "normalization_inside": dict(zip(("mean", "std"),
                                                                                       normalization(config))),
             "model_config": config, "model_sha256": model_sha256}
-    out = Path(out)
     # Tracer and TorchScript deprecation warnings are chatter here: the check below is what counts.
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

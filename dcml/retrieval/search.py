@@ -45,22 +45,27 @@ def decode_query(data: bytes, name: str, mode: str | None = None, draft_size: in
     if len(data) > MAX_QUERY_BYTES:
         raise DcmlError(f"{name}: {len(data) / 2**20:.1f} MiB is more than the {MAX_QUERY_BYTES >> 20} MiB a query "
                         "image may have; downscale or re-compress it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies
+        width, height = _decoded(name, lambda: Image.open(io.BytesIO(data)).size)  # the header only
+        if width * height > MAX_QUERY_PIXELS:
+            raise DcmlError(f"{name}: {width} x {height} pixels is more than the {MAX_QUERY_PIXELS / 1e6:.0f} "
+                            "megapixels a query image may have; downscale it")
+        return _decoded(name, lambda: decode_image(io.BytesIO(data), mode, draft_size))
+
+
+def _decoded(name: str, decode):
+    """``decode()``, any decoder failure turned into a one-line DcmlError (the upload's fault, never a crash)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies
-            width, height = Image.open(io.BytesIO(data)).size  # the header only
-            if width * height > MAX_QUERY_PIXELS:
-                raise DcmlError(f"{name}: {width} x {height} pixels is more than the {MAX_QUERY_PIXELS / 1e6:.0f} "
-                                "megapixels a query image may have; downscale it")
-            return decode_image(io.BytesIO(data), mode, draft_size)
+        return decode()
     except UnidentifiedImageError:
         raise DcmlError(f"{name}: not an image (no image format recognised); pass a JPEG, PNG, WebP, BMP, GIF "
                         "or TIFF file") from None
     except Image.DecompressionBombError as exc:
         raise DcmlError(f"{name}: absurdly large image ({exc}); downscale it") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DcmlError(f"{name}: truncated or corrupt image ({' '.join(str(exc).split())[:160]}); "
-                        "pass a complete image file") from None
+    except Exception as exc:  # truncated, corrupt or unsupported: whatever the decoder raises
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise DcmlError(f"{name}: truncated or corrupt image ({detail}); pass a complete image file") from None
 
 
 class Searcher:
