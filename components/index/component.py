@@ -34,3 +34,7 @@ def index(
     write_json(os.path.join(metrics.path, "metrics.json"), {"metrics": record["metrics"], "record": record})
     for key, value in record["metrics"].items():
         metrics.log_metric(key, float(value))
+    from dcml.contracts.io import seal
+
+    seal(gallery.path)
+    seal(metrics.path)
