@@ -1,7 +1,8 @@
 """The dcml Kubeflow pipeline.
 
 ingest -> extract -> cluster -> train (shared, or ParallelFor workers + merge)
--> finetune -> evaluate -> track (MLflow). Structure (training mode, rounds,
+-> finetune -> evaluate -> track (MLflow), optionally -> compress -> evaluate
+-> track and -> index (gallery index for search and serving) -> track. Structure (training mode, rounds,
 method, cluster settings, images) is fixed at compile time by
 ``build_pipeline``; every number (K, epochs, learning rates, ...) is a
 pipeline parameter, so one compiled YAML serves many runs.
@@ -26,6 +27,7 @@ from components.extract.component import extract as extract_fn
 from components.extract.component import extract_with_model as extract_with_model_fn
 from components.finetune.component import finetune as finetune_fn
 from components.finetune.component import merge_finetune as merge_finetune_fn
+from components.index.component import index as index_fn
 from components.ingest.component import ingest as ingest_fn
 from components.track.component import track as track_fn
 from components.train.component import train_shared as train_shared_fn
@@ -38,10 +40,11 @@ IMAGE_OF = {
     "ingest": "ingest", "extract": "extract", "extract-with-model": "extract", "cluster": "cluster",
     "train-shared": "train", "train-worker": "train", "train-dfml": "train", "finetune": "finetune",
     "merge-finetune": "finetune", "evaluate": "evaluate", "compress": "compress", "track": "base",
+    "index": "evaluate",  # the same software as evaluation (embeds images, runs faiss)
 }
 TRAINING_STAGES = frozenset({"train-shared", "train-worker", "train-dfml", "finetune", "merge-finetune"})
 GPU_STAGES = frozenset({"extract", "extract-with-model", "train-shared", "train-worker", "train-dfml",
-                        "finetune", "merge-finetune", "evaluate", "compress"})
+                        "finetune", "merge-finetune", "evaluate", "compress", "index"})
 
 
 @dataclass
@@ -79,7 +82,7 @@ def _components(registry: str, tag: str) -> dict:
         "ingest": ingest_fn, "extract": extract_fn, "extract-with-model": extract_with_model_fn,
         "cluster": cluster_fn, "train-shared": train_shared_fn, "train-worker": train_worker_fn,
         "train-dfml": train_dfml_fn, "finetune": finetune_fn, "merge-finetune": merge_finetune_fn,
-        "evaluate": evaluate_fn, "compress": compress_fn, "track": track_fn,
+        "evaluate": evaluate_fn, "compress": compress_fn, "track": track_fn, "index": index_fn,
     }
     return {
         name: dsl.component(func, base_image=image_for(registry, tag, name), install_kfp_package=False)
@@ -199,6 +202,13 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                batch_size=p["eval_batch_size"], num_workers=p["num_workers"])
             task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,
                  embeddings=evaluated_q.outputs["embeddings"],
+                 **pick(p, "experiment", "run_name")).set_caching_options(False)
+
+        with dsl.If(p["index_gallery"] == True, name="index-enabled"):  # noqa: E712 (a pipeline channel)
+            indexed = task("index", manifest=manifest, model=model, index_type=p["index_type"],
+                           target_recall=p["index_target_recall"], batch_size=p["eval_batch_size"],
+                           num_workers=p["num_workers"], seed=p["seed"])
+            task("track", metrics=indexed.outputs["metrics"], model=model, embeddings=evaluated.outputs["embeddings"],
                  **pick(p, "experiment", "run_name")).set_caching_options(False)
         return evaluated.outputs["metrics"]
 

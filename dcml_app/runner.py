@@ -188,6 +188,10 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
         summary["compressed"] = {"metrics_file": str(compressed),
                                  "metrics": json.loads(compressed.read_text())["metrics"],
                                  "mlflow": tracked("track-2")}
+    index = run_dir / "index" / "gallery"
+    if index.is_dir():  # the index_gallery branch
+        summary["index"] = {"path": str(index), "metrics": json.loads((index / "index.json").read_text())["metrics"],
+                            "mlflow": tracked("track-3")}
     return summary
 
 
@@ -341,6 +345,9 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
     if "compressed" in summary:
         click.echo("after weight quantisation (compress_bits):")
         click.echo(format_metrics(summary["compressed"]["metrics"]))
+    if "index" in summary:
+        click.echo(f"index      : {summary['index']['path']} ({summary['index']['metrics']['images']} images; "
+                   f"`dcml serve --index` it)")
     click.echo(f"run folder : {summary['run_dir']}")
     click.echo(f"logs       : {summary['log_dir']}")
     if summary["mlflow"]:

@@ -1,6 +1,6 @@
 """The layers of docs/ARCHITECTURE.md, checked on every import in the tree (AST, no import runs).
 
-contracts -> algorithm -> methods -> (tracking, stagekit) -> components -> pipeline.py -> dcml_app -> bench:
+contracts -> algorithm -> methods -> (tracking, stagekit, retrieval) -> components -> pipeline.py -> dcml_app -> bench:
 a module imports only from its own layer and the layers before it; components
 never import each other; bench touches no private name of the project.
 """
@@ -21,6 +21,7 @@ LIBRARY = {
     "dcml.model_files": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files"),
     "dcml.tracking": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.tracking"),
     "dcml.stagekit": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.stagekit"),
+    "dcml.retrieval": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.retrieval"),
     "dcml": (),  # dcml/__init__.py
 }
 BELOW_COMPONENTS = ("dcml", "data_prep")

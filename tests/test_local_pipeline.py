@@ -152,6 +152,22 @@ def test_compress_branch_quantises_the_cached_model(first_run, workdir, tracking
     assert run.data.tags["dcml.compressed"] == "kmeans-3bit"
 
 
+def test_index_branch_indexes_the_cached_model_and_is_tracked(first_run, workdir, tracking_uri):
+    from dcml.retrieval.index import GalleryIndex
+
+    result = run_local({**TINY, "index_gallery": True}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    # Everything up to the model is cached; the branch adds the index and its MLflow run.
+    assert executed_tasks(result["run_dir"]) == {"index", "track-3", "track"}
+    assert result["metrics"] == first_run["metrics"]
+    gallery = GalleryIndex.open(result["index"]["path"])
+    assert gallery.meta["type"] == "flat" and gallery.size == result["index"]["metrics"]["images"] > 0
+    assert set(gallery.items["split"]) == {"test"}
+    lineage = {r["stage"] for r in records.walk(gallery.meta["record"])}
+    assert lineage >= {"ingest", "finetune", "index"}
+    run = MlflowClient(tracking_uri).get_run(result["index"]["mlflow"]["mlflow_run_id"])
+    assert run.data.metrics["index_recall_at_10"] == 1.0 and run.data.metrics["images"] == gallery.size
+
+
 def test_dfml_method_trains_through_the_same_pipeline(workdir, tracking_uri):
     args = {**TINY, "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "epochs": 1,
             "freeze_bn": True, "loss": "proxy_anchor", "lr_proxies": 0.1}

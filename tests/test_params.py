@@ -12,6 +12,7 @@ from components.cluster import stage as cluster_stage
 from components.dfml import stage as dfml_stage
 from components.extract import stage as extract_stage
 from components.finetune import stage as finetune_stage
+from components.index import stage as index_stage
 from components.ingest import stage as ingest_stage
 from components.train import stage as train_stage
 from dcml.contracts import params
@@ -97,7 +98,7 @@ def test_component_signatures_match_the_table(func):
 
 
 @pytest.mark.parametrize("module", [train_stage, finetune_stage, dfml_stage, extract_stage, cluster_stage,
-                                    ingest_stage])
+                                    ingest_stage, index_stage])
 def test_stage_options_take_their_defaults_from_the_table(module):
     rename = getattr(module, "RENAME", {})
     fixed = getattr(module, "FIXED_DEFAULTS", {})

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dcml_app.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_EXECUTORS = ("extract", "train", "finetune", "evaluate", "compress")
+GPU_EXECUTORS = ("extract", "train", "finetune", "evaluate", "compress", "index")
 
 
 def compile_with_cli(tmp_path, *extra):
@@ -140,9 +140,8 @@ def test_dfml_method_replaces_the_divide_and_conquer_stages(tmp_path):
 def test_compress_is_switched_by_a_parameter(tmp_path):
     spec, _ = compile_with_cli(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
-    condition = [t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    condition = [t for t in tasks.values() if "compress_bits" in t.get("triggerPolicy", {}).get("condition", "")]
     assert len(condition) == 1
-    assert "compress_bits" in condition[0]["triggerPolicy"]["condition"]
     branch = spec["components"][condition[0]["componentRef"]["name"]]["dag"]["tasks"]
     inputs = branch["compress"]["inputs"]["parameters"]
     assert inputs["finetune_steps"] == {"componentInputParameter": "pipelinechannel--compress_finetune_steps"}
@@ -164,3 +163,21 @@ def test_training_stages_keep_their_resume_files_on_the_data_volume(tmp_path):
     assert env["exec-train-shared"]["DCML_RESUME_ROOT"] == "/data/.dcml/resume"
     assert env["exec-finetune"]["DCML_RESUME_ROOT"] == "/data/.dcml/resume"
     assert "DCML_RESUME_ROOT" not in env["exec-evaluate"]
+
+
+def test_index_is_switched_by_a_parameter_and_tracked(tmp_path):
+    spec, _ = compile_with_cli(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    condition = [t for t in tasks.values() if "index_gallery" in t.get("triggerPolicy", {}).get("condition", "")]
+    assert len(condition) == 1
+    branch = spec["components"][condition[0]["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(branch) == {"index", "track-3"}
+    inputs = branch["index"]["inputs"]
+    assert inputs["parameters"]["index_type"] == {"componentInputParameter": "pipelinechannel--index_type"}
+    assert inputs["parameters"]["target_recall"] == {"componentInputParameter": "pipelinechannel--index_target_recall"}
+    assert set(inputs["artifacts"]) == {"manifest", "model"}
+    # The MLflow step logs the index's record (its metrics output) like an evaluation.
+    track = branch["track-3"]["inputs"]["artifacts"]["metrics"]["taskOutputArtifact"]
+    assert track == {"outputArtifactKey": "metrics", "producerTask": "index"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["index_gallery"]["defaultValue"] is False and defaults["index_type"]["defaultValue"] == "auto"

@@ -77,21 +77,34 @@ class ImageTransform:
         return f"ImageTransform(mode={self.mode!r}, draft_size={self.draft_size}, pipeline={self.pipeline})"
 
 
-def build_transform(model_config: dict, train: bool) -> ImageTransform:
+def _full_config(model_config: dict) -> dict:
+    # Fill what a partial config leaves out (e.g. in_channels=1 for small_cnn).
+    return default_config(**{k: model_config[k] for k in CONFIG_KEYS if k in model_config})
+
+
+def normalization(model_config: dict) -> tuple[list[float], list[float]]:
+    """(mean, std) per input channel that the model's transform subtracts and divides by."""
+    config = _full_config(model_config)
+    mean, std = NORMALIZATION[config["backbone"]]
+    channels = config["in_channels"]
+    return list(mean[:channels]), list(std[:channels])
+
+
+def build_transform(model_config: dict, train: bool, normalize: bool = True) -> ImageTransform:
     """Train: RandomResizedCrop + flip; eval: Resize(S*256/224) + CenterCrop(S).
 
     small_cnn on 28 px images: train RandomCrop(28, padding=2) + flip, eval
     leaves the image as is (other sizes are first fitted to image_size).
+    ``normalize=False`` stops at pixel values in [0, 1] (:func:`normalization`
+    gives what the full transform then applies).
     """
-    # Fill what a partial config leaves out (e.g. in_channels=1 for small_cnn).
-    config = default_config(**{k: model_config[k] for k in CONFIG_KEYS if k in model_config})
+    config = _full_config(model_config)
     backbone = config["backbone"]
     size = config["image_size"]
-    channels = config["in_channels"]
-    mode = "L" if channels == 1 else "RGB"
-    mean, std = NORMALIZATION[backbone]
-    mean, std = list(mean[:channels]), list(std[:channels])
-    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    mode = "L" if config["in_channels"] == 1 else "RGB"
+    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
+    if normalize:
+        to_tensor.append(v2.Normalize(*normalization(config)))
     if backbone == "small_cnn":
         if train:
             ops = [FitSize(size), v2.RandomCrop(size, padding=max(1, size // 14)), v2.RandomHorizontalFlip()]
@@ -139,6 +152,19 @@ def _is_set(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
+def decode_image(src, mode: str | None = None, draft_size: int | None = None) -> Image.Image:
+    """Open and decode an image file or file object, JPEG-drafted to ``draft_size`` when set.
+
+    The one decoding path of gallery and query images; PIL's own exceptions
+    propagate (each caller says what to do about them).
+    """
+    img = Image.open(src)
+    if draft_size and img.format == "JPEG":
+        img.draft(mode or img.mode, (draft_size, draft_size))
+    img.load()
+    return img
+
+
 class ManifestImageDataset(Dataset):
     """Items ``(image_tensor, label, row_index)`` for ``rows`` of a manifest.
 
@@ -182,10 +208,7 @@ class ManifestImageDataset(Dataset):
         else:
             raise DcmlError(f"{self.source}: row {self.image_ids[i]!r} has neither path nor image_bytes; re-create the manifest with `dcml ingest`")
         try:
-            img = Image.open(src)
-            if self.draft_size and img.format == "JPEG":
-                img.draft(self.mode or img.mode, (self.draft_size, self.draft_size))
-            img.load()
+            img = decode_image(src, self.mode, self.draft_size)
         except FileNotFoundError:
             raise DcmlError(f"{where}: image file not found; check the manifest root ({self.root}) or re-run `dcml ingest`") from None
         except Image.DecompressionBombError as exc:

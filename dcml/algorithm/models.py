@@ -550,7 +550,7 @@ class EmbeddingModel(nn.Module):
             return F.normalize(x, dim=1)
         size = self.embedding_dim // self.num_slices
         if size * self.num_slices == self.embedding_dim:
-            return F.normalize(x.view(len(x), self.num_slices, size), dim=2).view(len(x), -1)
+            return F.normalize(x.unflatten(1, (self.num_slices, size)), dim=2).flatten(1)  # batch-size free (export)
         return torch.cat([F.normalize(x[:, a:b], dim=1) for a, b in self._bounds], dim=1)
 
     def forward(self, x: torch.Tensor, learner: int | None = None) -> torch.Tensor:

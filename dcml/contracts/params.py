@@ -28,6 +28,7 @@ LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity"
 MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
 COMPRESS_METHODS = ("uniform", "kmeans", "loss-aware")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,13 @@ _PARAMS = [
     # -- tracking --------------------------------------------------------------
     _p("experiment", str, "dcml", "MLflow experiment.", "tracking"),
     _p("run_name", str, "", "MLflow run name ('' = one that says what the run is).", "tracking"),
+    # -- retrieval index -------------------------------------------------------
+    _p("index_gallery", bool, False, "After evaluation, index the gallery (test or gallery split) for search "
+       "and serving (`dcml search`, `dcml serve`).", "index"),
+    _p("index_type", str, "auto", "Gallery index: flat (exact inner product), ivf, hnsw, or auto (flat below "
+       "100,000 images, else ivf).", "index", choices=INDEX_TYPES),
+    _p("index_target_recall", float, 0.95, "Approximate index: recall@10 against exact search that its search "
+       "setting (nprobe / efSearch) is raised to reach.", "index", low=0.0, high=1.0),
 ]
 
 PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
@@ -197,6 +205,7 @@ STAGE_NAMES: dict[str, dict[str, str]] = {
     "train-dfml": {"dfml_groups": "groups"},
     "evaluate": {"eval_batch_size": "batch_size"},
     "compress": {"compress_bits": "bits", "compress_method": "method", "compress_finetune_steps": "finetune_steps"},
+    "index": {"eval_batch_size": "batch_size", "index_target_recall": "target_recall"},
 }
 
 

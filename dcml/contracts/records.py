@@ -79,9 +79,10 @@ class StageTimer:
         }
 
 
-# The primary file inside each kind of pipeline artifact directory.
+# The primary file inside each kind of pipeline artifact directory (an index folder
+# also holds its model.pt, so index.json comes first).
 ARTIFACT_FILES = (
-    "manifest.parquet", "features.parquet", "clusters.parquet", "model.pt",
+    "index.json", "manifest.parquet", "features.parquet", "clusters.parquet", "model.pt",
     "metrics.json", "embeddings.parquet", "record.json",
 )
 

@@ -1,0 +1,242 @@
+"""`dcml serve` against a real running server: HTTP API with a real client, the page in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from components.index.stage import run as index_stage
+from dcml.contracts import manifest as manifest_lib
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+# Where the page's screenshot is kept (a test artifact, outside git).
+ARTIFACTS = Path(os.environ.get("DCML_TEST_ARTIFACTS", REPO / "runs" / "test-artifacts"))
+
+_spec = importlib.util.spec_from_file_location(
+    "gallery_data", REPO / "components" / "index" / "tests" / "gallery_data.py")
+gallery_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gallery_data)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, manifest) of `dcml serve` over a JPEG gallery, in its own process."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("serve")
+    manifest = gallery_data.jpeg_manifest(folder)
+    model = gallery_data.checkpoint_file(folder / "model.pt", embedding_dim=16, num_slices=2)
+    index_stage(out=folder / "index", manifest=manifest, model=model)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dcml_app.cli", "serve", "--index", str(folder / "index"),
+                                "--port", str(port)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/healthz", process)
+        yield url, manifest_lib.read(manifest)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def gallery_file(man, i: int) -> Path:
+    return man.root / man.df["path"][i]
+
+
+def test_health_and_page(server):
+    url, man = server
+    health = requests.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["images"] == len(man.df) == 40 and health["dim"] == 16
+    assert health["index_type"] == "flat" and health["exact"] is True
+    page = requests.get(url, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in page.text and 'id="drop"' in page.text and "/search" in page.text
+
+
+def test_search_returns_the_query_first_with_k_neighbours(server):
+    url, man = server
+    for i in (0, 25):
+        path = gallery_file(man, i)
+        response = requests.post(f"{url}/search", params={"k": 5}, timeout=30,
+                                 files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        hits = body["neighbours"]
+        assert body["k"] == 5 and len(hits) == 5
+        assert hits[0]["id"] == i and hits[0]["image_id"] == man.df["image_id"][i]
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and hits[0]["label"] == man.df["label"][i]
+        assert all(h["url"] == f"/images/{h['id']}" and "path" not in h for h in hits)
+
+
+def test_bad_uploads_get_a_clear_4xx_and_the_server_keeps_serving(server):
+    url, man = server
+    good = gallery_file(man, 3).read_bytes()
+
+    def post(data=None, **kw):
+        files = None if data is None else {"image": ("q.png", data, "image/png")}
+        return requests.post(f"{url}/search", files=files, timeout=30, **kw)
+
+    cases = [
+        (post(b"this is not an image"), 400, "not an image"),
+        (post(good[:len(good) // 3]), 400, "truncated or corrupt image"),
+        (post(b""), 400, "empty file"),
+        (requests.post(f"{url}/search", data={"other": "x"}, timeout=30), 422, "image: Field required"),
+        (post(good, params={"k": 0}), 422, "k: Input should be greater than or equal to 1"),
+        (post(b"\0" * (21 << 20)), 413, "more than the"),
+        (requests.post(f"{url}/search", data=iter([good]), timeout=30), 411, "no Content-Length"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, (status, response.text)
+        detail = response.json()["detail"]
+        assert message in detail and "\n" not in detail, detail
+    big = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(big, format="PNG")
+    huge = post(big.getvalue())
+    assert huge.status_code == 400 and "megapixels" in huge.json()["detail"]
+    # Still serving, with the right answers.
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert post(good).json()["neighbours"][0]["id"] == 3
+
+
+def test_thumbnails_only_for_ids_of_the_index(server):
+    url, man = server
+    response = requests.get(f"{url}/images/7", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(response.content))
+    assert thumb.size == Image.open(gallery_file(man, 7)).size  # 40 x 30: smaller than a thumbnail already
+    for bad in ("40", "-1", "abc", "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "7.0"):
+        response = requests.get(f"{url}/images/{bad}", timeout=10)
+        assert response.status_code == 404, bad
+        assert "root:" not in response.text
+    # A raw path with dot segments (no client normalisation) is no way out either.
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(b"GET /images/../../../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 404") and b"root:" not in raw
+
+
+class DevTools:
+    """The Chrome DevTools protocol over a websocket: send a command, wait for its answer."""
+
+    def __init__(self, ws_url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60)
+        self.next_id = 0
+
+    def __call__(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        return self("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing: apt-get install chromium")
+def test_page_in_headless_chromium_picks_or_drops_a_query_and_shows_its_neighbours(server, tmp_path):
+    url, man = server
+    port = free_port()
+    profile = tempfile.mkdtemp(prefix="dcml-chromium-")
+    browser = subprocess.Popen([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                "--no-first-run", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+                                "--window-size=1280,900", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/json/version", browser, 60)
+        page = next(t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                    if t["type"] == "page")
+        tab = DevTools(page["webSocketDebuggerUrl"])
+        tab("Page.enable")
+        tab("DOM.enable")
+        tab("Page.navigate", url=url)
+        tab.wait("document.readyState === 'complete' && document.getElementById('info').textContent.includes('40')")
+        # Pick the query with the file chooser, as a person would.
+        query = gallery_file(man, 12)
+        node = tab("DOM.querySelector", nodeId=tab("DOM.getDocument")["root"]["nodeId"], selector="#file")["nodeId"]
+        tab("DOM.setFileInputFiles", nodeId=node, files=[str(query)])
+        tab.wait("document.body.dataset.state === 'done'")
+        cards = tab.evaluate("[...document.querySelectorAll('.hit')].map(c => ({text: c.innerText, "
+                             "loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}))")
+        assert len(cards) == 10 and all(c["loaded"] for c in cards)
+        assert cards[0]["text"].startswith("#1 score 1.000") and man.df["class_name"][12] in cards[0]["text"]
+        assert tab.evaluate("document.getElementById('error').textContent") == ""
+        shot = base64.b64decode(tab("Page.captureScreenshot", format="png")["data"])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "serve_page.png").write_bytes(shot)
+        picture = Image.open(io.BytesIO(shot))
+        assert picture.size[0] >= 1000
+        # A bad file through the same page: the message shows, the page stays usable.
+        bad = tmp_path / "notes.png"
+        bad.write_text("not a picture")
+        tab("DOM.setFileInputFiles", nodeId=node, files=[str(bad)])
+        tab.wait("document.body.dataset.state === 'error'")
+        assert "400: " in tab.evaluate("document.getElementById('error').textContent")
+        # Drop another query onto the page: its neighbours replace the old ones.
+        box = tab.evaluate("(({x, y, width, height}) => [x + width / 2, y + height / 2])"
+                           "(document.getElementById('drop').getBoundingClientRect())")
+        dropped = gallery_file(man, 31)
+        data = {"items": [], "files": [str(dropped)], "dragOperationsMask": 1}
+        for kind in ("dragEnter", "dragOver", "drop"):
+            tab("Input.dispatchDragEvent", type=kind, x=box[0], y=box[1], data=data)
+        tab.wait("document.body.dataset.state === 'done'")
+        first = tab.evaluate("document.querySelector('.hit').innerText")
+        assert first.startswith("#1 score 1.000") and man.df["class_name"][31] in first
+        assert tab.evaluate("document.getElementById('error').textContent") == ""
+        tab.ws.close()
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+        shutil.rmtree(profile, ignore_errors=True)
