@@ -191,7 +191,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],
                          num_workers=p["num_workers"])
         tracked = task("track", metrics=evaluated.outputs["metrics"], model=model,
-                       embeddings=evaluated.outputs["embeddings"], **pick(p, "experiment", "run_name"))
+                       embeddings=evaluated.outputs["embeddings"], manifest=manifest,
+                       **pick(p, "experiment", "run_name"))
         tracked.set_caching_options(False)  # a new MLflow run every time, cached stages included
 
         with dsl.If(p["compress_bits"] > 0, name="compress-enabled"):
@@ -201,7 +202,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
             evaluated_q = task("evaluate", manifest=manifest, model=compressed, ks=p["ks"],
                                batch_size=p["eval_batch_size"], num_workers=p["num_workers"])
             task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,
-                 embeddings=evaluated_q.outputs["embeddings"],
+                 embeddings=evaluated_q.outputs["embeddings"], manifest=manifest,
                  **pick(p, "experiment", "run_name")).set_caching_options(False)
 
         with dsl.If(p["index_gallery"] == True, name="index-enabled"):  # noqa: E712 (a pipeline channel)
@@ -209,7 +210,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                            target_recall=p["index_target_recall"], batch_size=p["eval_batch_size"],
                            num_workers=p["num_workers"], seed=p["seed"])
             task("track", metrics=indexed.outputs["metrics"], model=model, embeddings=evaluated.outputs["embeddings"],
-                 **pick(p, "experiment", "run_name")).set_caching_options(False)
+                 manifest=manifest, **pick(p, "experiment", "run_name")).set_caching_options(False)
         return evaluated.outputs["metrics"]
 
     # The parameters, their types and defaults: dcml.contracts.params, nowhere else.

@@ -78,7 +78,18 @@ def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
     train = next(c for c in children if c.data.tags["dcml.stage"] == "train")
     assert len(client.get_metric_history(train.info.run_id, "epoch.loss")) == TINY["epochs"]
     assert parent.data.tags["dcml.model_logged"] == "true"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"plots", "lineage.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"plots", "lineage.json", "retrieval"}
+    # What the model retrieves: the query -> top-5 grid, Recall@1 per class as a table and a histogram.
+    pictures = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id, "retrieval")}
+    assert set(pictures) == {"retrieval/retrieval_grid.png", "retrieval/per_class_recall.csv",
+                             "retrieval/per_class_recall.png"}
+    assert all(size > 0 for size in pictures.values())
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    table = pd.read_csv(download_artifacts(run_id=parent.info.run_id, artifact_path="retrieval/per_class_recall.csv",
+                                           tracking_uri=tracking_uri))
+    assert len(table) > 0 and table.iloc[:, -1].between(0, 1).all()
     # The logged model (the dcml checkpoint, no pickle) loads back from MLflow and embeds like the checkpoint.
     import torch
 

@@ -12,22 +12,31 @@ def track(
     metrics: Input[Metrics],
     model: Input[Model],
     embeddings: Input[Dataset],
+    manifest: Input[Dataset],
     experiment: str,
     run_name: str,
     mlflow_run: Output[Artifact],
 ):
     import os
+    import tempfile
 
     from dcml.contracts import events
+    from dcml.retrieval.pictures import retrieval_pictures
     from dcml.tracking import log_pipeline_run
 
     os.makedirs(mlflow_run.path, exist_ok=True)
-    run_id = log_pipeline_run(
-        metrics=os.path.join(metrics.path, "metrics.json"),
-        model=os.path.join(model.path, "model.pt"),
-        embeddings=os.path.join(embeddings.path, "embeddings.parquet"),
-        experiment=experiment,
-        run_name=run_name or None,
-        out=os.path.join(mlflow_run.path, "record.json"),
-    )
+    vectors = os.path.join(embeddings.path, "embeddings.parquet")
+    with tempfile.TemporaryDirectory() as tmp:
+        # What the model retrieves: 8 random and 8 worst test queries with their
+        # top-5 neighbours, and Recall@1 per class (table + histogram).
+        pictures = retrieval_pictures(vectors, os.path.join(manifest.path, "manifest.parquet"), tmp)
+        run_id = log_pipeline_run(
+            metrics=os.path.join(metrics.path, "metrics.json"),
+            model=os.path.join(model.path, "model.pt"),
+            embeddings=vectors,
+            experiment=experiment,
+            run_name=run_name or None,
+            out=os.path.join(mlflow_run.path, "record.json"),
+            pictures=pictures,
+        )
     events.emit("summary", text=f"MLflow run {run_id} in experiment {experiment}")

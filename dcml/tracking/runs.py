@@ -142,8 +142,12 @@ def _log_history(client, run_id: str, history: list[dict]) -> None:
 
 def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | None = None,
                      experiment: str | None = None, run_name: str | None = None,
-                     tracking_uri: str | None = None, out: str | None = None) -> str:
+                     tracking_uri: str | None = None, out: str | None = None,
+                     pictures: dict | None = None) -> str:
     """Log a finished pipeline run from its final artifacts; returns the parent run id.
+
+    ``pictures``: files shown with the run under ``retrieval/`` (the retrieval
+    grid, the per-class Recall@1 table and histogram of dcml.retrieval.pictures).
 
     Before logging, RUNNING pipeline runs of the store whose track step died
     are marked KILLED (dcml.tracking.liveness).
@@ -191,6 +195,8 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
             for path in make_plots(lineage, final_metrics, embeddings, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="plots")
             mlflow.log_dict(final, "lineage.json")
+        for path in (pictures or {}).values():
+            mlflow.log_artifact(str(path), artifact_path="retrieval")
         model_exec_id = records.read(model).get("exec_id") if model and Path(model).is_file() else None
         if model_exec_id:
             # A model served from the cache was logged by an earlier run: point at it.
