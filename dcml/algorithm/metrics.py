@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 from scipy.special import gammaln
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: see dcml.contracts.events.progress
 
 from dcml.contracts.errors import DcmlError
 

@@ -77,9 +77,16 @@ class _Events:
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
              stage: str | None = None, leave: bool = False):
-    """tqdm on a terminal; progress events under a runner; silent otherwise."""
+    """tqdm on a terminal; progress events under a runner; silent otherwise.
+
+    Either way ``iterable`` is iterated once, lazily, so what is displayed never
+    changes what is computed. (tqdm.auto's asyncio class calls ``iter()`` in its
+    constructor: on a DataLoader that starts an extra iterator, which draws a
+    seed from the global torch RNG and, with workers, starts worker processes
+    for nothing; runs would then depend on how their progress is shown.)
+    """
     if enabled():
         return _Events(iterable, total, desc, stage or os.environ.get("DCML_STAGE"))
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=leave)

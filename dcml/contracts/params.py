@@ -147,7 +147,8 @@ _PARAMS = [
     _p("classes_per_batch", int, 8, "P: classes per batch.", "training", low=2),
     _p("images_per_class", int, 4, "M: images per class in a batch.", "training", low=2),
     _p("lr_backbone", float, 1e-4, "Adam learning rate of the backbone.", "training", low=0.0),
-    _p("lr_embedding", float, 1e-3, "Adam learning rate of the embedding head.", "training", low=0.0),
+    _p("lr_embedding", float, 1e-4, "Adam learning rate of the embedding head (1e-3 overfits a PCA-initialised "
+       "head: BENCHMARKS.md).", "training", low=0.0),
     _p("lr_proxies", float, 0.0, "Learning rate of loss parameters (proxies; 0 = 100 x lr_embedding).", "training",
        low=0.0),
     _p("weight_decay", float, 1e-4, "Adam weight decay.", "training", low=0.0),

@@ -36,7 +36,7 @@ from typing import Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: see dcml.contracts.events.progress
 
 from dcml.contracts.errors import DcmlError
 

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: see dcml.contracts.events.progress
 
 from dcml.contracts.errors import DcmlError
 
