@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+from bench.report import PY, Results, pct
 
 OUT = RESULTS / "dc"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -176,6 +177,137 @@ def main(argv=None) -> None:
             write_result(dest, {**header, "dataset": args.dataset, "tag": args.tag, "spec": spec, **result})
             m = result["metrics"]
             log(f"{name}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} ({result['images_trained']} images trained)")
+            plot(args.dataset, args.tag)
+
+
+# ----------------------------------------------------------------- report
+
+def collect(dataset: str, tag: str) -> dict[str, dict[int, dict]]:
+    """{config: {seed: result}} of one data set and budget tag."""
+    import json
+
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(OUT.glob(f"{dataset}-*-s*.json")):
+        result = json.loads(path.read_text())
+        if result.get("tag", "") == tag and result.get("dataset") == dataset:
+            out.setdefault(result["config"], {})[result["seed"]] = result
+    return out
+
+
+def tags(dataset: str) -> list[str]:
+    import json
+
+    return sorted({json.loads(p.read_text()).get("tag", "") for p in OUT.glob(f"{dataset}-*-s*.json")})
+
+
+def paired(rows: dict[str, dict[int, dict]], config: str, metric: str = "recall@1"):
+    """Mean and standard error of (config - k1) over the seeds both have, and those seeds."""
+    import statistics
+
+    seeds = sorted(set(rows.get(config, {})) & set(rows.get("k1", {})))
+    diffs = [rows[config][s]["metrics"][metric] - rows["k1"][s]["metrics"][metric] for s in seeds]
+    if not diffs:
+        return None, None, seeds
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return statistics.fmean(diffs), se, seeds
+
+
+def plot(dataset: str, tag: str) -> Path | None:
+    """Test Recall@1 per epoch: K=1 and the shared-mode configurations (seed 0), fine-tuning appended."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = collect(dataset, tag)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for config, by_seed in rows.items():
+        result = by_seed[min(by_seed)]
+        points, offset = [], 0
+        for stage in ("train", "finetune"):
+            curve = [(h["epoch"], h["recall@1"]) for h in result["history"]
+                     if h.get("stage") == stage and h.get("recall@1") is not None]
+            points += [(offset + e, r) for e, r in curve if not (stage == "finetune" and e == 0)]
+            offset = max([e for e, _ in points], default=0) if stage == "train" else offset
+        if points:
+            ax.plot(*zip(*points), label=f"{config} (seed {min(by_seed)})", marker=".")
+    ax.set(xlabel="epoch (training, then fine-tuning)", ylabel="test Recall@1",
+           title=f"{dataset}: divide and conquer vs one learner{' (' + tag + ')' if tag else ''}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    dest = RESULTS / f"dc_{dataset}{'_' + tag if tag else ''}.png"
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)
+    return dest
+
+
+def commands(quick: bool, threads: int) -> list[list[str]]:
+    if not (SHARED / "omniglot").is_dir():
+        return []
+    if quick:
+        return [[PY, "-m", "bench.bench_dc", "--configs", "k1,k4", "--epochs", "2", "--tag", "quick",
+                 "--threads", str(threads)]]
+    return [[PY, "-m", "bench.bench_dc", "--configs", "k1", "--epochs", "30", "--tag", "e30",
+             "--threads", str(threads)],
+            [PY, "-m", "bench.bench_dc", "--configs", ",".join(CONFIGS), "--seeds", "0,1,2", "--epochs", "16",
+             "--tag", "e16", "--threads", str(threads)]]
+
+
+def report(results: Results) -> list[str]:
+    import statistics
+
+    lines = ["## Divide and conquer vs one learner at equal images (bench_dc)", ""]
+    found = [(d, t) for d in DATASETS for t in tags(d) if t != "quick" or results.quick]
+    if not found:
+        return lines + [f"Not run yet: `{PY} -m bench.bench_dc --dataset omniglot --configs "
+                        f"{','.join(CONFIGS)} --seeds 0,1,2`.", ""]
+    lines += ["Every configuration trains the same number of batches per epoch (those of one K=1 epoch; parallel "
+              "workers split them), re-clusters every 2 epochs, then fine-tunes K=1 on all data; each stage keeps "
+              "the epoch with the best validation MAP@R (class-disjoint validation classes), and the kept model "
+              "is evaluated on the test classes. Differences are paired by seed (same split, same initial "
+              "model); ± is the standard error of the paired difference. One thread per run.", ""]
+    for dataset, tag in found:
+        rows = collect(dataset, tag)
+        spec = next(iter(next(iter(rows.values())).values()))["spec"]
+        model = spec["model"]
+        lines += [f"### {dataset}, {spec['epochs']} + {spec['finetune_epochs']} epochs ({tag or 'default budget'})", "",
+                  f"{model['backbone']} ({model['weights']} weights), {model['image_size']} px, "
+                  f"{model['embedding_dim']}-d, {spec['training']['loss']} loss, P={spec['training']['classes_per_batch']}"
+                  f" x M={spec['training']['images_per_class']}, lr {spec['training']['lr_backbone']:g}, "
+                  f"{spec['training']['schedule']} schedule.", "",
+                  "| configuration | seeds | R@1 | MAP@R | R@1 - K=1 (paired) | MAP@R - K=1 (paired) | images trained |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        best = None
+        for config in [c for c in CONFIGS if c in rows]:
+            by_seed = rows[config]
+            r1 = [r["metrics"]["recall@1"] for r in by_seed.values()]
+            mapr = [r["metrics"]["map@r"] for r in by_seed.values()]
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else None)
+            d1, se1, seeds = paired(rows, config)
+            d2, se2, _ = paired(rows, config, "map@r")
+            diff = "—" if config == "k1" or d1 is None else (
+                f"{100 * d1:+.1f}" + (f" ± {100 * se1:.1f}" if se1 is not None else "") + f" (seeds {seeds})")
+            diff2 = "—" if config == "k1" or d2 is None else (
+                f"{100 * d2:+.2f}" + (f" ± {100 * se2:.2f}" if se2 is not None else ""))
+            images = statistics.fmean(r["images_trained"] for r in by_seed.values())
+            lines.append(f"| {CONFIGS[config]['label']} | {len(by_seed)} | {pct(statistics.fmean(r1), sd(r1))} | "
+                         f"{pct(statistics.fmean(mapr), sd(mapr), 2)} | {diff} | {diff2} | {images:,.0f} |")
+            if config != "k1" and d1 is not None and (best is None or d1 > best[1]):
+                best = (config, d1, se1, len(seeds))
+        if best and len(rows.get("k1", {})) > 1:
+            config, d, se, n = best
+            apart = se is not None and d > 2 * se
+            lines += ["", f"Best K>1: {CONFIGS[config]['label']}, {100 * d:+.1f} ± {100 * (se or 0):.1f} R@1 points "
+                          f"over K=1 ({n} paired seeds). Goal: >= +1.5 and more than two standard errors apart: "
+                          + ("**met**." if d >= 0.015 and apart else "**not met**.")]
+        lines += results.image(f"dc_{dataset}{'_' + tag if tag else ''}.png", f"{dataset} test Recall@1 per epoch")
+        lines += [""]
+    commands = sorted({r.get("command") for d, t in found for by in collect(d, t).values() for r in by.values()
+                       if r.get("command")})
+    lines += ["Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
+    return lines
 
 
 if __name__ == "__main__":
