@@ -220,3 +220,48 @@ def test_an_error_in_the_processes_is_one_line(manifest, tmp_path):
     with pytest.raises(DcmlError, match="cluster_id is for mode=worker"):
         stage.run(manifest=str(manifest), out=str(tmp_path / "m.pt"), cluster_id=1, nproc=2, **MODEL, **TRAIN)
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,miner", [("multi_similarity", "multi_similarity"), ("triplet", "triplet"),
+                                        ("margin", "multi_similarity")])
+def test_the_gathered_loss_and_miner_are_pml_distributed_wrappers(loss, miner):
+    """Every process's loss and miner see the embeddings of all processes, as
+    pytorch-metric-learning's DistributedLossWrapper / DistributedMinerWrapper give
+    them: the same loss and, for each process's share, the same gradient (theirs
+    divided by the N they multiply by for DDP's averaging) -- and those of one process
+    on the whole batch. Float32 on one small batch: differences are summation order
+    only (~1e-7); 1e-5 leaves room for other CPUs' kernels."""
+    result = launch.run_processes("tests.distributed_cases:pml_wrappers", {"loss": loss, "miner": miner}, 2)
+    assert result["world_size"] == 2
+    assert result["loss"] > 0 and result["grad_scale"] > 1e-3  # something to compare
+    for key in ("ours_vs_one_loss", "ours_vs_pml_loss", "ours_vs_one_grad", "ours_vs_pml_grad"):
+        assert result[key] <= 1e-5, (key, result)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_parallel_worker_like_one(manifest, tmp_path):
+    """The parallel mode's worker (its cluster's rows, its own slice) with the cars196
+    preset's loss and miner: margin loss (a learnable beta, averaged over the processes)
+    and the reference miner, whose random draws come from a seed of (seed, epoch, batch)."""
+    import pyarrow as pa
+
+    from components.train import stage
+    from dcml.contracts.io import write_parquet
+
+    ids = manifest_mod.read(manifest).split("train")["image_id"].tolist()
+    clusters = tmp_path / "clusters.parquet"
+    write_parquet(clusters, pa.table({"image_id": pa.array(ids), "cluster": pa.array(np.arange(len(ids)) % 2,
+                                                                                     pa.int64())}), {"k": 2})
+    common = dict(manifest=str(manifest), clusters=str(clusters), mode="worker", cluster_id=1, epochs=3,
+                  loss="margin", miner="reference", resume=False, **MODEL, **TRAIN)
+    one = stage.run(out=str(tmp_path / "one.pt"), nproc=1, **common)
+    two = stage.run(out=str(tmp_path / "two.pt"), nproc=2, **common)
+    assert one["name"] == two["name"] == "train-worker-1" and two["extra"]["processes"] == 2
+    for h1, h2 in zip(one["history"], two["history"]):
+        assert (h1["images"], h1["batches"]) == (h2["images"], h2["batches"])
+        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
+        assert (h1["mined_pos_pairs"], h1["mined_neg_pairs"]) == (h2["mined_pos_pairs"], h2["mined_neg_pairs"])
+    a, b = checkpoint.load(tmp_path / "one.pt"), checkpoint.load(tmp_path / "two.pt")
+    assert a["worker"] == b["worker"] == {"cluster_id": 1, "k": 2, "freeze_backbone": False}
+    assert_same_weights(a["model"], b["model"])
