@@ -168,6 +168,8 @@ def main(argv=None) -> dict:
             result["cases"].append(outcome)
             write_result(name, result, complete=False)
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    if result["cases"]:
+        result["gpu_node"] = gpu_node(result["cases"])
     write_result(name, result)
     return result
 
@@ -179,19 +181,45 @@ def commands(quick: bool, threads: int) -> list[list[str]]:
     return [[PY, "-m", "bench.bench_scale", *(["--quick"] if quick else [])]]
 
 
-GPU_NOTE = [
-    "What a GPU node needs for the same: `gpus_per_task = N` requests N GPUs for each training stage and runs N "
-    "processes with NCCL, one GPU each; each process embeds 1/N of every batch, so raise `classes_per_batch` "
-    "with N to keep a GPU busy (at P x M = 32 and 8 GPUs each computes 4 images). Per step the processes "
-    "exchange the batch's embeddings (all-gather, a few KB) and the gradients (one all-reduce of the "
-    "parameters' size, in the table: ~14 MB for EfficientNet-Lite0), which NVLink or PCIe does in about a "
-    "millisecond and a 25 Gb/s network between nodes in about 5 ms -- small next to a step's compute, so the "
-    "speed-up of the training loop approaches N. It needs as many CPU cores per GPU as decoding and augmenting "
-    "its share of JPEGs takes (`num_workers`, about 4 per GPU for Cars196 at 128 px; `--gpu-cpu`), the memory "
-    "for those workers and an in-memory /dev/shm (`--shm-size`). What does not speed up: re-clustering, "
-    "validation and checkpoints run on rank 0 alone while the others wait; for several nodes add a "
-    "ReadWriteMany volume for the KFP workspace and the data (docs/SCALE.md).",
-]
+# Bus bandwidth (GB/s) an all-reduce reaches over each link, rounded down from the links' rates:
+# what NCCL's own all_reduce_perf typically reports, not measured here.
+LINKS = (("NVLink (A100/H100 node)", 150.0), ("PCIe 4.0 x16", 20.0), ("100 Gb/s InfiniBand / RoCE between nodes", 11.0),
+         ("25 Gb/s Ethernet between nodes", 2.8))
+
+
+def allreduce_ms(nbytes: float, processes: int, gbytes_per_s: float) -> float:
+    """A ring all-reduce's time: every process sends and receives 2 (N-1)/N of the buffer."""
+    return 1e3 * 2 * (processes - 1) / processes * nbytes / (gbytes_per_s * 1e9)
+
+
+def gpu_node(cases: list[dict]) -> dict:
+    """What a GPU node needs for the largest measured model, from the measured sizes."""
+    case = max(cases, key=lambda c: c["parameters"])
+    nbytes = case["gradient_bytes_per_step"]
+    return {
+        "model": case["title"], "parameters": case["parameters"], "gradient_mib_per_step": round(nbytes / 2**20, 1),
+        "allreduce_ms": {f"{name}, {n} processes": round(allreduce_ms(nbytes, n, bw), 2)
+                         for name, bw in LINKS for n in ((4, 8) if "node)" in name or "PCIe" in name else (16,))},
+        "per_gpu": {"processes": 1, "cpu_cores": 4, "num_workers": 4, "shm": "8Gi shared by the node's processes"},
+    }
+
+
+def gpu_lines(need: dict) -> list[str]:
+    times = "; ".join(f"{link}: {ms:g} ms" for link, ms in need["allreduce_ms"].items())
+    return [
+        "What a GPU node needs for the same: `gpus_per_task = N` requests N GPUs for each training stage and runs N "
+        "processes with NCCL, one GPU each; each process embeds 1/N of every batch, so raise `classes_per_batch` "
+        "(or `images_per_class`) with N to keep a GPU busy. Per step the processes exchange the batch's "
+        f"embeddings (all-gather, a few KB) and the gradients: one all-reduce of {need['gradient_mib_per_step']} MiB "
+        f"for {need['model']} ({need['parameters']:,} parameters, measured above). Estimated ring all-reduce times "
+        f"(2 (N-1)/N of the buffer over the link's bus bandwidth, not measured here): {times} -- small next to a "
+        "step's compute on a GPU node, so the training loop's speed-up approaches N; between nodes on 25 Gb/s it "
+        "starts to count. Each GPU needs as many CPU cores as decoding and augmenting its share of JPEGs takes "
+        f"(`num_workers`, about {need['per_gpu']['num_workers']} per GPU for Cars196 at 128 px; `--gpu-cpu`), "
+        "the memory for those workers and an in-memory /dev/shm (`--shm-size`). What does not speed up: "
+        "re-clustering, validation and checkpoints run on rank 0 alone while the others wait; several nodes "
+        "also need a ReadWriteMany volume for the KFP workspace and the data (docs/SCALE.md).",
+    ]
 
 
 def report(results: Results) -> list[str]:
@@ -221,7 +249,8 @@ def report(results: Results) -> list[str]:
                   + (" (float rounding: the same computation summed in another order)." if case["exact_setting"]
                      else " (EfficientNet-Lite's drop-connect draws its masks per process, so the runs are "
                           "statistically, not numerically, the same)."), ""]
-    lines += GPU_NOTE + [""]
+    if r.get("cases"):
+        lines += gpu_lines(r.get("gpu_node") or gpu_node(r["cases"])) + [""]
     return lines
 
 

@@ -20,8 +20,10 @@ launcher pod that calls :func:`run_stage`:
 
 The job is owned by the launcher pod (``ownerReferences``), so Kubernetes
 deletes it when the pod goes (a run terminated, a pod retried). Its resume
-checkpoint lives in ``DCML_RESUME_ROOT`` (default: the workspace): a job that
-the runtime restarts, or a retried task, continues from the last epoch.
+checkpoint lives in ``DCML_RESUME_ROOT``: the task's (a folder on the data
+PVC, ``dcml compile --resume-dir``, handed over with the task's env), else
+the workspace's ``dcml-resume``; a job that the runtime restarts, or a retried
+task, continues from the last epoch.
 
 Needs on the cluster: Kubeflow Trainer v2 (>= 2.1, ``podTemplateOverrides``)
 with its ``torch-distributed`` ClusterTrainingRuntime, a KFP backend with
@@ -68,7 +70,7 @@ class Settings:
     image: str = ""  # the training image (the launcher's own)
     timeout_s: float = 24 * 3600  # from creation to completion, queueing included
     poll_s: float = 10.0
-    resume_dir: str = ""  # DCML_RESUME_ROOT of the job ('' = <workspace>/dcml-resume)
+    resume_dir: str = ""  # DCML_RESUME_ROOT of the job when the task's env has none ('' = <workspace>/dcml-resume)
     shm_size: str = "8Gi"  # in-memory /dev/shm per node (NCCL, data loader workers)
 
     @classmethod

@@ -28,7 +28,9 @@ reduction order differ between processes), and it scales the loss by N for
 DistributedDataParallel's gradient averaging, which would also scale the
 replicated loss parameters' gradients. The gather here does the same job (every
 process's loss and miner see all embeddings; the others' are constants) with
-the batch order of one process.
+the batch order of one process; tests/test_distributed.py checks on two gloo
+processes that it gives the wrappers' loss and gradients
+(``test_the_gathered_loss_and_miner_are_pml_distributed_wrappers``).
 """
 
 from __future__ import annotations
