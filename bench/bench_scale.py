@@ -234,7 +234,9 @@ def report(results: Results) -> list[str]:
               "global batches in one process and in two (`--nproc 2`: torchrun, gloo on this CPU machine). "
               "images/s: the training loop of the epochs after the first; wall: the whole command, start-up, "
               "rendezvous, re-clustering and validation included. Two processes on the 2 shared cores of this "
-              "machine gain little or lose: the point here is that they compute the same model.", ""]
+              "machine gain little or lose: the point here is that they compute the same model. The cores are "
+              "often shared with other jobs, which hits one process with 2 OpenMP threads hardest (its threads "
+              "wait for each other at every operation).", ""]
     for case in r.get("cases", []):
         lines += [f"### {case['title']}", "",
                   f"{case['configs'][0]['epoch_images']} images ({case['configs'][0]['batches_per_epoch']} batches) "
