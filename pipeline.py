@@ -10,6 +10,15 @@ pipeline parameter, so one compiled YAML serves many runs.
 The same component definitions run in kfp.local.SubprocessRunner (the
 embedded default, `dcml run`), in kfp.local.DockerRunner and on a cluster
 (`dcml compile` / `dcml submit`).
+
+Scale: every training stage runs ``gpus_per_task`` data-parallel processes
+(torchrun; a pipeline parameter); on a cluster it requests that many GPUs.
+``ClusterSettings.num_nodes > 1`` (`dcml compile --nodes N`) compiles the
+training stages as launchers of Kubeflow Trainer TrainJobs over N nodes
+(dcml.trainjob): the components get the TaskConfig pass-throughs (resources,
+env, volumes, tolerations, node selector, affinity) and the pipeline a
+ReadWriteMany workspace that the launcher and the job's nodes share. It is a
+compile-time setting because it changes what the compiled YAML contains.
 """
 
 
@@ -42,9 +51,11 @@ IMAGE_OF = {
     "merge-finetune": "finetune", "evaluate": "evaluate", "compress": "compress", "track": "base",
     "index": "evaluate",  # the same software as evaluation (embeds images, runs faiss)
 }
+# Stages that train: gpus_per_task processes each, a TrainJob launcher with num_nodes > 1.
 TRAINING_STAGES = frozenset({"train-shared", "train-worker", "train-dfml", "finetune", "merge-finetune"})
 GPU_STAGES = frozenset({"extract", "extract-with-model", "train-shared", "train-worker", "train-dfml",
                         "finetune", "merge-finetune", "evaluate", "compress", "index"})
+RESUME_ROOT_ENV = "DCML_RESUME_ROOT"
 
 
 @dataclass
@@ -59,16 +70,35 @@ class ClusterSettings:
         "username": "MLFLOW_TRACKING_USERNAME",
         "password": "MLFLOW_TRACKING_PASSWORD",
     })
-    gpus_per_task: int = 1
+    # None: training stages request the pipeline parameter gpus_per_task GPUs, the other GPU
+    # stages one. N: every GPU stage requests N, and gpus_per_task defaults to N.
+    gpus_per_task: int | None = None
     gpu_resource: str = "nvidia.com/gpu"
     gpu_cpu_request: str = "4"
     gpu_memory_request: str = "16Gi"
     cpu_request: str = "1"
     memory_request: str = "4Gi"
     shm_size: str = "8Gi"                         # in-memory /dev/shm for DataLoader workers
-    resume_dir: str = ".dcml/resume"              # training resume files, under data_mount
+    resume_dir: str = ".dcml/resume"              # training resume files: relative = under data_mount
     tolerations: list = field(default_factory=list)   # [{"key":..., "operator":..., "value":..., "effect":...}]
     node_selector: dict = field(default_factory=dict)  # {"label": "value"} for GPU stages
+    # -- several nodes per training stage (Kubeflow Trainer TrainJobs) --
+    num_nodes: int = 1
+    trainjob_runtime: str = "torch-distributed"   # ClusterTrainingRuntime
+    trainjob_timeout_s: int = 24 * 3600          # a TrainJob still unfinished then is deleted and the task fails
+    workspace_size: str = "100Gi"                 # the run's KFP workspace: staged inputs, outputs, resume files
+    workspace_storage_class: str = ""             # a ReadWriteMany class ('' = the cluster's default)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.num_nodes > 1
+
+
+def resume_root(settings: ClusterSettings) -> str:
+    """DCML_RESUME_ROOT of the training stages: ``resume_dir``, under the data mount when relative."""
+    if settings.resume_dir.startswith("/"):
+        return settings.resume_dir
+    return f"{settings.data_mount.rstrip('/')}/{settings.resume_dir}"
 
 
 def image_for(registry: str, tag: str, task: str) -> str:
@@ -77,21 +107,36 @@ def image_for(registry: str, tag: str, task: str) -> str:
     return f"{registry}/dcml-{IMAGE_OF[task]}:{tag}"
 
 
-def _components(registry: str, tag: str) -> dict:
+def _components(registry: str, tag: str, multi_node: bool = False) -> dict:
     funcs = {
         "ingest": ingest_fn, "extract": extract_fn, "extract-with-model": extract_with_model_fn,
         "cluster": cluster_fn, "train-shared": train_shared_fn, "train-worker": train_worker_fn,
         "train-dfml": train_dfml_fn, "finetune": finetune_fn, "merge-finetune": merge_finetune_fn,
         "evaluate": evaluate_fn, "compress": compress_fn, "track": track_fn, "index": index_fn,
     }
+    passthroughs = None
+    if multi_node:  # what the TrainJob launcher hands on to its job (dsl.TaskConfig)
+        passthroughs = [dsl.TaskConfigField.RESOURCES, dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+                        dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR, dsl.TaskConfigField.KUBERNETES_AFFINITY,
+                        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.ENV, apply_to_task=True),
+                        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_VOLUMES, apply_to_task=True)]
     return {
-        name: dsl.component(func, base_image=image_for(registry, tag, name), install_kfp_package=False)
+        name: dsl.component(func, base_image=image_for(registry, tag, name), install_kfp_package=False,
+                            **({"task_config_passthroughs": passthroughs} if passthroughs and name in TRAINING_STAGES
+                               else {}))
         for name, func in funcs.items()
     }
 
 
-def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None):
-    """Resources, volumes, secrets and scheduling for one task (cluster only)."""
+def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None, gpus_per_task=None):
+    """Resources, volumes, secrets and scheduling for one task (cluster only).
+
+    ``gpus_per_task``: the pipeline parameter's channel; training stages request
+    that many GPUs unless ``settings.gpus_per_task`` fixes the count. With
+    several nodes the training tasks are TrainJob launchers: their resources,
+    tolerations and node selector describe each node of the job (handed over
+    through dsl.TaskConfig), not the launcher's pod.
+    """
     if settings is None:
         return task
     from kfp import kubernetes
@@ -103,11 +148,12 @@ def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None):
         kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret,
                                      secret_key_to_env=settings.mlflow_secret_keys)
     if name in TRAINING_STAGES:
-        # Resume files on the data volume: a retried pod finds the checkpoint of its
-        # last finished epoch (named by the training's fingerprint, dcml.stagekit).
-        task.set_env_variable(name="DCML_RESUME_ROOT", value=f"{settings.data_mount}/{settings.resume_dir}")
+        # Resume files on the data volume: a retried pod (or a re-submitted TrainJob) finds the
+        # checkpoint of its last finished epoch (named by the training's fingerprint, dcml.stagekit).
+        task.set_env_variable(name=RESUME_ROOT_ENV, value=resume_root(settings))
     if name in GPU_STAGES:
-        task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpus_per_task)
+        gpus = settings.gpus_per_task or (gpus_per_task if name in TRAINING_STAGES and gpus_per_task is not None else 1)
+        task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(gpus)
         task.set_cpu_request(settings.gpu_cpu_request).set_memory_request(settings.gpu_memory_request)
         for tol in settings.tolerations:
             kubernetes.add_toleration(task, **tol)
@@ -129,12 +175,25 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
-    comp = _components(image_registry, image_tag)
+    multi_node = cluster is not None and cluster.multi_node
+    if cluster is not None and cluster.num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {cluster.num_nodes}")
+    if cluster is not None and cluster.gpus_per_task is not None and cluster.gpus_per_task < 1:
+        raise ValueError(f"gpus per task must be >= 1, got {cluster.gpus_per_task}")
+    comp = _components(image_registry, image_tag, multi_node)
+    channels: dict = {}
 
     def task(name, **kwargs):
+        if name in TRAINING_STAGES:
+            kwargs["gpus_per_task"] = channels["gpus_per_task"]
+            if multi_node:
+                kwargs.update(num_nodes=cluster.num_nodes, workspace_path=dsl.WORKSPACE_PATH_PLACEHOLDER,
+                              trainjob={"runtime": cluster.trainjob_runtime,
+                                        "image": image_for(image_registry, image_tag, name),
+                                        "timeout_s": cluster.trainjob_timeout_s, "shm_size": cluster.shm_size})
         t = comp[name](**kwargs)
         t.set_display_name(name)
-        return _apply_cluster_settings(t, name, cluster)
+        return _apply_cluster_settings(t, name, cluster, channels.get("gpus_per_task"))
 
     name = f"dcml-{method}" if method == "dfml" else f"dcml-{method}-{mode}"
     names = [p.name for p in params.pipeline_params()]
@@ -145,6 +204,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
     def dcml_pipeline(*values) -> Metrics:
         # KFP calls this with one channel per parameter, in signature order.
         p = dict(zip(names, values))
+        channels["gpus_per_task"] = p["gpus_per_task"]
         model_args = pick(p, "backbone", "weights", "image_size", "embedding_dim", "train_blocks", "freeze_bn")
         train_args = pick(p, "loss", "margin", "miner", "classes_per_batch", "images_per_class", "lr_backbone",
                           "lr_embedding", "lr_proxies", "weight_decay", "batches_per_epoch", "head_init",
@@ -213,10 +273,24 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                  manifest=manifest, **pick(p, "experiment", "run_name")).set_caching_options(False)
         return evaluated.outputs["metrics"]
 
-    # The parameters, their types and defaults: dcml.contracts.params, nowhere else.
-    dcml_pipeline.__signature__ = params.pipeline_signature().replace(return_annotation=Metrics)
+    # The parameters, their types and defaults: dcml.contracts.params, nowhere else -- but a
+    # cluster compiled for a fixed GPU count (--gpus N) trains with N processes by default.
+    signature = params.pipeline_signature()
+    if cluster is not None and cluster.gpus_per_task:
+        signature = signature.replace(parameters=[
+            p.replace(default=cluster.gpus_per_task) if p.name == "gpus_per_task" else p
+            for p in signature.parameters.values()])
+    dcml_pipeline.__signature__ = signature.replace(return_annotation=Metrics)
     dcml_pipeline.__name__ = name.replace("-", "_")
-    return dsl.pipeline(name=name, description="Divide-and-conquer deep metric learning (dcml)")(dcml_pipeline)
+    config = None
+    if multi_node:
+        patch = {"accessModes": ["ReadWriteMany"]}
+        if cluster.workspace_storage_class:
+            patch["storageClassName"] = cluster.workspace_storage_class
+        config = dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(
+            size=cluster.workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)))
+    return dsl.pipeline(name=name, description="Divide-and-conquer deep metric learning (dcml)",
+                        pipeline_config=config)(dcml_pipeline)
 
 
 def compile_pipeline(out: str, **kwargs) -> None:

@@ -6,6 +6,7 @@ here, in the library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,33 @@ def device_or_default(device):
     from dcml.algorithm.training import default_device
 
     return default_device() if device in (None, "", "auto") else device
+
+
+@contextlib.contextmanager
+def processes(device):
+    """The device this process trains on; when it is one of several data-parallel processes
+    (``--nproc N``, dcml.launch), the process group is joined for the block and left after."""
+    from dcml.algorithm import distributed
+
+    dev = distributed.setup(device_or_default(device))
+    try:
+        yield dev
+    finally:
+        distributed.shutdown()
+
+
+def is_main() -> bool:
+    """Whether this process writes the stage's outputs (rank 0, or the only process)."""
+    from dcml.algorithm import distributed
+
+    return distributed.is_main()
+
+
+def check_nproc(nproc) -> int:
+    nproc = 1 if nproc is None else int(nproc)
+    if nproc < 1:
+        raise DcmlError(f"nproc={nproc}: must be >= 1 (processes, one per GPU)")
+    return nproc
 
 
 def set_threads(threads) -> None:

@@ -376,7 +376,9 @@ def cluster_options(f):
         click.option("--data-mount", default="/data", show_default=True, help="Mount path of the dataset PVC."),
         click.option("--mlflow-secret", default="dcml-mlflow", show_default=True,
                      help="Secret with keys tracking_uri, username, password."),
-        click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per GPU stage."),
+        click.option("--gpus", type=int, default=None,
+                     help="GPUs of every GPU stage, and the default of gpus_per_task [default: training stages "
+                          "request gpus_per_task GPUs (a pipeline parameter), the other GPU stages 1]."),
         click.option("--gpu-memory", default="16Gi", show_default=True),
         click.option("--gpu-cpu", default="4", show_default=True),
         click.option("--shm-size", default="8Gi", show_default=True, help="In-memory /dev/shm for data loaders."),
@@ -384,6 +386,22 @@ def cluster_options(f):
                      help="Toleration for GPU stages, e.g. nvidia.com/gpu:NoSchedule (repeatable)."),
         click.option("--node-selector", "node_selectors", multiple=True, metavar="LABEL=VALUE",
                      help="Node selector for GPU stages (repeatable)."),
+        click.option("--resume-dir", default=".dcml/resume", show_default=True, metavar="DIR",
+                     help="Training stages keep their resume checkpoints here (relative: under --data-mount; "
+                          "every node of a TrainJob mounts the data PVC too), so a retried or re-submitted run "
+                          "continues a killed training."),
+        click.option("--nodes", "num_nodes", type=int, default=1, show_default=True,
+                     help="Nodes per training stage: > 1 runs each as a Kubeflow Trainer TrainJob (runtime "
+                          "--trainjob-runtime) of gpus_per_task processes per node."),
+        click.option("--trainjob-runtime", default="torch-distributed", show_default=True,
+                     help="--nodes > 1: the ClusterTrainingRuntime of the TrainJobs."),
+        click.option("--trainjob-timeout", "trainjob_timeout_s", type=int, default=24 * 3600, show_default=True,
+                     help="--nodes > 1: seconds a TrainJob may take (queueing included) before it is deleted and "
+                          "the task fails."),
+        click.option("--workspace-size", default="100Gi", show_default=True,
+                     help="--nodes > 1: size of the run's shared KFP workspace (staged inputs, outputs)."),
+        click.option("--workspace-storage-class", default="",
+                     help="--nodes > 1: a ReadWriteMany storage class for the workspace [default: the cluster's]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -391,7 +409,8 @@ def cluster_options(f):
 
 
 def _cluster_settings(data_pvc, data_mount, mlflow_secret, gpus, gpu_memory, gpu_cpu, shm_size,
-                      tolerations, node_selectors):
+                      tolerations, node_selectors, resume_dir=".dcml/resume", num_nodes=1, trainjob_runtime="torch-distributed",
+                      trainjob_timeout_s=24 * 3600, workspace_size="100Gi", workspace_storage_class=""):
     import pipeline
 
     parsed_tolerations = []
@@ -408,9 +427,18 @@ def _cluster_settings(data_pvc, data_mount, mlflow_secret, gpus, gpu_memory, gpu
             raise DcmlError(f"--node-selector {item}: expected LABEL=VALUE")
         key, value = item.split("=", 1)
         selector[key] = value
+    if gpus is not None and gpus < 1:
+        raise DcmlError(f"--gpus {gpus}: must be >= 1")
+    if num_nodes < 1:
+        raise DcmlError(f"--nodes {num_nodes}: must be >= 1")
+    if trainjob_timeout_s < 1:
+        raise DcmlError(f"--trainjob-timeout {trainjob_timeout_s}: must be >= 1 second")
     return pipeline.ClusterSettings(data_pvc=data_pvc, data_mount=data_mount, mlflow_secret=mlflow_secret,
                                     gpus_per_task=gpus, gpu_memory_request=gpu_memory, gpu_cpu_request=gpu_cpu,
-                                    shm_size=shm_size, tolerations=parsed_tolerations, node_selector=selector)
+                                    shm_size=shm_size, tolerations=parsed_tolerations, node_selector=selector,
+                                    resume_dir=resume_dir, num_nodes=num_nodes, trainjob_runtime=trainjob_runtime,
+                                    trainjob_timeout_s=trainjob_timeout_s, workspace_size=workspace_size,
+                                    workspace_storage_class=workspace_storage_class)
 
 
 @click.command("compile")

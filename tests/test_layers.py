@@ -22,6 +22,8 @@ LIBRARY = {
     "dcml.tracking": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.tracking"),
     "dcml.stagekit": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.stagekit"),
     "dcml.retrieval": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.retrieval"),
+    "dcml.launch": ("dcml.contracts", "dcml.algorithm", "dcml.launch"),
+    "dcml.trainjob": ("dcml.contracts", "dcml.algorithm", "dcml.launch", "dcml.trainjob"),
     "dcml": (),  # dcml/__init__.py
 }
 BELOW_COMPONENTS = ("dcml", "data_prep")

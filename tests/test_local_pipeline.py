@@ -129,6 +129,20 @@ def test_no_cache_reruns_everything(first_run, workdir, tracking_uri):
     assert fresh["metrics"]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"], abs=1e-6)
 
 
+def test_two_processes_per_training_stage(first_run, workdir, tracking_uri):
+    """gpus_per_task=2: the training stages run as two gloo processes (torchrun) under the local runner;
+    the stages before them are served from the cache."""
+    result = run_local({**TINY, "gpus_per_task": 2}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    assert executed_tasks(result["run_dir"]) == {"train-shared", "finetune", "evaluate", "track"}
+    lineage = list(records.walk(records.read(result["metrics_file"])))
+    assert {r["stage"]: r["extra"].get("processes") for r in lineage if r["stage"] in ("train", "finetune")} == \
+        {"train": 2, "finetune": 2}
+    assert 0.0 < result["metrics"]["recall@1"] <= 1.0
+    stages = {s["name"]: s for s in result["stages"]}
+    # Rank 0's progress and summary events reach the console through the launching process.
+    assert stages["train-shared"]["status"] == "ok" and "2 epochs" in stages["train-shared"]["summary"]
+
+
 def test_parallel_mode_fans_out_per_cluster_and_merges(workdir, tracking_uri):
     result = run_local(dict(TINY), mode="parallel", output_dir=workdir / "runs-parallel", tracking_uri=tracking_uri)
     tasks = executed_tasks(result["run_dir"])

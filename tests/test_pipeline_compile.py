@@ -181,3 +181,96 @@ def test_index_is_switched_by_a_parameter_and_tracked(tmp_path):
     assert track == {"outputArtifactKey": "metrics", "producerTask": "index"}
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["index_gallery"]["defaultValue"] is False and defaults["index_type"]["defaultValue"] == "auto"
+
+
+TRAINING_EXECUTORS = ("exec-train-shared", "exec-finetune", "exec-train-worker", "exec-merge-finetune",
+                      "exec-train-dfml")
+GPUS_CHANNEL = "{{$.inputs.parameters['pipelinechannel--gpus_per_task']}}"
+
+
+def test_training_stages_request_gpus_per_task_gpus_and_run_that_many_processes(tmp_path):
+    spec, _ = compile_with_cli(tmp_path)
+    for name, executor in executors(spec).items():
+        resources = executor["container"].get("resources", {})
+        if name in TRAINING_EXECUTORS:
+            assert resources["accelerator"]["resourceCount"] == GPUS_CHANNEL, name
+        elif any(stage in name for stage in GPU_EXECUTORS):
+            assert resources["accelerator"]["resourceCount"] == "1", name  # single-process GPU stages
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("train-shared", "finetune"):
+        assert tasks[name]["inputs"]["parameters"]["gpus_per_task"] == {"componentInputParameter": "gpus_per_task"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpus_per_task"]["defaultValue"] == 1
+    # One node: no TrainJob launcher, no workspace.
+    assert not any("taskConfigPassthroughs" in c for c in spec["components"].values())
+    assert "num_nodes" not in tasks["train-shared"]["inputs"]["parameters"]
+
+
+def test_a_fixed_gpu_count_is_also_the_default_process_count(tmp_path):
+    spec, _ = compile_with_cli(tmp_path, "--gpus", "4")
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpus_per_task"]["defaultValue"] == 4
+    assert executors(spec)["exec-train-shared"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+
+
+@pytest.mark.parametrize("mode", ["shared", "parallel", "dfml"])
+def test_several_nodes_compile_the_training_stages_as_trainjob_launchers(tmp_path, mode):
+    structure = ["--method", "dfml"] if mode == "dfml" else ["--mode", mode]
+    spec, k8s = compile_with_cli(tmp_path, *structure, "--nodes", "2", "--trainjob-timeout", "7200",
+                                 "--workspace-size", "500Gi", "--workspace-storage-class", "nfs-rwx",
+                                 "--resume-dir", "/data/dcml-resume", "--toleration", "nvidia.com/gpu:NoSchedule",
+                                 "--node-selector", "accelerator=a100", "--gpu-cpu", "32", "--gpu-memory", "256Gi")
+    platform = yaml.safe_load_all((tmp_path / "pipeline.yaml").read_text())
+    config = list(platform)[1]["platforms"]["kubernetes"]["pipelineConfig"]
+    assert config["workspace"] == {"size": "500Gi", "kubernetes": {"pvcSpecPatch": {
+        "accessModes": ["ReadWriteMany"], "storageClassName": "nfs-rwx"}}}
+
+    launchers = [n for n in spec["components"] if "taskConfigPassthroughs" in spec["components"][n]]
+    expected = {"shared": {"comp-train-shared", "comp-finetune"}, "parallel": {"comp-train-worker", "comp-merge-finetune"},
+                "dfml": {"comp-train-dfml"}}[mode]
+    assert set(launchers) == expected
+    for name in launchers:
+        passthroughs = {p["field"]: p.get("applyToTask", False) for p in spec["components"][name]["taskConfigPassthroughs"]}
+        # Resources, tolerations, node selector and affinity are the job's nodes', not the launcher pod's;
+        # env and volumes (data PVC, workspace) go to both.
+        assert passthroughs == {"RESOURCES": False, "KUBERNETES_TOLERATIONS": False, "KUBERNETES_NODE_SELECTOR": False,
+                                "KUBERNETES_AFFINITY": False, "ENV": True, "KUBERNETES_VOLUMES": True}
+        assert spec["components"][name]["inputDefinitions"]["parameters"]["task_config"]["parameterType"] == "TASK_CONFIG"
+
+    def training_tasks(dag):
+        for task in dag["tasks"].values():
+            ref = task["componentRef"]["name"]
+            if ref in expected:
+                yield ref, task
+            inner = spec["components"][ref].get("dag")
+            if inner:
+                yield from training_tasks(inner)
+
+    found = dict(training_tasks(spec["root"]["dag"]))
+    assert set(found) == expected
+    for ref, task in found.items():
+        inputs = task["inputs"]["parameters"]
+        assert inputs["num_nodes"] == {"runtimeValue": {"constant": 2.0}}
+        assert inputs["workspace_path"] == {"runtimeValue": {"constant": "{{$.workspace_path}}"}}
+        image = "registry.example/ml/dcml-" + ("finetune" if "finetune" in ref else "train") + ":0123abcd"
+        assert inputs["trainjob"]["runtimeValue"]["constant"] == {
+            "runtime": "torch-distributed", "image": image, "timeout_s": 7200.0, "shm_size": "8Gi"}
+        executor = executors(spec)["exec-" + ref.removeprefix("comp-")]
+        resources = executor["container"]["resources"]
+        assert resources["accelerator"]["resourceCount"] == GPUS_CHANNEL  # per node, through TaskConfig
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("32", "256Gi")
+        assert {"name": "DCML_RESUME_ROOT", "value": "/data/dcml-resume"} in executor["container"]["env"]
+        cfg = k8s["exec-" + ref.removeprefix("comp-")]
+        assert cfg["nodeSelector"]["labels"] == {"accelerator": "a100"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in cfg["tolerations"]
+        assert cfg["pvcMount"][0]["mountPath"] == "/data"
+    # The other stages are unchanged: no pass-throughs, no workspace.
+    assert "taskConfigPassthroughs" not in spec["components"]["comp-evaluate"]
+    assert "workspace_path" not in spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["parameters"]
+
+
+def test_bad_scale_options_are_one_line_errors(tmp_path):
+    for option, value, fragment in (("--nodes", "0", "--nodes 0"), ("--gpus", "0", "--gpus 0"),
+                                    ("--trainjob-timeout", "0", "--trainjob-timeout 0")):
+        result = CliRunner().invoke(cli, ["compile", "--out", str(tmp_path / "p.yaml"), "--image-tag", "t1",
+                                          option, value])
+        assert result.exit_code != 0 and fragment in str(result.exception or result.output), (option, result.output)
+    assert not (tmp_path / "p.yaml").exists()

@@ -1,10 +1,12 @@
 """KFP component: DFML training (factorised backbone + router), a normal checkpoint out.
 
 Hyper-parameters are named as in dcml.contracts.params (tests check this
-signature against it); ``dfml_groups`` is the stage's ``groups``.
+signature against it); ``dfml_groups`` is the stage's ``groups``,
+``gpus_per_task`` its ``nproc``. With ``num_nodes > 1`` the task launches the
+stage as a Kubeflow TrainJob (dcml.trainjob; see components/train/component.py).
 """
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output, TaskConfig
 
 
 def train_dfml(
@@ -35,7 +37,12 @@ def train_dfml(
     eval_every: int,
     seed: int,
     num_workers: int,
+    gpus_per_task: int,
     model: Output[Model],
+    num_nodes: int = 1,
+    trainjob: dict = {},
+    workspace_path: str = "",
+    task_config: TaskConfig = None,
 ):
     import os
 
@@ -43,11 +50,21 @@ def train_dfml(
 
     hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    stage.run(
+    args = dict(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         out=os.path.join(model.path, "model.pt"),
+        nproc=gpus_per_task,
         **hyper,
     )
+    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
+        from dcml import trainjob as multi_node
+
+        multi_node.run_stage("components.dfml.stage:run", args,
+                             inputs=("manifest",), num_nodes=num_nodes,
+                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                             settings=trainjob, prefix="dcml-train-dfml")
+    else:
+        stage.run(**args)
     from dcml.contracts.io import seal
 
     seal(model.path)

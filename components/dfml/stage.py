@@ -16,6 +16,8 @@ each of its sub-blocks.
 
 The training loop is ``dcml.methods.dfml.DFMLTrainer``; this module only reads
 the arguments and the manifest and writes the checkpoint and its record.
+``nproc=N`` (``--nproc``, the pipeline's ``gpus_per_task``): N data-parallel
+processes on this node (torchrun; dcml.launch); rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import click
 
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
-from dcml import stagekit
+from dcml import launch, stagekit
 from dcml.algorithm.training import seed_everything
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
@@ -41,15 +43,19 @@ FIXED_DEFAULTS = {"backbone": "efficientnet_lite0"}  # the only backbone DFML ca
 
 def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, balance_weight=0.0,
         routed_scale=None, eval_routed=False, dropout=None, resume=True, work_dir=None, device=None,
-        **hyper) -> dict:
+        nproc=1, **hyper) -> dict:
     """Train DFML and write a plain dcml checkpoint to ``out``; returns the stage record.
 
     ``hyper``: the hyper-parameters in ``PARAMS`` (defaults from
     dcml.contracts.params; ``groups`` is the pipeline's dfml_groups).
-    ``routed_scale=None`` is G (see dcml.methods.dfml.factorize).
+    ``routed_scale=None`` is G (see dcml.methods.dfml.factorize). ``nproc``:
+    data-parallel processes.
     """
+    call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "train-dfml", rename=RENAME, fixed_defaults=FIXED_DEFAULTS)
     check_writable(out)
+    if launch.needed(stagekit.check_nproc(nproc)):
+        return launch.run_processes(f"{__name__}:run", call, nproc)
     backbone, groups = hp["backbone"], hp["groups"]
     options = {"routed_weight": routed_weight, "distill_weight": distill_weight, "temperature": temperature,
                "balance_weight": balance_weight, "routed_scale": routed_scale, "eval_routed": eval_routed,
@@ -67,13 +73,16 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
 
     settings = stagekit.train_settings(hp, recluster_every=0)
     timer = StageTimer("train-dfml", {**hp, **options})
-    trainer = dfml.DFMLTrainer(model, man, train_rows, settings, lr_router=hp["lr_router"],
-                               routed_weight=float(routed_weight), distill_weight=float(distill_weight),
-                               temperature=float(temperature), balance_weight=float(balance_weight),
-                               eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows,
-                               fresh_head=True, **stagekit.resume_location(out, work_dir),
-                               device=stagekit.device_or_default(device))
-    history = trainer.fit(resume=resume)
+    with stagekit.processes(device) as dev:
+        trainer = dfml.DFMLTrainer(model, man, train_rows, settings, lr_router=hp["lr_router"],
+                                   routed_weight=float(routed_weight), distill_weight=float(distill_weight),
+                                   temperature=float(temperature), balance_weight=float(balance_weight),
+                                   eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows,
+                                   fresh_head=True, **stagekit.resume_location(out, work_dir), device=dev)
+        history = trainer.fit(resume=resume)
+        if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
+            return {}
+        processes = trainer.world_size
 
     merged = dfml.defactorize(trainer.model.cpu())
     metrics = {**stagekit.final_metrics(history), **stagekit.trainer_metrics(trainer)}
@@ -86,7 +95,7 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
     record = timer.finish(inputs={"manifest": manifest}, metrics=metrics, history=history, extra={
         "method": "dfml", "groups": int(groups), "routed_scale": units[0][1].routed_scale,
         "routed_units": [name for name, _ in units],
-        "routing": history[-1]["routing"] if history else {},
+        "routing": history[-1]["routing"] if history else {}, "processes": processes,
     })
     stagekit.write_output(out, merged, record, epoch=trainer.epoch)
     trainer.resume_path.unlink(missing_ok=True)
@@ -110,6 +119,8 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from <out>.resume.pt if present.")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
 @click.option("--device", help="cuda | cpu [default: cuda when available].")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this node (torchrun): one per GPU, or CPU processes (gloo).")
 def cli(**kwargs):
     """Deep Factorized Metric Learning: factorised backbone + router, plain checkpoint out."""
     record = run(**kwargs)

@@ -1,12 +1,14 @@
 """KFP components: merge the sub-models and fine-tune the whole embedding on all data.
 
 Hyper-parameters are named as in dcml.contracts.params (tests check these
-signatures against it); ``finetune_epochs`` is the stage's ``epochs``.
+signatures against it); ``finetune_epochs`` is the stage's ``epochs``,
+``gpus_per_task`` its ``nproc``. With ``num_nodes > 1`` the task launches the
+stage as a Kubeflow TrainJob (dcml.trainjob; see components/train/component.py).
 """
 
 from typing import List
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output, TaskConfig
 
 
 def merge_finetune(
@@ -33,7 +35,12 @@ def merge_finetune(
     eval_every: int,
     seed: int,
     num_workers: int,
+    gpus_per_task: int,
     model: Output[Model],
+    num_nodes: int = 1,
+    trainjob: dict = {},
+    workspace_path: str = "",
+    task_config: TaskConfig = None,
 ):
     """Fan-in of the parallel workers (dsl.Collected)."""
     import os
@@ -42,14 +49,23 @@ def merge_finetune(
 
     hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    stage.run(
+    args = dict(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         checkpoints=[os.path.join(c.path, "model.pt") for c in checkpoints],
         activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
-        merge=merge,
+        merge=merge, nproc=gpus_per_task,
         **hyper,
     )
+    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
+        from dcml import trainjob as multi_node
+
+        multi_node.run_stage("components.finetune.stage:run", args,
+                             inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
+                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                             settings=trainjob, prefix="dcml-merge-finetune")
+    else:
+        stage.run(**args)
     from dcml.contracts.io import seal
 
     seal(model.path)
@@ -78,7 +94,12 @@ def finetune(
     eval_every: int,
     seed: int,
     num_workers: int,
+    gpus_per_task: int,
     model: Output[Model],
+    num_nodes: int = 1,
+    trainjob: dict = {},
+    workspace_path: str = "",
+    task_config: TaskConfig = None,
 ):
     """Shared mode: the single trained model, fine-tuned with K=1."""
     import os
@@ -87,13 +108,23 @@ def finetune(
 
     hyper = {stage.RENAME.get(k, k): v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    stage.run(
+    args = dict(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         checkpoints=[os.path.join(checkpoint.path, "model.pt")],
         activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
+        nproc=gpus_per_task,
         **hyper,
     )
+    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
+        from dcml import trainjob as multi_node
+
+        multi_node.run_stage("components.finetune.stage:run", args,
+                             inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
+                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                             settings=trainjob, prefix="dcml-finetune")
+    else:
+        stage.run(**args)
     from dcml.contracts.io import seal
 
     seal(model.path)

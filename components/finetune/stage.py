@@ -8,6 +8,10 @@ backbones that were frozen and so are identical). Then the whole embedding
 (K=1) is fine-tuned on all training images for ``epochs`` epochs; with
 ``epochs=0`` the merged model is written as is, K slices each normalised on
 its own. One checkpoint (shared mode): no merge, just the fine-tuning.
+
+``nproc=N`` (``--nproc``, the pipeline's ``gpus_per_task``): the fine-tuning
+runs as N data-parallel processes on this node (torchrun; dcml.launch); every
+process merges the same inputs, rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
-from dcml import model_files, stagekit
+from dcml import launch, model_files, stagekit
 from dcml.contracts import checkpoint, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
@@ -77,16 +81,20 @@ def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
 
 
 def run(manifest, checkpoints, out, merge="average", activations=None, freeze_backbone=False,
-        resume=True, work_dir=None, device=None, threads=None, **hyper) -> dict:
+        resume=True, work_dir=None, device=None, threads=None, nproc=1, **hyper) -> dict:
     """Merge worker checkpoints (or take the one shared-mode checkpoint) and
     fine-tune with K=1 on all training images; writes a checkpoint to ``out``.
 
     ``hyper``: the hyper-parameters in ``PARAMS`` (``epochs`` is the
     pipeline's finetune_epochs; 0 = merge only). With a ``val`` split the
     merged model itself is a candidate: fine-tuning that does not beat it on
-    validation leaves it unchanged."""
+    validation leaves it unchanged. ``nproc``: data-parallel processes."""
+    call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
     check_writable(out)
+    if hp["epochs"] > 0 and launch.needed(stagekit.check_nproc(nproc)):
+        call["checkpoints"] = [str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, bytes)) else checkpoints)]
+        return launch.run_processes(f"{__name__}:run", call, nproc)
     from dcml.algorithm.training import Trainer, seed_everything
 
     if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
@@ -106,22 +114,25 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
     else:
         model, merged_from = merge_checkpoints(loaded, merge)
 
-    history, trainer = [], None
+    history, trainer, processes = [], None, 1
     if hp["epochs"] > 0:
         model.set_num_slices(1)
         settings = stagekit.train_settings(hp, recluster_every=0, finetune_epoch=0,
                                            freeze_backbone=bool(freeze_backbone))
         seed_everything(hp["seed"])
-        trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows, val_rows=val_rows,
-                          activations=cache, **stagekit.resume_location(out, work_dir),
-                          device=stagekit.device_or_default(device))
-        history = trainer.fit(resume=resume)
+        with stagekit.processes(device) as dev:
+            trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows, val_rows=val_rows,
+                              activations=cache, **stagekit.resume_location(out, work_dir), device=dev)
+            history = trainer.fit(resume=resume)
+            if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
+                return {}
+            processes = trainer.world_size
         model.cpu()
 
     metrics = {**stagekit.final_metrics(history), **(stagekit.trainer_metrics(trainer) if trainer is not None else {})}
     record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations}, metrics=metrics,
                           history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
-                                                  "num_slices": int(model.num_slices)})
+                                                  "num_slices": int(model.num_slices), "processes": processes})
     stagekit.write_output(out, model, record, epoch=len(history),
                  **({"merged_from": merged_from} if merged_from is not None else {}))
     if trainer is not None:
@@ -145,6 +156,8 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
 @click.option("--device", help="cuda | cpu [default: cuda when available].")
 @click.option("--threads", type=int, help="CPU threads for torch [default: torch's]; 1 is fastest on a busy shared machine.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this node (torchrun): one per GPU, or CPU processes (gloo).")
 def cli(**kwargs):
     """Merge sub-models (slices side by side, backbones averaged) and fine-tune on all data."""
     kwargs["checkpoints"] = list(kwargs["checkpoints"])

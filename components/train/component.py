@@ -2,9 +2,13 @@
 
 Hyper-parameters are named as in dcml.contracts.params (tests check these
 signatures against it); each is passed on to the stage under that name.
+``gpus_per_task`` is the stage's ``nproc`` (data-parallel processes). With
+``num_nodes > 1`` (``dcml compile --nodes N``) the task is a launcher: the
+stage runs as a Kubeflow TrainJob (dcml.trainjob) configured from
+``trainjob``, the KFP workspace and the task's own ``task_config``.
 """
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output, TaskConfig
 
 
 def train_shared(
@@ -37,7 +41,12 @@ def train_shared(
     eval_every: int,
     seed: int,
     num_workers: int,
+    gpus_per_task: int,
     model: Output[Model],
+    num_nodes: int = 1,
+    trainjob: dict = {},
+    workspace_path: str = "",
+    task_config: TaskConfig = None,
 ):
     """K learners over one shared backbone, re-clustering every R epochs."""
     import os
@@ -46,14 +55,23 @@ def train_shared(
 
     hyper = {k: v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    stage.run(
+    args = dict(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         clusters=os.path.join(clusters.path, "clusters.parquet"),
         activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
-        mode="shared",
+        mode="shared", nproc=gpus_per_task,
         **hyper,
     )
+    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
+        from dcml import trainjob as multi_node
+
+        multi_node.run_stage("components.train.stage:run", args,
+                             inputs=("manifest", "clusters", "activations"), num_nodes=num_nodes,
+                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                             settings=trainjob, prefix="dcml-train-shared")
+    else:
+        stage.run(**args)
     from dcml.contracts.io import seal
 
     seal(model.path)
@@ -90,8 +108,13 @@ def train_worker(
     eval_every: int,
     seed: int,
     num_workers: int,
+    gpus_per_task: int,
     model: Output[Model],
     init: Input[Model] = None,
+    num_nodes: int = 1,
+    trainjob: dict = {},
+    workspace_path: str = "",
+    task_config: TaskConfig = None,
 ):
     """One cluster's sub-model: its own backbone copy and its embedding slice."""
     import os
@@ -100,15 +123,24 @@ def train_worker(
 
     hyper = {k: v for k, v in locals().items() if k in stage.PARAMS}
     os.makedirs(model.path, exist_ok=True)
-    stage.run(
+    args = dict(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         clusters=os.path.join(clusters.path, "clusters.parquet"),
         activations=activations.path,
         out=os.path.join(model.path, "model.pt"),
         mode="worker", cluster_id=int(cluster_id), freeze_backbone=freeze_backbone,
-        init=os.path.join(init.path, "model.pt") if init is not None else None,
+        init=os.path.join(init.path, "model.pt") if init is not None else None, nproc=gpus_per_task,
         **hyper,
     )
+    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
+        from dcml import trainjob as multi_node
+
+        multi_node.run_stage("components.train.stage:run", args,
+                             inputs=("manifest", "clusters", "activations", "init"), num_nodes=num_nodes,
+                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                             settings=trainjob, prefix="dcml-train-worker")
+    else:
+        stage.run(**args)
     from dcml.contracts.io import seal
 
     seal(model.path)

@@ -8,6 +8,10 @@ mode="worker" (the parallel variant of seed document 000): trains its own copy
 of the backbone (frozen with ``freeze_backbone``) and only slice
 ``cluster_id`` on that cluster's rows; no re-clustering. The finetune stage
 merges the workers' checkpoints.
+
+``nproc=N`` (``--nproc``, the pipeline's ``gpus_per_task``): data-parallel
+training in N processes on this node (torchrun; see dcml.launch and
+dcml.algorithm.distributed). Rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import click
 
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
-from dcml import model_files, stagekit
+from dcml import launch, model_files, stagekit
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
@@ -30,7 +34,7 @@ PARAMS = stagekit.MODEL_PARAMS + ("recluster_every",) + stagekit.TRAINING_PARAMS
 
 def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None, activations=None,
         num_slices=None, dropout=None, cluster_on="features", finetune_epoch=None, freeze_backbone=False,
-        resume=True, work_dir=None, device=None, threads=None, **hyper) -> dict:
+        resume=True, work_dir=None, device=None, threads=None, nproc=1, **hyper) -> dict:
     """Train and write a checkpoint to ``out``; returns the stage record.
 
     ``hyper``: the hyper-parameters in ``PARAMS`` (unset ones take their
@@ -40,9 +44,14 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     ``finetune_epoch``: from this epoch on train K=1 on all data (None: leave
     that to the finetune stage). ``activations``: the fast mode's cache
     (``dcml extract --views N``): train the top blocks on the cached
-    activations of the frozen lower part instead of on images.
+    activations of the frozen lower part instead of on images. ``nproc``:
+    data-parallel processes (the record of rank 0 is returned).
     """
+    call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "train")
+    if launch.needed(stagekit.check_nproc(nproc)):
+        check_writable(out)
+        return launch.run_processes(f"{__name__}:run", call, nproc)
     check_writable(out)
     from dcml.algorithm.models import build_model
     from dcml.algorithm.training import Trainer, seed_everything
@@ -86,18 +95,22 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         hp, recluster_every=hp["recluster_every"] if mode == "shared" else 0, cluster_on=cluster_on,
         finetune_epoch=None if finetune_epoch is None else int(finetune_epoch), freeze_backbone=bool(freeze_backbone))
     timer = StageTimer("train", {**hp, **stage_args}, name=f"train-worker-{cluster_id}" if mode == "worker" else "train")
-    trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
-                      only_learner=cluster_id if mode == "worker" else None,
-                      eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
-                      **stagekit.resume_location(out, work_dir), device=stagekit.device_or_default(device))
-    history = trainer.fit(resume=resume)
+    with stagekit.processes(device) as dev:
+        trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
+                          only_learner=cluster_id if mode == "worker" else None,
+                          eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
+                          **stagekit.resume_location(out, work_dir), device=dev)
+        history = trainer.fit(resume=resume)
+        if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
+            return {}
+        processes = trainer.world_size
 
     model.cpu()
     record = timer.finish(inputs={"manifest": manifest, "clusters": clusters, "init": init, "activations": activations},
                           metrics={**stagekit.final_metrics(history), **stagekit.trainer_metrics(trainer)},
                           history=history,
                           extra={"mode": mode, "k": k, "cluster_id": cluster_id, "fast_mode": cache is not None,
-                                 "head_init": trainer.head_init})
+                                 "head_init": trainer.head_init, "processes": processes})
     extra = {"epoch": trainer.epoch, "cluster_state": trainer.cluster_state()}
     if mode == "worker":
         extra["worker"] = {"cluster_id": cluster_id, "k": k, "freeze_backbone": bool(freeze_backbone)}
@@ -126,6 +139,8 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where the resume file lives [default: beside --out].")
 @click.option("--device", help="cuda | cpu [default: cuda when available].")
 @click.option("--threads", type=int, help="CPU threads for torch [default: torch's]; 1 is fastest on a busy shared machine.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this node (torchrun): one per GPU, or CPU processes (gloo).")
 def cli(**kwargs):
     """Train the K embedding subspaces (shared backbone, or one parallel worker)."""
     record = run(**kwargs)

@@ -25,6 +25,24 @@ from the last finished epoch and, on the same device and thread count, ends
 with exactly the weights an uninterrupted run of the same seed ends with: the
 batches of an epoch are a pure function of (seed, epoch), data-loader workers
 are seeded from a per-epoch generator, and the RNG states are restored.
+
+**Data parallel** (a stage started with ``--nproc N``; :mod:`dcml.algorithm.distributed`):
+every process runs this loop on the same batches. Each global batch (the
+sampler's, a pure function of seed and epoch whatever N) is cut into N
+contiguous shares; process r embeds share r, the shares' embeddings are
+gathered so the loss and the miner see the whole batch in its order, and the
+gradients are summed over the processes before the (identical) optimiser
+step: up to float summation order, N processes compute what one process
+computes on the same batches. An image's augmentation is drawn from a seed
+fixed by its place in the epoch (seed, epoch, batch, position), not from a
+process's RNG stream, and a random miner draws from a per-batch seed, so both
+are the same whatever N. Rank 0 alone re-clusters (then broadcasts the
+clusters), initialises the head, validates, evaluates and writes the resume
+checkpoint (with every process's RNG state); all processes resume from it.
+What still differs with N: dropout and drop-connect masks (each process draws
+its own), and BatchNorm layers that train see their share of the batch
+(frozen BatchNorm, the default for pretrained backbones, is unaffected; on GPUs
+trainable BatchNorm is converted to SyncBatchNorm).
 """
 
 from __future__ import annotations
@@ -48,6 +66,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dcml.contracts import checkpoint
+from dcml.algorithm import distributed
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.events import progress
@@ -188,6 +207,76 @@ def dense_labels(labels: Sequence[int]) -> np.ndarray:
     return np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
+class ShareSampler:
+    """The batch sampler a process iterates: its share of every batch of ``sampler``.
+
+    ``sampler`` yields the global batches (:class:`dcml.algorithm.samplers.ClusterBatchSampler`);
+    rank r of N takes the r-th contiguous share of each (the whole batch when
+    N = 1). With ``seeds=(seed, epoch)`` each item becomes ``(index, item_seed)``
+    with a seed fixed by its place in the epoch (:class:`SeededItems` draws the
+    image's augmentation from it), so a batch's images are the same whatever N.
+    """
+
+    def __init__(self, sampler, rank: int = 0, world_size: int = 1, seeds: tuple[int, int] | None = None):
+        self.sampler, self.rank, self.world_size, self.seeds = sampler, int(rank), int(world_size), seeds
+
+    def __iter__(self):
+        for b, batch in enumerate(self.sampler, self.sampler.position):
+            if len(batch) < self.world_size:
+                raise DcmlError(f"a batch of {len(batch)} images cannot be split over {self.world_size} processes; "
+                                "raise classes_per_batch x images_per_class or use fewer processes")
+            start, stop = distributed.share_bounds(len(batch), self.world_size)[self.rank]
+            if self.seeds is None:
+                yield batch[start:stop]
+            else:
+                yield [(i, item_seed(*self.seeds, b, start + j)) for j, i in enumerate(batch[start:stop])]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def item_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """The augmentation seed of the image at ``position`` of ``batch`` in ``epoch``."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(batch), int(position)]).generate_state(1)[0])
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Items ``dataset[index]`` for keys ``(index, item_seed)``: the item's random transform is drawn
+    from torch's CPU generator seeded with ``item_seed`` (the generator's state is put back after)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+class _Silent:
+    """A loader without a progress bar (processes other than rank 0)."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **_):
+        pass
+
+    def close(self):
+        pass
+
+
 class Trainer:
     """Train ``model`` on ``train_rows`` of ``manifest``; see the module docstring.
 
@@ -255,7 +344,13 @@ class Trainer:
             activations.check_model(model)
             self._cache_rows = activations.locate(self.train_rows["image_id"], "train")
 
+        # Data parallel: this process's rank among world_size (1 and 0 alone).
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
         self.model.to(self.device)
+        if self.world_size > 1 and self.device.type == "cuda" and not self.model.config.get("freeze_bn", True):
+            # BatchNorm that trains normalises over the whole batch, as in one process.
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if settings.freeze_backbone:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
@@ -273,6 +368,8 @@ class Trainer:
         if self.resume_path is None and resume_dir is not None:
             self.resume_path = Path(resume_dir) / f"{self.fingerprint[:40]}.resume.pt"
         self.resumed_from: int | None = None  # the epoch a resumed run continued after
+        self._epoch_now = self._batch_now = 0
+        self._share_sizes: list[int] | None = None  # the processes' shares of the current batch
 
     # -- setup -----------------------------------------------------------------
     def _resolved_head_init(self, fresh_head: bool) -> str | None:
@@ -309,6 +406,9 @@ class Trainer:
             losses.append(make(self.model.embedding_dim))
         self.losses = torch.nn.ModuleList(losses).to(self.device)
         self.miner = build_miner(s.miner, loss=s.loss)
+        from pytorch_metric_learning.miners import DistanceWeightedMiner
+
+        self._random_miner = isinstance(self.miner, DistanceWeightedMiner)
 
     def _loss_for(self, learner: int | None):
         return self.losses[-1] if learner is None else self.losses[learner]
@@ -385,20 +485,45 @@ class Trainer:
         }
 
     def save_resume(self) -> None:
-        if self.resume_path is not None:
-            checkpoint.save(self.resume_path, self.state())
+        """Rank 0 writes the resume checkpoint (atomically), with every process's RNG state."""
+        if self.resume_path is None:
+            return
+        rngs = distributed.all_gather_object(rng_state()) if self.world_size > 1 else None
+        if self.is_main:
+            state = self.state()
+            if rngs is not None:
+                state["rng_by_rank"] = rngs
+            checkpoint.save(self.resume_path, state)
 
-    def try_resume(self) -> bool:
-        """Load the resume checkpoint if there is one for this run; True when loaded."""
+    def _readable_resume(self) -> dict | None:
+        """The resume checkpoint of this run, or None (missing, unreadable, other settings)."""
         if self.resume_path is None or not self.resume_path.exists():
-            return False
+            return None
         try:
             state = checkpoint.load(self.resume_path)  # CPU: RNG states must stay there
         except DcmlError as exc:
             warnings.warn(f"ignoring unreadable resume file ({exc}); starting afresh", stacklevel=2)
-            return False
+            return None
         if state.get("fingerprint") != self.fingerprint:
             warnings.warn(f"{self.resume_path}: written by a run with other inputs or settings; starting afresh", stacklevel=2)
+            return None
+        return state
+
+    def try_resume(self) -> bool:
+        """Load the resume checkpoint if there is one for this run; True when loaded.
+
+        Data parallel: rank 0 decides; every process then reads the same file
+        (on a node's disk, or a volume all nodes mount) and takes its own RNG state.
+        """
+        state = self._readable_resume() if self.is_main else None
+        if self.world_size > 1 and not distributed.broadcast_object(state is not None):
+            return False
+        if self.world_size > 1 and not self.is_main:
+            if not self.resume_path.exists():
+                raise DcmlError(f"{self.resume_path}: rank 0 resumes from this file but process {self.rank} cannot see it; "
+                                "put the resume folder on a volume every node mounts (DCML_RESUME_ROOT or --work-dir)")
+            state = checkpoint.load(self.resume_path)
+        if state is None:
             return False
         if state["num_slices"] != self.model.num_slices:
             self.model.set_num_slices(state["num_slices"])
@@ -413,7 +538,12 @@ class Trainer:
         self.best = state.get("best")
         self.stopped_early = bool(state.get("stopped_early", False))
         self.initial = json.loads(state.get("initial", "{}"))
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank and len(by_rank) == self.world_size:
+            set_rng_state(by_rank[self.rank])
+        else:  # another number of processes than the run that wrote it: rank 0's stream, then each its own
+            set_rng_state(state["rng"])
+            self._seed_rank()
         self.resumed_from = self.epoch
         return True
 
@@ -461,6 +591,8 @@ class Trainer:
 
         With K slices and clusters, slice k gets its own cluster's components.
         """
+        if not self.is_main:  # rank 0's head reaches every process with the model state (_share_state)
+            return
         features = self.vectors(self.train_rows, "features", f"head init: features of {len(self.train_rows)} images")
         groups = None
         if self.num_learners > 1 and self.clusters is not None:
@@ -472,7 +604,12 @@ class Trainer:
                 self.model.head.bias[self._keep_rows] = self._kept_bias
 
     def recluster(self, epoch: int) -> np.ndarray:
-        """New cluster per train row from the current model, matched to the learners."""
+        """New cluster per train row from the current model, matched to the learners
+        (computed once, by rank 0, and broadcast to every process)."""
+        assignments = self._recluster(epoch) if self.is_main else None
+        return distributed.broadcast_object(assignments)
+
+    def _recluster(self, epoch: int) -> np.ndarray:
         s = self.settings
         vectors = self.vectors(self.train_rows, s.cluster_on,
                                f"re-clustering: {s.cluster_on} of {len(self.train_rows)} images")
@@ -545,18 +682,21 @@ class Trainer:
                                    length=s.batches_per_epoch or None)
 
     def _loader(self, sampler, epoch: int):
+        """This process's share of every batch of ``sampler`` (the whole batch in one process)."""
         s = self.settings
-        if self.activations is not None:
+        if self.activations is not None:  # the view of a row is a pure function of (seed, epoch, row)
             from dcml.algorithm.activations import TrainViews, batch_loader
 
-            return batch_loader(TrainViews(self.activations, self._cache_rows, self.labels, s.seed, epoch), sampler)
+            return batch_loader(TrainViews(self.activations, self._cache_rows, self.labels, s.seed, epoch),
+                                ShareSampler(sampler, self.rank, self.world_size))
         from dcml.algorithm.data import ManifestImageDataset, build_transform
 
         rows = self.train_rows.assign(label=self.labels)
         dataset = ManifestImageDataset(self.manifest, rows, build_transform(self.model.config, train=True))
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=s.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=generator,
+        return DataLoader(SeededItems(dataset), batch_sampler=ShareSampler(sampler, self.rank, self.world_size,
+                                                                           seeds=(s.seed, epoch)),
+                          num_workers=s.num_workers, pin_memory=self.device.type == "cuda", generator=generator,
                           worker_init_fn=_seed_worker if s.num_workers else None)
 
     def _set_lr(self, epoch: int, step: int, steps: int) -> None:
@@ -589,6 +729,10 @@ class Trainer:
         if self.resume_path is None:
             yield
             return
+        if not self.is_main:  # rank 0 holds the lock and says which file the run uses
+            self.resume_path = Path(distributed.broadcast_object(None))
+            yield
+            return
         import fcntl
 
         self.resume_path.parent.mkdir(parents=True, exist_ok=True)
@@ -597,6 +741,7 @@ class Trainer:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self.resume_path = self.resume_path.with_name(f"{self.resume_path.stem}.{os.getpid()}.pt")
+            distributed.broadcast_object(str(self.resume_path))
             yield
 
     def _fit(self, callbacks, resume: bool) -> list[dict]:
@@ -606,7 +751,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         if not (resume and self.try_resume()):
             seed_everything(s.seed)
+            self._seed_rank()
             self.start()
+        self._share_state()
         while self.epoch < s.epochs and not self.stopped_early:
             entry = self._run_epoch(self.epoch)
             self.epoch += 1
@@ -614,8 +761,21 @@ class Trainer:
             self.save_resume()
             for callback in callbacks:
                 callback(self, entry)
+        distributed.check_identical(self.model.state_dict().values())
         self.restore_best()
         return self.history
+
+    def _seed_rank(self) -> None:
+        """Processes other than rank 0 continue on their own torch stream (dropout masks)."""
+        if self.rank:
+            torch.manual_seed(self.settings.seed * 1_000_003 + self.rank)
+
+    def _share_state(self) -> None:
+        """Data parallel: every process starts from rank 0's model (its head init) and clusters."""
+        if self.world_size == 1:
+            return
+        distributed.broadcast_tensors(list(self.model.state_dict().values()) + list(self.losses.state_dict().values()))
+        self.clusters, self.clustered_at = distributed.broadcast_object((self.clusters, self.clustered_at))
 
     def start(self) -> None:
         """Before epoch 1: the initial clustering, the head init, the initial model's scores.
@@ -629,6 +789,8 @@ class Trainer:
             self.clustered_at = 0
         if self.head_init == "pca":
             self.initialise_head()
+        if not self.is_main:  # rank 0 alone scores (and keeps the best weights)
+            return
         if self.eval_rows is not None and self.settings.eval_every:
             self.initial = self.evaluate()
         if self.val_rows is not None:
@@ -649,19 +811,52 @@ class Trainer:
         return self.model(inputs, learner=learner)
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, learner: int | None) -> dict:
-        """One batch (hook): forward, loss, backward, optimiser step; returns numbers to average."""
-        embeddings = self.forward(inputs, learner)
+        """One batch (hook): forward, loss, backward, optimiser step; returns numbers to average.
+
+        ``inputs``: this process's share of the batch (all of it in one
+        process); ``labels``: the labels of the whole batch. ``gather`` turns the
+        share's embeddings into the whole batch's; ``step`` back-propagates,
+        adds up the processes' gradients and steps the optimiser.
+        """
+        embeddings = self.gather(self.forward(inputs, learner))
         loss_fn = self._loss_for(learner)
-        pairs = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = loss_fn(embeddings, labels, pairs)
+        with self.batch_rng():
+            pairs = self.miner(embeddings, labels) if self.miner is not None else None
+            loss = loss_fn(embeddings, labels, pairs)
         self.check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            self.optimizer.step()
+        if loss.requires_grad:  # the same on every process: all compute the same loss
+            self.step(loss)
         pos, neg = _mined_counts(pairs)
         return {"loss": float(loss.detach()), "mined_pos_pairs": pos, "mined_neg_pairs": neg,
                 "nonzero_terms": _nonzero_terms(loss_fn) or 0}
+
+    def gather(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The whole batch's embeddings from this process's share (itself in one process)."""
+        return distributed.gather_batch(embeddings, self._share_sizes)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, the processes' gradients added up (loss parameters: averaged), optimiser step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:
+            summed = [p for g in self.optimizer.param_groups if g.get("name") != "loss" for p in g["params"]]
+            replicated = [p for g in self.optimizer.param_groups if g.get("name") == "loss" for p in g["params"]]
+            distributed.all_reduce_gradients(summed, replicated)
+        self.optimizer.step()
+
+    @contextlib.contextmanager
+    def batch_rng(self):
+        """A random miner draws from a seed of (seed, epoch, batch): the same on every process and
+        whatever their number (a deterministic miner: nothing changes)."""
+        if not self._random_miner:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(np.random.SeedSequence([self.settings.seed, self._epoch_now, self._batch_now, 17])
+                                  .generate_state(1)[0]))
+            yield
 
     def check_finite(self, loss: torch.Tensor, detail: str = "") -> None:
         if not torch.isfinite(loss):
@@ -698,6 +893,7 @@ class Trainer:
             entry["warmup"] = True
         self.epoch_started(epoch, entry)
         sampler = self._sampler(epoch)
+        global_batches = sampler.epoch_batches()[sampler.position:]  # what every process's shares add up to
         loader = self._loader(sampler, epoch)
         self.model.train()
         frozen = s.freeze_backbone or self.warming_up(epoch)
@@ -712,14 +908,17 @@ class Trainer:
         steps = len(sampler)
         t0 = time.perf_counter()
         self._epoch_now = epoch
-        bar = progress(loader, total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch")
+        bar = (progress(loader, total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch") if self.is_main
+               else _Silent(loader))
         try:
-            for inputs, labels, index in bar:
+            for inputs, _, _ in bar:
+                batch = global_batches[batches]
                 self._batch_now = batches
+                self._share_sizes = [b - a for a, b in distributed.share_bounds(len(batch), self.world_size)]
                 self._set_lr(epoch, batches, steps)
                 inputs = inputs.to(self.device, non_blocking=True)
-                labels = labels.to(self.device)
-                learner = None if whole else int(self.clusters[int(index[0])])
+                labels = torch.from_numpy(self.labels[batch]).to(self.device)  # the whole batch's
+                learner = None if whole else int(self.clusters[batch[0]])
                 numbers = self.train_step(inputs, labels, learner)
                 if self.only_learner is not None:
                     with torch.no_grad():
@@ -727,7 +926,7 @@ class Trainer:
                         self.model.head.bias[self._keep_rows] = self._kept_bias
                 for key, value in numbers.items():
                     sums[key] = sums.get(key, 0.0) + value
-                images += len(labels)
+                images += len(batch)
                 batches += 1
                 bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", refresh=False)
         finally:
@@ -746,6 +945,9 @@ class Trainer:
             "num_slices": int(self.model.num_slices),
         })
         self.epoch_finished(epoch, entry)
+        if not self.is_main:  # rank 0 validates, evaluates and decides on stopping early
+            self.stopped_early = distributed.broadcast_object(None)
+            return entry
         if self.val_rows is not None:
             t1 = time.perf_counter()
             entry.update(self.validate())
@@ -760,4 +962,6 @@ class Trainer:
             t1 = time.perf_counter()
             entry.update(self.evaluate())
             entry["eval_s"] = round(time.perf_counter() - t1, 3)
+        if self.world_size > 1:
+            distributed.broadcast_object(self.stopped_early)
         return entry

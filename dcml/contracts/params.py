@@ -192,6 +192,10 @@ _PARAMS = [
        "100,000 images, else ivf).", "index", choices=INDEX_TYPES),
     _p("index_target_recall", float, 0.95, "Approximate index: recall@10 against exact search that its search "
        "setting (nprobe / efSearch) is raised to reach.", "index", low=0.0, high=1.0),
+    # -- scale -----------------------------------------------------------------
+    _p("gpus_per_task", int, 1, "Data-parallel processes (one per GPU; gloo processes on CPU) of every training "
+       "stage: torchrun on one node, or per node of a TrainJob (dcml compile --nodes N); the cluster stages "
+       "request this many GPUs.", "scale", low=1),
 ]
 
 PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}

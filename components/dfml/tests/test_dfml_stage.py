@@ -66,3 +66,22 @@ def test_bad_input_is_a_one_line_error(cars_manifest, tmp_path):
     result = CliRunner().invoke(stage.cli, ["--manifest", str(cars_manifest), "--out", str(tmp_path / "y.pt"),
                                             "--groups", "1", "--image-size", "32"])
     assert isinstance(result.exception, DcmlError) and "at least 2" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_two_processes_route_and_count_every_image_once(cars_manifest, tmp_path):
+    """DFML data parallel (gloo, 2 CPU processes): both passes gathered, routing counts summed.
+
+    Not compared weight by weight with one process: EfficientNet-Lite's drop-connect
+    draws its masks per process (tests/test_distributed.py checks the equivalence
+    on models without random layers)."""
+    record = stage.run(manifest=cars_manifest, out=tmp_path / "dfml.pt", image_size=32, embedding_dim=16, groups=3,
+                       classes_per_batch=4, images_per_class=2, epochs=1, eval_every=1, seed=0, nproc=2)
+    assert record["extra"]["processes"] == 2
+    (h,) = record["history"]
+    assert h["images"] == 8 * h["batches"]
+    # Each process routed its share; the epoch's counts are the sum over both.
+    assert {sum(row) for row in h["routing"].values()} == {h["images"]}
+    assert h["loss"] == pytest.approx(h["loss_full"] + 0.5 * h["loss_routed"] + 0.5 * h["distill"], rel=1e-6)
+    model, _ = model_files.load_model(tmp_path / "dfml.pt")
+    assert not any("router" in k for k in model.state_dict())

@@ -78,19 +78,30 @@ class DFMLTrainer(Trainer):
             pairs = self.miner(embeddings, labels) if self.miner is not None else None
             return metric_loss(embeddings, labels, pairs)
 
-        full = self.model(inputs)
+        # Data parallel: both passes' embeddings are gathered, so the metric losses and the
+        # distillation see the whole batch, as in one process.
+        full = self.gather(self.model(inputs))
         with route_mode(self.model, "routed"):
-            routed = self.model(inputs)
-        loss, parts = dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
-                                distill_weight=self.distill_weight, temperature=self.temperature,
-                                balance=balance_loss(self.model), balance_weight=self.balance_weight)
+            routed = self.gather(self.model(inputs))
+        balance = balance_loss(self.model)
+        if balance is not None and self.world_size > 1:
+            # The routers' load balance is a statistic of this process's share; the summed
+            # gradients then are those of the processes' mean balance term.
+            balance = balance / self.world_size
+        with self.batch_rng():
+            loss, parts = dfml_loss(loss_of, full, routed, labels, routed_weight=self.routed_weight,
+                                    distill_weight=self.distill_weight, temperature=self.temperature,
+                                    balance=balance, balance_weight=self.balance_weight)
         self.check_finite(loss, f" ({parts}); lr_router={self.lr_router}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.step(loss)
         return {key: parts[key] for key in ("loss", "loss_full", "loss_routed", "distill", "balance")}
 
     def epoch_finished(self, epoch: int, entry: dict) -> None:
+        if self.world_size > 1:  # every process routed its own share: the epoch's counts are their sum
+            from dcml.algorithm import distributed
+
+            for _, unit in routed_units(self.model):
+                distributed.all_reduce_sum_(unit.route_counts)
         counts = routing_counts(self.model)
         summary = routing_summary(counts)
         entry.update({"routing": counts, "routing_entropy": summary["mean_normalized_entropy"],

@@ -1,0 +1,100 @@
+"""Trainer runs the data-parallel tests start in torchrun processes (dcml.launch targets).
+
+Not a test module: tests/test_distributed.py calls ``dcml.launch.run_processes("tests.distributed_cases:fit", ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dcml import stagekit
+from dcml.algorithm.models import build_model
+from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
+from dcml.contracts import manifest as manifest_mod
+from dcml.contracts.errors import DcmlError
+
+
+def settings(**overrides) -> TrainSettings:
+    base = dict(epochs=3, classes_per_batch=4, images_per_class=4, lr_backbone=1e-3, lr_embedding=1e-3,
+                miner="none", recluster_every=1, kmeans_niter=10, eval_every=0, seed=3)
+    return TrainSettings(**{**base, **overrides})
+
+
+def fit(manifest, resume_path, out, crash_after=None, settings_overrides=None, dropout=0.0):
+    """Shared mode, K=2, re-clustering every epoch; rank 0 saves the final state_dict to ``out``.
+
+    ``crash_after``: every process stops with an error once that many epochs are done
+    (their resume checkpoint is written by then), as a run killed there would.
+    """
+    man = manifest_mod.read(manifest)
+    train = man.split("train")
+    seed_everything(3)
+    model = build_model({"backbone": "small_cnn", "weights": "none", "embedding_dim": 16, "num_slices": 2,
+                         "freeze_bn": True, "dropout": dropout})
+
+    def crash(trainer, entry):
+        if crash_after is not None and trainer.epoch == crash_after:
+            raise DcmlError(f"stopped after epoch {crash_after}")
+
+    with stagekit.processes("cpu") as device:
+        trainer = Trainer(model, man, train, settings(**(settings_overrides or {})), resume_path=resume_path,
+                          device=device)
+        trainer.fit(callbacks=[crash])
+        if stagekit.is_main():
+            torch.save(model.state_dict(), out)
+    return {"epoch": trainer.epoch, "resumed_from": trainer.resumed_from,
+            "clusters": trainer.clusters.tolist(), "world_size": trainer.world_size}
+
+
+def pml_wrappers(loss="multi_similarity", miner="multi_similarity", n=16, dim=8, seed=0):
+    """One batch, its shares on the processes: dcml's gathered loss and miner against
+    pytorch-metric-learning's DistributedLossWrapper / DistributedMinerWrapper and
+    against one process on the whole batch. Rank 0 returns the largest differences
+    over all processes (loss value, gradient of each process's share)."""
+    from pytorch_metric_learning import losses, miners
+    from pytorch_metric_learning.utils import distributed as pml_dist
+
+    from dcml.algorithm import distributed
+
+    make_loss = {"multi_similarity": losses.MultiSimilarityLoss, "contrastive": losses.ContrastiveLoss,
+                 "triplet": losses.TripletMarginLoss, "margin": losses.MarginLoss}[loss]
+    make_miner = {"multi_similarity": miners.MultiSimilarityMiner, "triplet": miners.TripletMarginMiner}[miner]
+    torch.manual_seed(seed)
+    batch = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+    labels = torch.arange(n) // 4
+    with stagekit.processes("cpu"):
+        world, rank = distributed.world_size(), distributed.rank()
+        bounds = distributed.share_bounds(n, world)
+        start, stop = bounds[rank]
+        sizes = [b - a for a, b in bounds]
+
+        # One process, the whole batch.
+        whole = batch.clone().requires_grad_()
+        loss_fn, miner_fn = make_loss(), make_miner()
+        reference = loss_fn(whole, labels, miner_fn(whole, labels))
+        reference.backward()
+
+        # dcml: the share's embeddings gathered in batch order, the loss on the whole batch.
+        mine = batch[start:stop].clone().requires_grad_()
+        gathered = distributed.gather_batch(mine, sizes)
+        ours = loss_fn(gathered, labels, miner_fn(gathered, labels))
+        ours.backward()
+
+        # pytorch-metric-learning's wrappers: the own share first, the loss times N (for DDP's averaging).
+        theirs_in = batch[start:stop].clone().requires_grad_()
+        own = labels[start:stop]
+        pairs = pml_dist.DistributedMinerWrapper(make_miner())(theirs_in, own)
+        theirs = pml_dist.DistributedLossWrapper(make_loss())(theirs_in, own, pairs) / world
+        (theirs * world).backward()
+        theirs_grad = theirs_in.grad / world
+
+        numbers = {
+            "ours_vs_one_loss": abs(ours.item() - reference.item()),
+            "ours_vs_pml_loss": abs(ours.item() - theirs.item()),
+            "ours_vs_one_grad": float((mine.grad - whole.grad[start:stop]).abs().max()),
+            "ours_vs_pml_grad": float((mine.grad - theirs_grad).abs().max()),
+            "grad_scale": float(whole.grad.abs().max()),
+            "loss": reference.item(),
+        }
+        everyone = distributed.all_gather_object(numbers)
+    return {"world_size": world, **{k: max(e[k] for e in everyone) for k in numbers}}
