@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+from bench.report import PY, Results, commands_line, num
 
 MODES = ("whole", "top-images", "fast")
 
@@ -114,6 +115,43 @@ def main(argv=None) -> None:
     }
     write_result(Path(args.out), result)
     log(f"fast / whole = {result['fast_over_whole']}x, fast / top-images = {result['fast_over_top_images']}x")
+
+
+# ----------------------------------------------------------------- report
+
+CARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars196"
+
+
+def commands(quick: bool, threads: int) -> list[list[str]]:
+    if not CARS.is_dir():
+        return []
+    extra = ["--rounds", "1", "--batches", "5", "--out", str(RESULTS / "fast_quick.json")] if quick else []
+    return [[PY, "-m", "bench.bench_fast", "--threads", str(threads), *extra]]
+
+
+def report(results: Results) -> list[str]:
+    lines = ["## Fast mode: training images/s from cached activations (bench_fast)", ""]
+    r = results.best("fast")
+    if not r:
+        return lines + [f"Not run yet: `{PY} -m bench.bench_fast`.", ""]
+    m = r["median_images_per_s"]
+    lines += [f"cars196, EfficientNet-Lite0 at {r['image_size']} px, P=8 x M=4, one thread; the three ways train the "
+              f"same batches, interleaved round by round in one process ({r['rounds']} rounds of "
+              f"{r['batches_per_round']} batches each, median). `whole`: every block trains on images; `top-images`: "
+              f"the top {r['train_blocks']} blocks train, the frozen part runs on images without autograd; `fast`: "
+              f"the same top blocks on the cached output of the frozen part ({r['views']} views per image).", "",
+              "| mode | images/s (median) | vs whole |", "|---|---:|---:|"]
+    for mode in MODES:
+        lines.append(f"| {mode} | {num(m[mode], 1)} | {m[mode] / m['whole']:.2f}x |")
+    lines += ["", f"The fast mode trains **{r['fast_over_whole']:.2f}x** as many images per second as the whole "
+                  f"network (goal >= 3x: {'met' if r['fast_over_whole'] >= 3 else 'not met'}) and "
+                  f"{r['fast_over_top_images']:.2f}x the same top blocks on images. Building the cache took "
+                  f"{r['cache_seconds']:.0f} s for {r['train_images']:,} images x {1 + r['views']} passes "
+                  f"({1000 * r['cache_s_per_image_view']:.1f} ms per image and view): it has paid for itself after "
+                  f"{r['cache_paid_off_after_epochs']:.1f} epochs. The R@1 cost at equal epochs is in the recipe "
+                  "table (rows `images-top5` and `whole` against `base`, where they were run).", "",
+              commands_line(r, results.step_command("fast")), ""]
+    return lines
 
 
 if __name__ == "__main__":
