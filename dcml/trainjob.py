@@ -264,6 +264,19 @@ def cluster_apis():
     return client.CustomObjectsApi(), client.CoreV1Api()
 
 
+def run_training(target: str, kwargs: dict, *, inputs: Sequence[str], num_nodes: int, nproc_per_node: int,
+                 workspace: str, task_config=None, settings: dict | None = None, prefix: str = "dcml-train"):
+    """A training component's body: the stage call ``target(**kwargs)`` in this pod (``kwargs``
+    carries its own ``nproc``), or with ``num_nodes > 1`` as a TrainJob (:func:`run_stage`)."""
+    if num_nodes > 1:
+        return run_stage(target, kwargs, inputs=inputs, num_nodes=num_nodes, nproc_per_node=nproc_per_node,
+                         workspace=workspace, task_config=task_config, settings=settings, prefix=prefix)
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
 def run_stage(target: str, kwargs: dict, *, inputs: Sequence[str], num_nodes: int, nproc_per_node: int,
               workspace: str, task_config=None, settings: dict | None = None, out_key: str = "out",
               prefix: str = "dcml-train", apis=None, namespace: str | None = None, out=None,

@@ -56,15 +56,12 @@ def train_dfml(
         nproc=gpus_per_task,
         **hyper,
     )
-    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
-        from dcml import trainjob as multi_node
+    from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
-        multi_node.run_stage("components.dfml.stage:run", args,
-                             inputs=("manifest",), num_nodes=num_nodes,
-                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
-                             settings=trainjob, prefix="dcml-train-dfml")
-    else:
-        stage.run(**args)
+    run_training("components.dfml.stage:run", args,
+                 inputs=("manifest",), num_nodes=num_nodes,
+                 nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                 settings=trainjob, prefix="dcml-train-dfml")
     from dcml.contracts.io import seal
 
     seal(model.path)

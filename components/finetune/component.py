@@ -57,15 +57,12 @@ def merge_finetune(
         merge=merge, nproc=gpus_per_task,
         **hyper,
     )
-    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
-        from dcml import trainjob as multi_node
+    from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
-        multi_node.run_stage("components.finetune.stage:run", args,
-                             inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
-                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
-                             settings=trainjob, prefix="dcml-merge-finetune")
-    else:
-        stage.run(**args)
+    run_training("components.finetune.stage:run", args,
+                 inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
+                 nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                 settings=trainjob, prefix="dcml-merge-finetune")
     from dcml.contracts.io import seal
 
     seal(model.path)
@@ -116,15 +113,12 @@ def finetune(
         nproc=gpus_per_task,
         **hyper,
     )
-    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
-        from dcml import trainjob as multi_node
+    from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
-        multi_node.run_stage("components.finetune.stage:run", args,
-                             inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
-                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
-                             settings=trainjob, prefix="dcml-finetune")
-    else:
-        stage.run(**args)
+    run_training("components.finetune.stage:run", args,
+                 inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
+                 nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                 settings=trainjob, prefix="dcml-finetune")
     from dcml.contracts.io import seal
 
     seal(model.path)

@@ -63,15 +63,12 @@ def train_shared(
         mode="shared", nproc=gpus_per_task,
         **hyper,
     )
-    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
-        from dcml import trainjob as multi_node
+    from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
-        multi_node.run_stage("components.train.stage:run", args,
-                             inputs=("manifest", "clusters", "activations"), num_nodes=num_nodes,
-                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
-                             settings=trainjob, prefix="dcml-train-shared")
-    else:
-        stage.run(**args)
+    run_training("components.train.stage:run", args,
+                 inputs=("manifest", "clusters", "activations"), num_nodes=num_nodes,
+                 nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                 settings=trainjob, prefix="dcml-train-shared")
     from dcml.contracts.io import seal
 
     seal(model.path)
@@ -132,15 +129,12 @@ def train_worker(
         init=os.path.join(init.path, "model.pt") if init is not None else None, nproc=gpus_per_task,
         **hyper,
     )
-    if num_nodes > 1:  # a Kubeflow TrainJob over num_nodes nodes (dcml.trainjob)
-        from dcml import trainjob as multi_node
+    from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
-        multi_node.run_stage("components.train.stage:run", args,
-                             inputs=("manifest", "clusters", "activations", "init"), num_nodes=num_nodes,
-                             nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
-                             settings=trainjob, prefix="dcml-train-worker")
-    else:
-        stage.run(**args)
+    run_training("components.train.stage:run", args,
+                 inputs=("manifest", "clusters", "activations", "init"), num_nodes=num_nodes,
+                 nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
+                 settings=trainjob, prefix="dcml-train-worker")
     from dcml.contracts.io import seal
 
     seal(model.path)
