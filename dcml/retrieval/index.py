@@ -213,14 +213,18 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TA
 
 
 def stored_vectors(index: faiss.Index) -> np.ndarray:
-    """Every vector an index holds, in id order (an IVF index gets a direct map for it)."""
+    """Every vector an index holds, in id order (an IVF index gets a direct map for it).
+
+    Always a numpy array: once ``faiss.contrib.torch_utils`` is imported (by
+    pytorch-metric-learning, for one) faiss may hand back torch tensors.
+    """
     if kind_of(index) == "ivf":
         index.make_direct_map()
         try:
-            return index.reconstruct_n(0, index.ntotal)
+            return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
         finally:
             index.make_direct_map(False)
-    return index.reconstruct_n(0, index.ntotal)
+    return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
 
 
 def append(index: faiss.Index, vectors: np.ndarray, target_recall: float = TARGET_RECALL,

@@ -1,7 +1,8 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
+import faiss.contrib.torch_utils  # noqa: F401 -- pytorch-metric-learning imports it in the same processes:
+import pytest                      # faiss then may return torch tensors, and the index must still work
 import torch
 
 _spec = importlib.util.spec_from_file_location("gallery_data", Path(__file__).with_name("gallery_data.py"))
