@@ -299,8 +299,10 @@ def report(results: Results) -> list[str]:
         if best and len(rows.get("k1", {})) > 1:
             config, d, se, n = best
             apart = se is not None and d > 2 * se
-            lines += ["", f"Best K>1: {CONFIGS[config]['label']}, {100 * d:+.1f} ± {100 * (se or 0):.1f} R@1 points "
-                          f"over K=1 ({n} paired seeds). Goal: >= +1.5 and more than two standard errors apart: "
+            spread = f" ± {100 * se:.1f}" if se is not None else ""
+            lines += ["", f"Best K>1: {CONFIGS[config]['label']}, {100 * d:+.1f}{spread} R@1 points over K=1 "
+                          f"({n} paired seed{'s' if n > 1 else ''}). "
+                          "Goal: >= +1.5 and more than two standard errors apart: "
                           + ("**met**." if d >= 0.015 and apart else "**not met**.")]
         lines += results.image(f"dc_{dataset}{'_' + tag if tag else ''}.png", f"{dataset} test Recall@1 per epoch")
         lines += [""]

@@ -296,7 +296,8 @@ def report(results: Results) -> list[str]:
         speed = _mean_std([r.get("images_per_s") for r in runs])[0]
         minutes = _mean_std([r.get("train_s") for r in runs])[0]
         name = f"**{tag}**" if tag == WINNER else tag
-        lines.append(f"| {name} | {runs[0]['label']} | {len(runs)} | {pct(*r1)} | {pct(*mapr, digits=2)} | "
+        label = runs[0]["label"] + ("" if tag in ROWS else f", {runs[0]['config']['image_size']} px")
+        lines.append(f"| {name} | {label} | {len(runs)} | {pct(*r1)} | {pct(*mapr, digits=2)} | "
                      f"{kept} | {pct(last[0])} | {num(speed, 0)} | {num(minutes and minutes / 60, 0)} |")
     win = rows.get(WINNER)
     if win and pretrained:
