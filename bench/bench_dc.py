@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+from bench.common import RESULTS, WORK, log, result_header, save_png, set_threads, write_result
 from bench.report import PY, Results, pct
 
 OUT = RESULTS / "dc"
@@ -236,11 +236,7 @@ def plot(dataset: str, tag: str) -> Path | None:
     ax.set(xlabel="epoch (training, then fine-tuning)", ylabel="test Recall@1",
            title=f"{dataset}: divide and conquer vs one learner{' (' + tag + ')' if tag else ''}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    dest = RESULTS / f"dc_{dataset}{'_' + tag if tag else ''}.png"
-    fig.savefig(dest, dpi=100)
-    plt.close(fig)
-    return dest
+    return save_png(fig, RESULTS / f"dc_{dataset}{'_' + tag if tag else ''}.png", dpi=100)
 
 
 def commands(quick: bool, threads: int) -> list[list[str]]:

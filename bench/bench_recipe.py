@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+from bench.common import RESULTS, WORK, log, result_header, save_png, set_threads, write_result
 from bench.report import PY, Results, num, pct
 
 OUT = RESULTS / "recipe"
@@ -245,11 +245,7 @@ def plot(dataset: str = "cars196") -> Path | None:
                     xytext=(2, 2), textcoords="offset points")
     ax.set(xlabel="epoch (0 = before training)", ylabel="test Recall@1", title=f"{dataset}: one factor at a time")
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    dest = RESULTS / f"recipe_{dataset}.png"
-    fig.savefig(dest, dpi=100)
-    plt.close(fig)
-    return dest
+    return save_png(fig, RESULTS / f"recipe_{dataset}.png", dpi=100)
 
 
 def commands(quick: bool, threads: int) -> list[list[str]]:
