@@ -302,6 +302,12 @@ def report(results: Results) -> list[str]:
                           + ("**met**." if d >= 0.015 and apart else "**not met**.")]
         lines += results.image(f"dc_{dataset}{'_' + tag if tag else ''}.png", f"{dataset} test Recall@1 per epoch")
         lines += [""]
+    missing = [d for d in DATASETS if not any(d == f for f, _ in found)]
+    for dataset in missing:
+        spec = DATASETS[dataset]
+        lines += [f"### {dataset}", "", f"Not run yet ({spec['epochs']} + {spec['finetune_epochs']} epochs per "
+                  "configuration, about 35 minutes of one core per cars196 run here): "
+                  f"`{PY} -m bench.bench_dc --dataset {dataset} --configs {','.join(CONFIGS)} --seeds 0,1,2`.", ""]
     commands = sorted({r.get("command") for d, t in found for by in collect(d, t).values() for r in by.values()
                        if r.get("command")})
     lines += ["Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
