@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from components.evaluate.stage import run as evaluate
-from components.index.stage import run as index_stage
 from dcml.algorithm.data import ManifestImageDataset, build_transform
 from dcml.algorithm.inference import compute_vectors
 from dcml.contracts import manifest as manifest_lib
@@ -36,12 +35,7 @@ _spec.loader.exec_module(gallery_data)
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
     """(JPEG-file manifest, small_cnn checkpoint, its index folder)."""
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("retrieval")
-    manifest = gallery_data.jpeg_manifest(folder)
-    model = gallery_data.checkpoint_file(folder / "model.pt", embedding_dim=16, num_slices=2)
-    index_stage(out=folder / "index", manifest=manifest, model=model)
-    return manifest, model, folder / "index"
+    return gallery_data.indexed_jpeg_gallery(tmp_path_factory.mktemp("retrieval"))
 
 
 def clustered(n, dim=32, seed=0):

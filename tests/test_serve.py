@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from PIL import Image
 
-from components.index.stage import run as index_stage
 from dcml.contracts import manifest as manifest_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +54,8 @@ def wait_for(url: str, process, seconds: float = 120) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, manifest) of `dcml serve` over a JPEG gallery, in its own process."""
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("serve")
-    manifest = gallery_data.jpeg_manifest(folder)
-    model = gallery_data.checkpoint_file(folder / "model.pt", embedding_dim=16, num_slices=2)
-    index_stage(out=folder / "index", manifest=manifest, model=model)
+    manifest, _, _ = gallery_data.indexed_jpeg_gallery(folder)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "dcml_app.cli", "serve", "--index", str(folder / "index"),
                                 "--port", str(port)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},

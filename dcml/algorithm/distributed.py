@@ -172,14 +172,9 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 def share_bounds(n: int, world: int | None = None) -> list[tuple[int, int]]:
     """Contiguous shares ``[start, stop)`` of a batch of ``n`` for each rank (the first n % N ranks take one more)."""
-    world = world_size() if world is None else int(world)
-    base, extra = divmod(int(n), world)
-    bounds, start = [], 0
-    for r in range(world):
-        stop = start + base + (1 if r < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    from dcml.algorithm.models import slice_bounds  # the same even contiguous split as the embedding's slices
+
+    return slice_bounds(int(n), world_size() if world is None else int(world))
 
 
 def gather_batch(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

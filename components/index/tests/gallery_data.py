@@ -53,3 +53,14 @@ def checkpoint_file(dest: Path, backbone: str = "small_cnn", seed: int = 0, **co
     net = build_model(default_config(backbone=backbone, **config), load_weights=False)
     checkpoint.save(dest, {"model_config": net.config, "model": net.state_dict(), "record": "{}"})
     return dest
+
+
+def indexed_jpeg_gallery(folder: Path) -> tuple[Path, Path, Path]:
+    """(JPEG-file manifest, small_cnn checkpoint with 2 slices, the index `dcml index` built of them) in ``folder``."""
+    from components.index.stage import run as index_stage
+
+    torch.set_num_threads(1)
+    manifest = jpeg_manifest(folder)
+    model = checkpoint_file(folder / "model.pt", embedding_dim=16, num_slices=2)
+    index_stage(out=folder / "index", manifest=manifest, model=model)
+    return manifest, model, folder / "index"

@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from dcml.algorithm.models import slice_bounds
 from dcml.contracts.errors import DcmlError
 from dcml.methods.dfml.router import Router, RoutedUnit
 
@@ -22,13 +23,7 @@ def group_bounds(n: int, groups: int) -> list[tuple[int, int]]:
     """Split range(n) into ``groups`` contiguous parts, sizes as even as possible."""
     if groups < 1 or n < groups:
         raise ValueError(f"cannot split {n} units into {groups} groups")
-    base, extra = divmod(n, groups)
-    bounds, start = [], 0
-    for g in range(groups):
-        stop = start + base + (1 if g < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return slice_bounds(n, groups)
 
 
 def _template(module: nn.Module) -> nn.Module:
