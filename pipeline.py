@@ -212,7 +212,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
         ingest = task("ingest", **pick(p, "dataset", "data_root", "split_mode", "max_per_class", "check_images",
                                        "val_fraction", "data_version"))
         manifest = ingest.outputs["manifest"]
-        cluster_args = pick(p, "num_clusters", "niter", "nredo", "seed")
+        cluster_args = pick(p, "num_clusters", "niter", "nredo", "seed", "cluster_grouping")
 
         if method == "dfml":
             model = task("train-dfml", manifest=manifest, **{k: v for k, v in model_args.items() if k != "train_blocks"},
@@ -225,7 +225,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                 clusters = task("cluster", features=extracted.outputs["features"], **cluster_args).outputs["clusters"]
                 trained = task("train-shared", manifest=manifest, clusters=clusters, activations=activations,
                                **model_args, **train_args, epochs=p["epochs"],
-                               recluster_every=p["recluster_every"]).outputs["model"]
+                               **pick(p, "recluster_every", "whole_embedding_after", "embedding_slices",
+                                      "cluster_grouping")).outputs["model"]
                 model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
                              finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
             else:
@@ -246,7 +247,9 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                       epochs=p["epochs"], **extra)
                     model = task("merge-finetune", manifest=manifest,
                                  checkpoints=dsl.Collected(worker.outputs["model"]), activations=activations,
-                                 merge=merge, finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
+                                 clusters=clustered.outputs["clusters"], merge=merge,
+                                 **pick(p, "finetune_epochs", "finetune_cluster_epochs", "recluster_every",
+                                        "cluster_grouping"), **train_args).outputs["model"]
 
         evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],
                          num_workers=p["num_workers"])

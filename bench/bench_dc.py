@@ -6,7 +6,15 @@ clustering every ``recluster_every`` epochs, then ``finetune_epochs`` epochs
 of K=1 fine-tuning on all data, through the stages' public ``run`` functions:
 
 * ``k1``: one learner, the whole embedding (plain metric learning);
-* ``k2`` / ``k4`` / ``k8``: the paper's shared mode, K learners on K clusters;
+* ``k2-ref`` / ``k4-ref``: the shared mode as the reference code trains it: K
+  learners on K clusters, each loss on its own slice for the first 8/19 of the
+  epochs, then on the whole embedding, batches still from one cluster each;
+* ``k2`` / ``k4`` / ``k8``: slices alone until fine-tuning (dcml before the
+  reference schedule: ``whole_embedding_after=1``);
+* ``k4-ctrl-a``: control (a), one embedding (no slices) trained on batches from
+  K=4 clusters: the hard negatives alone;
+* ``k4-ctrl-b``: control (b), the reference schedule on K=4 random groups of
+  whole classes: slices without cluster structure;
 * ``k4-parallel``: one worker per cluster (own backbone copy), merge, fine-tune.
 
 Each stage keeps the epoch with the best validation MAP@R (a class-disjoint
@@ -46,15 +54,24 @@ DATASETS = {
         "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 160, "embedding_dim": 128,
                   "train_blocks": 5, "freeze_bn": "true"},
         "training": {"loss": "margin", "classes_per_batch": 8, "images_per_class": 4, "lr_backbone": 1e-4,
-                     "lr_embedding": 1e-4, "schedule": "cosine", "select_on": "map@r", "eval_every": 2},
-        "epochs": 20, "finetune_epochs": 2, "recluster_every": 2, "fast_views": 4, "batch_size": 64,
+                     "lr_embedding": 1e-4, "schedule": "constant", "head_init": "pca", "select_on": "map@r",
+                     "eval_every": 2},
+        "epochs": 10, "finetune_epochs": 2, "recluster_every": 2, "fast_views": 4, "batch_size": 64,
     },
 }
+REFERENCE = {"whole_embedding_after": 8 / 19}
+SLICES_ALONE = {"whole_embedding_after": 1.0}
 CONFIGS = {
     "k1": {"k": 1, "mode": "shared", "label": "K=1 (one learner)"},
-    "k2": {"k": 2, "mode": "shared", "label": "K=2 shared (paper)"},
-    "k4": {"k": 4, "mode": "shared", "label": "K=4 shared (paper)"},
-    "k8": {"k": 8, "mode": "shared", "label": "K=8 shared (paper)"},
+    "k2-ref": {"k": 2, "mode": "shared", "label": "K=2 reference schedule", "train": REFERENCE},
+    "k4-ref": {"k": 4, "mode": "shared", "label": "K=4 reference schedule", "train": REFERENCE},
+    "k2": {"k": 2, "mode": "shared", "label": "K=2 slices alone", "train": SLICES_ALONE},
+    "k4": {"k": 4, "mode": "shared", "label": "K=4 slices alone", "train": SLICES_ALONE},
+    "k8": {"k": 8, "mode": "shared", "label": "K=8 slices alone", "train": SLICES_ALONE},
+    "k4-ctrl-a": {"k": 4, "mode": "shared", "label": "control (a): K=4 cluster batches, no slices",
+                  "train": {"embedding_slices": False}},
+    "k4-ctrl-b": {"k": 4, "mode": "shared", "label": "control (b): K=4 random class groups, reference schedule",
+                  "train": {**REFERENCE, "cluster_grouping": "random"}, "cluster": {"cluster_grouping": "random"}},
     "k4-parallel": {"k": 4, "mode": "parallel", "label": "K=4 parallel (workers, merge)"},
 }
 CURVE_KEYS = ("epoch", "phase", "loss", "val_recall@1", "val_map@r", "recall@1", "map@r", "images", "seconds",
@@ -115,11 +132,11 @@ def run_config(dataset: str, config: str, seed: int, spec: dict, work: Path) -> 
     clusters = None
     if c["k"] > 1:
         clusters = work / "clusters.parquet"
-        cluster(features=inputs["features"], out=clusters, k=c["k"], seed=seed)
+        cluster(features=inputs["features"], out=clusters, k=c["k"], seed=seed, **c.get("cluster", {}))
     if c["mode"] == "shared":
         rec = train(out=str(work / "train.pt"), clusters=clusters, num_slices=c["k"], mode="shared",
                     epochs=spec["epochs"], recluster_every=spec["recluster_every"], batches_per_epoch=batches,
-                    **common, **hyper)
+                    **common, **hyper, **c.get("train", {}))
         records.append(rec)
         history += curves(rec, "train")
         checkpoints = [str(work / "train.pt")]

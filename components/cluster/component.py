@@ -11,6 +11,7 @@ def cluster(
     niter: int,
     nredo: int,
     seed: int,
+    cluster_grouping: str,
     clusters: Output[Dataset],
 ) -> List[int]:
     import os

@@ -1,4 +1,8 @@
-"""Stage 3: faiss k-means of the training images' vectors -> cluster assignments."""
+"""Stage 3: faiss k-means of the training images' vectors -> cluster assignments.
+
+``cluster_grouping="random"`` writes K random groups of whole classes instead
+(the control without cluster structure; the features are read only for the
+training rows and their labels)."""
 
 from __future__ import annotations
 
@@ -9,14 +13,15 @@ import pyarrow as pa
 
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
-from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.algorithm.clustering import (KMeansResult, cluster_sizes, drop_singletons, kmeans, match_to_previous,
+                                       random_class_groups)
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import read_parquet_meta, read_vectors, write_parquet
 from dcml.contracts.records import StageTimer
 
 # Parameters this stage takes (dcml.contracts.params); num_clusters is its --k.
-PARAMS = ("num_clusters", "niter", "nredo", "seed")
+PARAMS = ("num_clusters", "niter", "nredo", "seed", "cluster_grouping")
 RENAME = params.STAGE_NAMES["cluster"]
 
 
@@ -59,6 +64,16 @@ def _previous(path, image_ids: pd.Series, k: int) -> np.ndarray:
     return aligned
 
 
+def _as_clusters(vectors: np.ndarray, assignments: np.ndarray, k: int, normalize: bool) -> KMeansResult:
+    """Given groups as a clustering: their centroids and inertia (comparable with k-means')."""
+    from dcml.algorithm.clustering import l2_normalize
+
+    x = l2_normalize(vectors) if normalize else np.asarray(vectors, np.float32)
+    centroids = np.stack([x[assignments == c].mean(axis=0) for c in range(k)]).astype(np.float32)
+    inertia = float(((x - centroids[assignments]) ** 2).sum())
+    return KMeansResult(assignments, centroids, inertia)
+
+
 def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     """Cluster the training rows of a feature (or embedding) table into ``k`` clusters.
 
@@ -73,12 +88,17 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
     timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
+    random_groups = hp["cluster_grouping"] == "random"
     try:
-        result = kmeans(vectors, k, niter=int(niter), nredo=int(nredo), seed=int(seed), normalize=bool(normalize))
+        if random_groups:
+            result = _as_clusters(vectors, random_class_groups(rows["label"].to_numpy(), k, int(seed)), k,
+                                  bool(normalize))
+        else:
+            result = kmeans(vectors, k, niter=int(niter), nredo=int(nredo), seed=int(seed), normalize=bool(normalize))
     except DcmlError as exc:
         raise DcmlError(f"{features}: {exc}") from None
     assignments = result.assignments
-    if previous is not None:
+    if previous is not None and not random_groups:
         assignments = match_to_previous(_previous(previous, rows["image_id"], k), assignments, k)
     raw_sizes = cluster_sizes(assignments, k)
     assignments = drop_singletons(assignments, rows["label"].to_numpy())
@@ -89,7 +109,7 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     record = timer.finish(inputs={"features": features, "previous": previous}, metrics=metrics,
                           extra={"sizes": sizes, "sizes_before_singletons": raw_sizes, "vector_column": column})
     table = pa.table({"image_id": pa.array(rows["image_id"].astype(str)), "cluster": pa.array(assignments, pa.int64())})
-    write_parquet(out, table, {"k": k, "niter": int(niter), "nredo": int(nredo), "seed": int(seed),
+    write_parquet(out, table, {"k": k, "grouping": hp["cluster_grouping"], "niter": int(niter), "nredo": int(nredo), "seed": int(seed),
                                "normalize": bool(normalize), "inertia": result.inertia, "sizes": sizes,
                                "vector_column": column, "record": record})
     events.emit("summary", text=f"K={k}: {min(sizes)}-{max(sizes)} images per cluster, {metrics['left_out']} left out")

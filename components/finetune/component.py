@@ -15,8 +15,12 @@ def merge_finetune(
     manifest: Input[Dataset],
     checkpoints: Input[List[Model]],
     activations: Input[Dataset],
+    clusters: Input[Dataset],
     merge: str,
     finetune_epochs: int,
+    finetune_cluster_epochs: int,
+    recluster_every: int,
+    cluster_grouping: str,
     loss: str,
     margin: float,
     miner: str,
@@ -53,6 +57,7 @@ def merge_finetune(
         manifest=os.path.join(manifest.path, "manifest.parquet"),
         checkpoints=[os.path.join(c.path, "model.pt") for c in checkpoints],
         activations=activations.path,
+        clusters=os.path.join(clusters.path, "clusters.parquet"),
         out=os.path.join(model.path, "model.pt"),
         merge=merge, nproc=gpus_per_task,
         **hyper,
@@ -60,7 +65,7 @@ def merge_finetune(
     from dcml.trainjob import run_training  # here, or a TrainJob over num_nodes nodes
 
     run_training("components.finetune.stage:run", args,
-                 inputs=("manifest", "checkpoints", "activations"), num_nodes=num_nodes,
+                 inputs=("manifest", "checkpoints", "activations", "clusters"), num_nodes=num_nodes,
                  nproc_per_node=gpus_per_task, workspace=workspace_path, task_config=task_config,
                  settings=trainjob, prefix="dcml-merge-finetune")
     from dcml.contracts.io import seal

@@ -9,6 +9,12 @@ backbones that were frozen and so are identical). Then the whole embedding
 ``epochs=0`` the merged model is written as is, K slices each normalised on
 its own. One checkpoint (shared mode): no merge, just the fine-tuning.
 
+``finetune_cluster_epochs`` > 0 (with ``clusters``, the workers' clusters):
+before the K=1 fine-tuning, the merged K-slice model trains the whole
+embedding on one-cluster batches for that many epochs, re-clustered every
+``recluster_every`` epochs: the reference code's whole-embedding phase, for
+the parallel mode.
+
 ``nproc=N`` (``--nproc``, the pipeline's ``gpus_per_task``): the fine-tuning
 runs as N data-parallel processes on this node (torchrun; dcml.launch); every
 process merges the same inputs, rank 0 writes the checkpoint.
@@ -28,7 +34,8 @@ from dcml.contracts.records import StageTimer
 
 MERGES = ("average", "first")
 # Hyper-parameters this stage takes (dcml.contracts.params); finetune_epochs is its --epochs.
-PARAMS = ("finetune_epochs",) + tuple(n for n in stagekit.TRAINING_PARAMS if n != "epochs")
+PARAMS = ("finetune_epochs", "finetune_cluster_epochs", "recluster_every", "cluster_grouping") + tuple(
+    n for n in stagekit.TRAINING_PARAMS if n != "epochs")
 RENAME = params.STAGE_NAMES["finetune"]
 
 
@@ -80,7 +87,7 @@ def merge_checkpoints(loaded: list[tuple[str, dict]], merge: str = "average"):
     return template, list(range(k))
 
 
-def run(manifest, checkpoints, out, merge="average", activations=None, freeze_backbone=False,
+def run(manifest, checkpoints, out, merge="average", activations=None, clusters=None, freeze_backbone=False,
         resume=True, work_dir=None, device=None, threads=None, nproc=1, **hyper) -> dict:
     """Merge worker checkpoints (or take the one shared-mode checkpoint) and
     fine-tune with K=1 on all training images; writes a checkpoint to ``out``.
@@ -92,7 +99,11 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
     check_writable(out)
-    if hp["epochs"] > 0 and launch.needed(stagekit.check_nproc(nproc)):
+    cluster_epochs = hp["finetune_cluster_epochs"]
+    if cluster_epochs and clusters is None:
+        raise DcmlError(f"finetune_cluster_epochs={cluster_epochs} needs the clusters the workers trained on; "
+                        "pass --clusters (dcml cluster's output) or set it to 0")
+    if hp["epochs"] + cluster_epochs > 0 and launch.needed(stagekit.check_nproc(nproc)):
         call["checkpoints"] = [str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, bytes)) else checkpoints)]
         return launch.run_processes(f"{__name__}:run", call, nproc)
     from dcml.algorithm.training import Trainer, seed_everything
@@ -115,14 +126,24 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
         model, merged_from = merge_checkpoints(loaded, merge)
 
     history, trainer, processes = [], None, 1
-    if hp["epochs"] > 0:
-        model.set_num_slices(1)
-        settings = stagekit.train_settings(hp, recluster_every=0, finetune_epoch=0,
-                                           freeze_backbone=bool(freeze_backbone))
+    assignments = None
+    if cluster_epochs:
+        assignments, k_file, _ = stagekit.read_clusters(clusters, train_rows)
+        if k_file != model.num_slices:
+            raise DcmlError(f"{clusters}: has k={k_file} clusters but the model has {model.num_slices} slices; "
+                            "pass the clusters the workers were trained on")
+    if hp["epochs"] + cluster_epochs > 0:
+        if not cluster_epochs:
+            model.set_num_slices(1)
+        settings = stagekit.train_settings(
+            {**hp, "epochs": hp["epochs"] + cluster_epochs}, recluster_every=hp["recluster_every"] if cluster_epochs else 0,
+            finetune_epoch=cluster_epochs, whole_embedding_after=0.0, grouping=hp["cluster_grouping"],
+            freeze_backbone=bool(freeze_backbone))
         seed_everything(hp["seed"])
         with stagekit.processes(device) as dev:
-            trainer = Trainer(model, man, train_rows, settings, eval_rows=eval_rows, val_rows=val_rows,
-                              activations=cache, **stagekit.resume_location(out, work_dir), device=dev)
+            trainer = Trainer(model, man, train_rows, settings, clusters=assignments, eval_rows=eval_rows,
+                              val_rows=val_rows, activations=cache, **stagekit.resume_location(out, work_dir),
+                              device=dev)
             history = trainer.fit(resume=resume)
             if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
                 return {}
@@ -130,7 +151,8 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
         model.cpu()
 
     metrics = {**stagekit.final_metrics(history), **(stagekit.trainer_metrics(trainer) if trainer is not None else {})}
-    record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations}, metrics=metrics,
+    record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations,
+                                  "clusters": clusters}, metrics=metrics,
                           history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
                                                   "num_slices": int(model.num_slices), "processes": processes})
     stagekit.write_output(out, model, record, epoch=len(history),
@@ -150,6 +172,8 @@ def run(manifest, checkpoints, out, merge="average", activations=None, freeze_ba
               help="Backbones: average them, or take worker 0's (frozen backbones).")
 @click.option("--activations", type=click.Path(file_okay=False),
               help="Fast mode: the cache of the frozen lower part (dcml extract --views N).")
+@click.option("--clusters", type=click.Path(dir_okay=False),
+              help="With --finetune-cluster-epochs: the clusters the workers trained on (dcml cluster).")
 @params.click_options(*PARAMS, rename=RENAME)
 @click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True)

@@ -2,7 +2,11 @@
 
 mode="shared" (the paper): one model with K slices over a shared backbone;
 every batch comes from one cluster and trains that cluster's slice; the
-training images are re-clustered every ``recluster_every`` epochs.
+training images are re-clustered every ``recluster_every`` epochs. After
+``whole_embedding_after`` of the epochs (the reference code's 8/19) the loss
+sees the whole embedding while batches still come from one cluster each.
+Controls: ``embedding_slices=False`` (one embedding, the clusters only pick
+the batches) and ``cluster_grouping="random"`` (random class groups).
 
 mode="worker" (the parallel variant of seed document 000): trains its own copy
 of the backbone (frozen with ``freeze_backbone``) and only slice
@@ -27,7 +31,7 @@ from dcml.contracts.records import StageTimer
 
 MODES = ("shared", "worker")
 # Hyper-parameters this stage takes (defaults, ranges and help: dcml.contracts.params).
-PARAMS = stagekit.MODEL_PARAMS + ("recluster_every",) + stagekit.TRAINING_PARAMS
+PARAMS = stagekit.MODEL_PARAMS + stagekit.DC_PARAMS + stagekit.TRAINING_PARAMS
 
 
 # -- the stage ----------------------------------------------------------------------
@@ -41,6 +45,8 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     defaults from dcml.contracts.params). ``num_slices`` defaults to the
     clusters file's k (1 without clusters). ``init``: a checkpoint to start
     from (its architecture wins over backbone/embedding_dim/...).
+    ``num_slices`` is the number of clusters (K); the model has K slices, or
+    one with ``embedding_slices=False``.
     ``finetune_epoch``: from this epoch on train K=1 on all data (None: leave
     that to the finetune stage). ``activations``: the fast mode's cache
     (``dcml extract --views N``): train the top blocks on the cached
@@ -81,19 +87,23 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         raise DcmlError("cluster_id is for mode=worker; drop it or pass --mode worker")
     if mode == "worker" and finetune_epoch is not None:
         raise DcmlError("finetune_epoch is for mode=shared; workers are fine-tuned by `dcml finetune` after the merge")
+    if mode == "worker" and not hp["embedding_slices"]:
+        raise DcmlError("embedding_slices=false is for mode=shared; a worker trains its own slice")
+    slices = k if hp["embedding_slices"] else 1
 
     seed_everything(hp["seed"])  # the fresh head's init is part of the run
     if init is not None:
         model = model_files.load_model(init)[0]
-        if k > model.embedding_dim:
-            raise DcmlError(f"{init}: embedding_dim={model.embedding_dim} cannot hold {k} slices")
-        model.set_num_slices(k)
+        if slices > model.embedding_dim:
+            raise DcmlError(f"{init}: embedding_dim={model.embedding_dim} cannot hold {slices} slices")
+        model.set_num_slices(slices)
     else:
-        model = build_model(stagekit.model_config(hp, num_slices=k, dropout=dropout))
+        model = build_model(stagekit.model_config(hp, num_slices=slices, dropout=dropout))
 
     settings = stagekit.train_settings(
         hp, recluster_every=hp["recluster_every"] if mode == "shared" else 0, cluster_on=cluster_on,
-        finetune_epoch=None if finetune_epoch is None else int(finetune_epoch), freeze_backbone=bool(freeze_backbone))
+        finetune_epoch=None if finetune_epoch is None else int(finetune_epoch), freeze_backbone=bool(freeze_backbone),
+        whole_embedding_after=hp["whole_embedding_after"], grouping=hp["cluster_grouping"], num_groups=k)
     timer = StageTimer("train", {**hp, **stage_args}, name=f"train-worker-{cluster_id}" if mode == "worker" else "train")
     with stagekit.processes(device) as dev:
         trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
@@ -109,7 +119,8 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     record = timer.finish(inputs={"manifest": manifest, "clusters": clusters, "init": init, "activations": activations},
                           metrics={**stagekit.final_metrics(history), **stagekit.trainer_metrics(trainer)},
                           history=history,
-                          extra={"mode": mode, "k": k, "cluster_id": cluster_id, "fast_mode": cache is not None,
+                          extra={"mode": mode, "k": k, "num_slices": slices, "cluster_id": cluster_id,
+                                 "whole_embedding_from": trainer.whole_from, "fast_mode": cache is not None,
                                  "head_init": trainer.head_init, "processes": processes})
     extra = {"epoch": trainer.epoch, "cluster_state": trainer.cluster_state()}
     if mode == "worker":

@@ -1,4 +1,5 @@
-"""Faiss k-means on all points, and Hungarian re-matching of clusters to learners."""
+"""Faiss k-means on all points, Hungarian re-matching of clusters to learners, and
+random class groups (the control without cluster structure)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,26 @@ def match_to_previous(previous: np.ndarray, current: np.ndarray, k: int) -> np.n
     mapping[new_ids] = old_ids
     current = np.asarray(current, dtype=np.int64)
     return np.where(current >= 0, mapping[np.clip(current, 0, k - 1)], -1)
+
+
+GROUPINGS = ("kmeans", "random")
+
+
+def random_class_groups(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Group id per row: whole classes dealt at random into ``k`` groups of equal class counts (+-1).
+
+    A function of the set of labels and ``seed`` only, so the cluster stage and
+    the trainer draw the same groups; a class never spans two groups.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if k < 1 or k > len(classes):
+        raise DcmlError(f"k={k} random class groups need between 1 and {len(classes)} classes (the training classes); "
+                        f"lower num_clusters")
+    order = np.random.default_rng([int(seed), 7919]).permutation(len(classes))
+    group_of_class = np.empty(len(classes), dtype=np.int64)
+    group_of_class[order] = np.arange(len(classes)) % k
+    return group_of_class[np.searchsorted(classes, labels)]
 
 
 def drop_singletons(assignments: np.ndarray, labels: np.ndarray) -> np.ndarray:

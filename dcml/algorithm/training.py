@@ -9,8 +9,15 @@ One :class:`Trainer` serves every training mode:
   images are re-clustered (faiss k-means on the L2-normalised backbone
   features, or on the embedding), the new clusters are matched to the old
   learners (Hungarian), and classes with a single image in a cluster are left
-  out of it. From ``finetune_epoch`` on, K is set to 1 and the whole
-  embedding trains on all data.
+  out of it. From ``whole_embedding_after`` (a share of the epochs before
+  fine-tuning; the reference code's 8/19) on, the loss sees the whole
+  embedding (normalised as one vector) instead of slice k, while batches
+  still come from one cluster each and re-clustering goes on: the reference
+  code's schedule. From ``finetune_epoch`` on, K is set to 1 and the whole
+  embedding trains on all data. Controls: ``num_groups`` > the model's
+  slices (a one-slice model on one-cluster batches: hard negatives without
+  slices) and ``grouping="random"`` (K random groups of whole classes
+  instead of k-means clusters).
 * **worker** (``only_learner=k``): only cluster k's rows and only slice k are
   trained; the head rows of the other slices are kept exactly as they were,
   and with ``freeze_backbone`` the backbone (BatchNorm statistics included)
@@ -67,7 +74,8 @@ from torch.utils.data import DataLoader
 
 from dcml.contracts import checkpoint
 from dcml.algorithm import distributed
-from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.algorithm.clustering import (GROUPINGS, cluster_sizes, drop_singletons, kmeans, match_to_previous,
+                                       random_class_groups)
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.events import progress
 from dcml.contracts.params import PARAMS
@@ -102,6 +110,9 @@ class TrainSettings:
     loss_options: dict = field(default_factory=dict)  # extra PML keyword arguments
     miner: str = _default("miner")
     recluster_every: int = _default("recluster_every")  # R; 0 = never re-cluster
+    whole_embedding_after: float = _default("whole_embedding_after")  # share of the epochs before F: slices alone
+    grouping: str = _default("cluster_grouping")  # kmeans clusters, or random class groups (a control)
+    num_groups: int = 0  # clusters the batches come from; 0 = the model's slices (more: the no-slices control)
     cluster_on: str = "features"  # "features" (the reference code) or "embedding" (the paper text)
     kmeans_niter: int = _default("niter")
     kmeans_nredo: int = _default("nredo")
@@ -137,6 +148,12 @@ class TrainSettings:
             raise DcmlError(f"select_on={self.select_on!r}: use one of {', '.join(SELECT_ON)}")
         if self.warmup_epochs < 0 or self.patience < 0 or self.batches_per_epoch < 0:
             raise DcmlError("warmup_epochs, patience and batches_per_epoch must be >= 0")
+        if not 0.0 <= self.whole_embedding_after <= 1.0:
+            raise DcmlError(f"whole_embedding_after={self.whole_embedding_after}: use a share between 0 and 1")
+        if self.grouping not in GROUPINGS:
+            raise DcmlError(f"grouping={self.grouping!r}: use one of {', '.join(GROUPINGS)}")
+        if self.num_groups < 0:
+            raise DcmlError(f"num_groups={self.num_groups}: must be >= 0 (0 = one group per slice)")
 
     @property
     def loss_lr(self) -> float:
@@ -321,6 +338,10 @@ class Trainer:
         self.labels = dense_labels(self.train_rows["label"].to_numpy())
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.num_learners = int(model.num_slices)
+        self.num_groups = int(settings.num_groups or self.num_learners)  # clusters the batches come from
+        if self.num_groups != self.num_learners and self.num_learners != 1:
+            raise DcmlError(f"num_groups={self.num_groups} with a K={self.num_learners} model: use one group per "
+                            "slice, or a one-slice model on K groups")
         self.only_learner = only_learner
         self.eval_rows = eval_rows if eval_rows is not None and len(eval_rows) else None
         self.val_rows = val_rows.reset_index(drop=True) if val_rows is not None and len(val_rows) else None
@@ -332,6 +353,7 @@ class Trainer:
         self.stopped_early = False
         self.initial: dict = {}  # test scores of the model training starts from (with eval_every)
         self.head_init = self._resolved_head_init(fresh_head)
+        self.whole_from = self._whole_embedding_epoch()
 
         if only_learner is not None:
             if not 0 <= only_learner < self.num_learners:
@@ -385,8 +407,8 @@ class Trainer:
         clusters = np.asarray(clusters, dtype=np.int64)
         if clusters.shape != (len(self.train_rows),):
             raise DcmlError(f"{len(clusters)} cluster ids for {len(self.train_rows)} training rows; pass one per training row")
-        if clusters.max(initial=-1) >= self.num_learners:
-            raise DcmlError(f"cluster ids go up to {clusters.max()} but the model has K={self.num_learners} slices; "
+        if clusters.max(initial=-1) >= self.num_groups:
+            raise DcmlError(f"cluster ids go up to {clusters.max()} but the training has K={self.num_groups} groups; "
                             "set num_slices to the clusters file's k")
         if self.only_learner is not None:
             clusters = np.where(clusters == self.only_learner, clusters, -1)
@@ -478,7 +500,7 @@ class Trainer:
 
     def cluster_state(self) -> dict:
         return {
-            "k": self.num_learners,
+            "k": self.num_groups,
             "assignments": None if self.clusters is None else torch.from_numpy(self.clusters.copy()),
             "clustered_at": -1 if self.clustered_at is None else int(self.clustered_at),
             "image_ids": self.train_rows["image_id"].astype(str).tolist(),
@@ -586,6 +608,24 @@ class Trainer:
     def warming_up(self, epoch: int) -> bool:
         return epoch < self.settings.warmup_epochs
 
+    def _whole_embedding_epoch(self) -> int | None:
+        """The first epoch whose loss sees the whole embedding of a K-slice model (None: never).
+
+        ``whole_embedding_after`` x the epochs before fine-tuning, rounded up: the
+        reference code's ``epoch >= finetune_epoch * 8 / 19`` (epoch 80 of 190).
+        Workers always train their own slice.
+        """
+        s = self.settings
+        if self.num_learners == 1 or self.only_learner is not None:
+            return None
+        before = s.finetune_epoch if s.finetune_epoch is not None else s.epochs
+        first = math.ceil(s.whole_embedding_after * before - 1e-9)
+        return first if first < before else None
+
+    def whole_embedding(self, epoch: int) -> bool:
+        """Whether the loss of ``epoch`` sees the whole embedding (else each batch's cluster's slice)."""
+        return self.model.num_slices == 1 or (self.whole_from is not None and epoch >= self.whole_from)
+
     def initialise_head(self) -> None:
         """Head from principal components of the training images' backbone features (``head_init="pca"``).
 
@@ -611,13 +651,15 @@ class Trainer:
 
     def _recluster(self, epoch: int) -> np.ndarray:
         s = self.settings
+        if s.grouping == "random":  # the same class groups every time: a function of the labels and the seed
+            return drop_singletons(random_class_groups(self.labels, self.num_groups, s.seed), self.labels)
         vectors = self.vectors(self.train_rows, s.cluster_on,
                                f"re-clustering: {s.cluster_on} of {len(self.train_rows)} images")
-        result = kmeans(vectors, self.num_learners, niter=s.kmeans_niter, nredo=s.kmeans_nredo,
+        result = kmeans(vectors, self.num_groups, niter=s.kmeans_niter, nredo=s.kmeans_nredo,
                         seed=s.seed + epoch, normalize=True)
         assignments = result.assignments
         if self.clusters is not None:
-            assignments = match_to_previous(self.clusters, assignments, self.num_learners)
+            assignments = match_to_previous(self.clusters, assignments, self.num_groups)
         return drop_singletons(assignments, self.labels)
 
     def _score(self, rows: pd.DataFrame, desc: str) -> dict:
@@ -676,7 +718,8 @@ class Trainer:
         from dcml.algorithm.samplers import ClusterBatchSampler
 
         s = self.settings
-        clusters = None if self.model.num_slices == 1 and self.only_learner is None else self.clusters
+        one_group = self.finetuning(epoch) or self.num_groups == 1
+        clusters = None if one_group and self.only_learner is None else self.clusters
         return ClusterBatchSampler(self.labels, clusters, classes_per_batch=s.classes_per_batch,
                                    images_per_class=s.images_per_class, seed=s.seed, epoch=epoch,
                                    length=s.batches_per_epoch or None)
@@ -784,7 +827,7 @@ class Trainer:
         0 of the history) and, with ``eval_every``, scored on the test rows
         (``initial``: what training started from, for the record).
         """
-        if self.num_learners > 1 and self.only_learner is None and self.clusters is None:
+        if self.num_groups > 1 and self.only_learner is None and self.clusters is None:
             self.clusters = self.recluster(0)
             self.clustered_at = 0
         if self.head_init == "pca":
@@ -807,8 +850,14 @@ class Trainer:
     def forward(self, inputs: torch.Tensor, learner: int | None) -> torch.Tensor:
         """The embedding of a training batch: images, or cached activations in the fast mode."""
         if self.activations is not None:
-            return self.model.forward_from_lower(inputs, learner=learner)
-        return self.model(inputs, learner=learner)
+            out = self.model.forward_from_lower(inputs, learner=learner)
+        else:
+            out = self.model(inputs, learner=learner)
+        if learner is None and self.model.num_slices > 1:
+            # the whole K-slice embedding (slices normalised one by one) as one unit vector, as the
+            # reference code's whole-embedding loss sees it
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, learner: int | None) -> dict:
         """One batch (hook): forward, loss, backward, optimiser step; returns numbers to average.
@@ -873,17 +922,19 @@ class Trainer:
                 self.model.set_num_slices(1)
             entry["phase"] = "finetune"
             return
-        entry["phase"] = "worker" if self.only_learner is not None else ("clusters" if self.num_learners > 1 else "plain")
+        entry["phase"] = "worker" if self.only_learner is not None else ("clusters" if self.num_groups > 1 else "plain")
+        if self.num_groups > 1 and self.only_learner is None:
+            entry["loss_on"] = "whole" if self.whole_embedding(epoch) else "slice"
         due = (self.clusters is None
                or (s.recluster_every and epoch > 0 and epoch % s.recluster_every == 0 and self.clustered_at != epoch))
-        if self.num_learners > 1 and self.only_learner is None and due:
+        if self.num_groups > 1 and self.only_learner is None and due:
             t0 = time.perf_counter()
             self.clusters = self.recluster(epoch)
             self.clustered_at = epoch
             entry["clustering_s"] = round(time.perf_counter() - t0, 3)
-            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
+            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_groups)
         elif epoch == 0 and self.clusters is not None:
-            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_learners)
+            entry["cluster_sizes"] = cluster_sizes(self.clusters, self.num_groups)
 
     def _run_epoch(self, epoch: int) -> dict:
         s = self.settings
@@ -902,7 +953,7 @@ class Trainer:
         backbone = self.backbone_parameters()
         for p in backbone:
             p.requires_grad_(not frozen)
-        whole = self.model.num_slices == 1
+        whole = self.whole_embedding(epoch)
         sums: dict[str, float] = {}
         images, batches = 0, 0
         steps = len(sampler)

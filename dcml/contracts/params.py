@@ -140,6 +140,10 @@ _PARAMS = [
     _p("num_clusters", int, 4, "K: clusters, learners and embedding slices.", "cluster", low=1),
     _p("niter", int, 100, "k-means iterations.", "cluster", low=1),
     _p("nredo", int, 1, "k-means restarts (the best is kept).", "cluster", low=1),
+    _p("cluster_grouping", str, "kmeans", "How the training images are split into K groups: kmeans (clusters of "
+       "the backbone features, re-clustered every R epochs) or random (K random groups of whole classes, equal in "
+       "classes, fixed: a control that has slices and one-group batches but no cluster structure).", "cluster",
+       choices=("kmeans", "random")),
     # -- training --------------------------------------------------------------
     _p("loss", str, "margin", "Metric-learning loss (pytorch-metric-learning).", "training", choices=LOSSES),
     _p("margin", float, 0.0, "Loss margin (0 = the loss's own default).", "training", low=0.0),
@@ -154,7 +158,17 @@ _PARAMS = [
     _p("weight_decay", float, 1e-4, "Adam weight decay.", "training", low=0.0),
     _p("epochs", int, 4, "Training epochs (per worker in parallel mode).", "training", low=0),
     _p("recluster_every", int, 2, "Re-cluster every R epochs (shared mode; 0 = never).", "training", low=0),
+    _p("whole_embedding_after", float, 8 / 19, "Shared mode, K>1: share of the epochs before fine-tuning after "
+       "which each learner's loss sees the whole embedding, not its slice, while batches still come from one "
+       "cluster each and re-clustering goes on (the reference code's 8/19; 1 = slices alone throughout, "
+       "0 = the whole embedding from the start).", "training", low=0.0, high=1.0),
+    _p("embedding_slices", bool, True, "Shared mode, K>1: each cluster's learner trains its own slice of the "
+       "embedding. false = one embedding, normalised as a whole, the K clusters only choose each batch's "
+       "images (a control: hard negatives without slices).", "training"),
     _p("finetune_epochs", int, 1, "Epochs of K=1 fine-tuning on all data after the merge.", "training", low=0),
+    _p("finetune_cluster_epochs", int, 0, "Parallel mode: after the merge and before the K=1 fine-tuning, epochs "
+       "that train the whole embedding on one-cluster batches, re-clustered every R epochs (the reference "
+       "schedule's whole-embedding phase).", "training", low=0),
     _p("batches_per_epoch", int, 0, "Batches per epoch (0 = the sampler's natural epoch); equal values compare "
        "runs with different K at equal images.", "training", low=0),
     _p("head_init", str, "auto", "Embedding head init: pca (principal components of the pretrained features), "

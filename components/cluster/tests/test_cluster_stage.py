@@ -91,3 +91,24 @@ def test_bad_inputs(tmp_path):
         run(features=only_test, out=tmp_path / "c.parquet", k=1)
     with pytest.raises(DcmlError, match="no such file"):
         run(features=tmp_path / "missing.parquet", out=tmp_path / "c.parquet", k=1)
+
+
+def test_random_grouping_deals_whole_classes_and_ignores_the_blobs(tmp_path):
+    """The control without cluster structure: K random groups of whole classes, equal in classes."""
+    from dcml.algorithm.clustering import random_class_groups
+
+    feats, meta, labels = features_file(tmp_path / "f.parquet")
+    out = tmp_path / "c.parquet"
+    record = run(features=feats, out=out, k=3, seed=4, cluster_grouping="random")
+    table = pd.read_parquet(out)
+    expected = random_class_groups(labels, 3, seed=4)
+    expected[0] = -1  # the singleton class is left out, as with k-means
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), expected)
+    dealt = random_class_groups(labels, 3, seed=4)
+    assert sorted(len(set(labels[dealt == g])) for g in range(3)) == [4, 4, 5]  # 13 classes, the singleton's too
+    blobs = np.repeat(np.arange(3), 60)
+    assert any(len(set(blobs[expected == g])) > 1 for g in range(3))  # not the k-means blobs
+    m = read_parquet_meta(out)
+    assert m["grouping"] == "random" and m["inertia"] > record["metrics"]["inertia"] * 0.99
+    kmeans_inertia = run(features=feats, out=tmp_path / "k.parquet", k=3, seed=4)["metrics"]["inertia"]
+    assert record["metrics"]["inertia"] > 2 * kmeans_inertia  # random groups are far looser than clusters

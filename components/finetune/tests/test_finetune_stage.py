@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -137,3 +138,21 @@ def test_single_checkpoint_is_finetuned_without_merge(fm_manifest, frozen_worker
     assert record["extra"]["merged_from"] is None and len(record["history"]) == 1
     before = checkpoint.load(frozen_workers[0])["model"]
     assert not torch.equal(before["backbone.net.0.weight"], model.state_dict()["backbone.net.0.weight"])
+
+
+def test_whole_embedding_on_cluster_batches_after_the_merge_then_all_data(fm_manifest, frozen_workers, tmp_path):
+    """The parallel mode's analogue of the reference schedule: the merged K-slice model first trains the whole
+    embedding on one-cluster batches (re-clustered), then K=1 on all data."""
+    clusters = Path(frozen_workers[0]).parent / "clusters.parquet"
+    out = tmp_path / "ft.pt"
+    record = run(manifest=fm_manifest, checkpoints=frozen_workers, out=out, clusters=clusters, epochs=1,
+                 finetune_cluster_epochs=2, recluster_every=1, **FAST)
+    history = record["history"]
+    assert [h["phase"] for h in history] == ["clusters", "clusters", "finetune"]
+    assert [h.get("loss_on") for h in history] == ["whole", "whole", None]
+    assert "cluster_sizes" in history[1]  # re-clustered at epoch 2
+    assert [h["num_slices"] for h in history] == [2, 2, 1]
+    model, _ = model_files.load_model(out)
+    assert model.num_slices in (1, 2)  # the epoch kept on validation decides
+    with pytest.raises(DcmlError, match="needs the clusters the workers trained on"):
+        run(manifest=fm_manifest, checkpoints=frozen_workers, out=tmp_path / "x.pt", finetune_cluster_epochs=1, **FAST)
