@@ -184,3 +184,19 @@ def test_control_b_random_groups_stay_fixed_through_reclustering(tiny):
         np.testing.assert_array_equal(clusters, expected)
     assert all("cluster_sizes" in h for h in history)
     assert [h["loss_on"] for h in history] == ["slice", "slice", "whole"]
+
+
+def test_pca_shared_head_gives_k_slices_what_one_head_keeps(tiny):
+    """head_init=pca-shared: the K slices together start as K=1's PCA head (directions dealt round-robin),
+    not as each cluster's own top directions."""
+    man, train = tiny
+    shared = Trainer(new_model(k=2), man, train, settings(epochs=0, head_init="pca-shared"), fresh_head=True)
+    shared.fit()
+    one = Trainer(new_model(k=1), man, train, settings(epochs=0, head_init="pca"), fresh_head=True)
+    one.fit()
+    w2, w1 = shared.model.head.weight.detach(), one.model.head.weight.detach()
+    torch.testing.assert_close(w2[:DIM // 2], w1[0::2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(w2[DIM // 2:], w1[1::2], atol=1e-5, rtol=0)
+    per_cluster = Trainer(new_model(k=2), man, train, settings(epochs=0, head_init="pca"), fresh_head=True)
+    per_cluster.fit()
+    assert not torch.allclose(per_cluster.model.head.weight.detach(), w2, atol=1e-3)

@@ -422,6 +422,20 @@ def test_pca_head_rows_are_the_top_principal_directions(k):
     assert np.all(np.diff(projected.var(axis=0)) < 0)
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_pca_shared_head_deals_the_global_directions_round_robin(k):
+    """head_init=pca-shared: slice s gets global directions s, s+K, ...; all slices together are K=1's head."""
+    x = _features(300, seed=4)
+    model = _head_model(8, k)
+    model.init_head_from_features(x.astype(np.float32), deal="round-robin")
+    vt, _ = _principal(x.astype(np.float32).astype(np.float64))
+    for s in range(k):
+        start, stop = model.slice_bounds(s)
+        _assert_rows_match(model.head.weight[start:stop], vt[:8][s::k])
+    with pytest.raises(DcmlError, match="deal="):
+        model.init_head_from_features(x.astype(np.float32), deal="spread")
+
+
 def test_pca_head_with_groups_gives_each_slice_its_groups_directions():
     first, second = _features(200, seed=2), _features(150, seed=3, decay=0.8, offset=-2.0)
     x = np.concatenate([second[:70], first, second[70:]])  # rows in any order: groups are index lists

@@ -468,14 +468,16 @@ class EmbeddingModel(nn.Module):
             nn.init.uniform_(self.head.bias[start:stop], -bound, bound)
 
     @torch.no_grad()
-    def init_head_from_features(self, features, groups=None) -> None:
+    def init_head_from_features(self, features, groups=None, deal: str = "runs") -> None:
         """Initialise the head with principal components of backbone features.
 
         ``features`` [N, F]: pooled features of the training images (eval
         transform). ``groups``: row indices per slice (slice k = learner k's
         cluster), or None. With groups, slice k's rows are the top principal
         directions of group k's features; without, slice k takes the k-th run
-        of the global principal directions (slice 0 the top ones). Each slice's
+        of the global principal directions (slice 0 the top ones), or with
+        ``deal="round-robin"`` the directions k, k+K, k+2K, ... (every slice a
+        share of every variance level; K slices together = K=1's head). Each slice's
         bias centres its projection (b = -W mean), so an untrained model
         embeds the images as a centred PCA of what the backbone already knows
         instead of a random projection of it. Rows are unit vectors; a group
@@ -496,17 +498,18 @@ class EmbeddingModel(nn.Module):
             _, _, vh = torch.linalg.svd(part - mean, full_matrices=False)
             return vh, mean
 
+        if deal not in ("runs", "round-robin"):
+            raise DcmlError(f"head init: deal={deal!r}; use runs or round-robin")
         shared = components(None) if groups is None else None
         for k, (start, stop) in enumerate(self._bounds):
-            if groups is None:
-                vh, mean = shared
-                offset = start
-            else:
-                vh, mean = components(groups[k])
-                offset = 0
+            vh, mean = shared if groups is None else components(groups[k])
             if vh is None:
                 continue
-            rows = vh[offset:offset + stop - start]
+            if groups is None:
+                rows = vh[k::self.num_slices] if deal == "round-robin" else vh[start:]
+            else:
+                rows = vh
+            rows = rows[:stop - start]
             n = len(rows)
             self.head.weight[start:start + n] = rows.to(self.head.weight.dtype)
             self.head.bias[start:start + n] = (-(rows @ mean)).to(self.head.bias.dtype)

@@ -171,8 +171,10 @@ _PARAMS = [
        "schedule's whole-embedding phase).", "training", low=0),
     _p("batches_per_epoch", int, 0, "Batches per epoch (0 = the sampler's natural epoch); equal values compare "
        "runs with different K at equal images.", "training", low=0),
-    _p("head_init", str, "auto", "Embedding head init: pca (principal components of the pretrained features), "
-       "random, or auto (pca for pretrained backbones).", "training", choices=("auto", "pca", "random")),
+    _p("head_init", str, "auto", "Embedding head init: pca (principal components of the pretrained features; "
+       "with K slices, each cluster's own), pca-shared (one PCA of all training features, its components dealt "
+       "round-robin to the K slices: each slice keeps a share of every variance level), random, or auto (pca for "
+       "pretrained backbones).", "training", choices=("auto", "pca", "pca-shared", "random")),
     _p("warmup_epochs", int, 0, "First epochs train the head only (backbone frozen).", "training", low=0),
     _p("schedule", str, "constant", "Learning-rate schedule after the warm-up.", "training",
        choices=("constant", "cosine")),

@@ -139,9 +139,10 @@ class TrainingHooks:
             return
         features = self.vectors(self.train_rows, "features", f"head init: features of {len(self.train_rows)} images")
         groups = None
-        if self.num_learners > 1 and self.clusters is not None:
+        if self.num_learners > 1 and self.clusters is not None and self.head_init == "pca":
             groups = [np.flatnonzero(self.clusters == k) for k in range(self.num_learners)]
-        self.model.init_head_from_features(features, groups)
+        self.model.init_head_from_features(features, groups, deal="round-robin" if self.head_init == "pca-shared"
+                                           else "runs")
         if self.only_learner is not None:  # worker: only its own slice may change
             with torch.no_grad():
                 self.model.head.weight[self._keep_rows] = self._kept_weight
