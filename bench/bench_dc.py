@@ -140,7 +140,7 @@ def run_config(dataset: str, config: str, seed: int, spec: dict, work: Path) -> 
     if c["mode"] == "shared":
         rec = train(out=str(work / "train.pt"), clusters=clusters, num_slices=c["k"], mode="shared",
                     epochs=spec["epochs"], recluster_every=spec["recluster_every"], batches_per_epoch=batches,
-                    **common, **hyper, **c.get("train", {}))
+                    **common, **{**hyper, **c.get("train", {})})
         records.append(rec)
         history += curves(rec, "train")
         checkpoints = [str(work / "train.pt")]
