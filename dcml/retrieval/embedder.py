@@ -96,24 +96,37 @@ class Embedder:
     def embed_files(self, paths, strict: bool = False, normalize: bool = True, desc: str | None = None) -> Embedded:
         """Embed image files; a file that cannot be read or decoded is listed in ``failed`` and skipped
         (``strict``: its DcmlError is raised instead). A progress bar on a terminal when ``desc`` is given."""
+        return self.embed_each([(str(p), lambda p=p: self.read(p)) for p in paths], strict, normalize, desc)
+
+    def embed_rows(self, manifest, rows, strict: bool = False, normalize: bool = True,
+                   desc: str | None = None) -> Embedded:
+        """Embed manifest ``rows`` one image at a time, bad images skipped and reported (``paths``: image_ids)."""
+        from dcml.algorithm.data import ManifestImageDataset
+
+        dataset = ManifestImageDataset(manifest, rows.reset_index(drop=True), self.transform)
+        ids = rows["image_id"].astype(str).tolist()
+        return self.embed_each([(ids[i], lambda i=i: dataset.load_image(i)) for i in range(len(ids))], strict,
+                               normalize, desc)
+
+    def embed_each(self, named, strict: bool = False, normalize: bool = True, desc: str | None = None) -> Embedded:
+        """Embed [(name, load() -> PIL image)] in batches; a load raising DcmlError is skipped and reported."""
         from dcml.contracts.events import progress
 
-        paths = [str(p) for p in paths]
         done, vectors, failed = [], [], []
-        batches = range(0, len(paths), BATCH)
+        batches = range(0, len(named), BATCH)
         if desc:
             batches = progress(batches, total=len(batches), desc=desc, unit="batch")
         for start in batches:
             images = []
-            for path in paths[start:start + BATCH]:
+            for name, load in named[start:start + BATCH]:
                 try:
-                    images.append(self.read(path))
+                    images.append(load())
                 except DcmlError as exc:
                     if strict:
                         raise
-                    failed.append((path, str(exc)))
+                    failed.append((name, str(exc)))
                     continue
-                done.append(path)
+                done.append(name)
             if images:
                 vectors.append(self.embed_images(images, normalize))
         matrix = np.concatenate(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32)
