@@ -190,6 +190,9 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
                 stage_metrics["duration_s"] = float(rec.get("duration_s", 0.0))
                 mlflow.log_metrics(stage_metrics)
                 _log_history(client, child.info.run_id, rec.get("history", []))
+                if rec.get("extra", {}).get("threshold_table"):  # the index's match threshold: its ROC points
+                    mlflow.log_dict({"verification": rec["extra"].get("verification", {}),
+                                     "table": rec["extra"]["threshold_table"]}, "verification/threshold_table.json")
             mlflow.log_metric(metric_key(f"seconds.{rec.get('name') or rec['stage']}"), float(rec.get("duration_s", 0.0)))
         with tempfile.TemporaryDirectory() as tmp:
             for path in make_plots(lineage, final_metrics, embeddings, Path(tmp)):
