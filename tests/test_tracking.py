@@ -112,6 +112,54 @@ def test_compare_lists_runs_best_first(tmp_path, store):
     assert plot.stat().st_size > 1000
 
 
+def test_compare_metric_names_narrow_table_and_zoomed_plot(tmp_path, store, capsys):
+    from dcml_app.cli import main as dcml_main
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    for name, r1 in (("close-a", 0.864), ("close-b", 0.892)):
+        data = json.loads(metrics_path.read_text())
+        data["metrics"]["recall@1"] = r1
+        write_json(metrics_path, data)
+        tracking.log_pipeline_run(str(metrics_path), experiment="narrow", run_name=name)
+    # An unknown metric: one line, exit 2, nothing printed before it, every logged metric offered.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        dcml_main(["compare", "--experiment", "narrow", "--metric", "foo", "--plot", str(tmp_path / "foo.png")])
+    bad = capsys.readouterr()
+    assert done.value.code == 2 and bad.out == "" and len(bad.err.strip().splitlines()) == 1
+    assert bad.err.startswith("error: --metric foo: not logged in the runs of experiment 'narrow'")
+    assert all(m in bad.err for m in ("recall@1", "map@r", "r_precision", "nmi", "ami"))
+    assert not (tmp_path / "foo.png").exists()
+    # MLflow's spelling works; the default table is narrow, --wide has everything.
+    plot = tmp_path / "r1.png"
+    dcml_main(["compare", "--experiment", "narrow", "--metric", "recall_at_1", "--plot", str(plot)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("experiment: narrow (sorted by recall@1")
+    assert lines[1].split() == ["run", "K", "mode", "method", "recall@1", "map@r", "r_precision", "nmi", "duration"]
+    assert [line.split()[0] for line in lines[2:4]] == ["close-b", "close-a"]
+    assert max(len(line) for line in lines[1:4]) <= 100
+    dcml_main(["compare", "--experiment", "narrow", "--wide"])
+    wide = capsys.readouterr().out.splitlines()
+    assert len(wide[1]) > 150 and "recall@8" in wide[1] and "embedding_dim" in wide[1]
+    assert plot.stat().st_size > 1000
+    # The plot's axis is zoomed to the values, which are printed on the bars.
+    from matplotlib.figure import Figure
+
+    from dcml.tracking import plots
+
+    drawn = []
+    original = plots._save
+    plots._save = lambda fig, dest: (drawn.append(fig), original(fig, dest))
+    try:
+        plots.plot_metric(tracking.compare_runs("narrow", "recall@1", store), "recall@1", str(tmp_path / "again.png"))
+    finally:
+        plots._save = original
+    axis = drawn[0].axes[0]
+    low, high = axis.get_ylim()
+    assert isinstance(drawn[0], Figure) and 0.8 < low < 0.864 and 0.892 < high < 0.95
+    assert sorted(t.get_text() for t in axis.texts) == ["0.8640", "0.8920"]
+
+
 def test_compare_without_runs_is_a_clear_error(tmp_path, store):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "nothing-here"])
     assert result.exit_code != 0
@@ -201,7 +249,7 @@ def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_pa
     tracking.log_pipeline_run(str(metrics_path), experiment="dcml-demo", run_name="demo run")
     result = CliRunner().invoke(cli, ["compare"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == "experiment: dcml-demo"
+    assert result.output.splitlines()[0].startswith("experiment: dcml-demo (sorted by recall@1")
     assert "demo run" in result.output and "older run" not in result.output
     picked = CliRunner().invoke(cli, ["compare", "--experiment", "dcml-older", "--format", "csv"])
     assert picked.exit_code == 0, picked.output
