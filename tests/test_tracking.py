@@ -326,3 +326,53 @@ def test_model_is_logged_as_a_checkpoint_that_loads_without_unpickling(tmp_path,
 def test_a_model_uri_from_mlflow_pytorch_is_refused(store):
     with pytest.raises(DcmlError, match="not a dcml model URI"):
         tracking.load_logged_model("models:/m-0123456789abcdef")
+
+
+# -- the parent run spans the pipeline; the UI command works from any folder -------------------------------
+
+def _shift_started(obj, started: str):
+    if isinstance(obj, dict):
+        return {k: (started if k == "started" else _shift_started(v, started)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_shift_started(v, started) for v in obj]
+    return obj
+
+
+def test_parent_run_duration_is_the_pipelines_not_the_track_steps(tmp_path, store):
+    from datetime import datetime, timedelta, timezone
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    began = (datetime.now(timezone.utc) - timedelta(seconds=275)).replace(microsecond=0)
+    write_json(metrics_path, _shift_started(json.loads(metrics_path.read_text()), began.isoformat()))
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="duration")
+    info = MlflowClient(store).get_run(run_id).info
+    assert info.start_time == int(began.timestamp() * 1000)
+    assert info.end_time - info.start_time >= 275_000
+    # Every stage served from the cache: the run is the track step alone (it starts when it is logged).
+    again = MlflowClient(store).get_run(tracking.log_pipeline_run(str(metrics_path), experiment="duration")).info
+    assert again.start_time > info.end_time - 1000
+
+
+def test_ui_command_names_the_store_of_the_run_from_any_folder(tmp_path, store):
+    """The printed command: this environment's mlflow by absolute path, the run's store by absolute path
+    (started for real it takes over a minute here, so the test opens the store it names from another folder)."""
+    import os
+    import shlex
+    import subprocess
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="ui-anywhere")
+    relative = os.path.relpath(store.removeprefix("sqlite:///"), Path.cwd())
+    args = shlex.split(tracking.ui_command(f"sqlite:///{relative}"))  # as a run in this folder names its store
+    assert Path(args[0]).is_absolute() and Path(args[0]).is_file() and args[1] == "ui"
+    uri = args[args.index("--backend-store-uri") + 1]
+    assert uri == store
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import sys; from mlflow.tracking import MlflowClient; "
+             "print(MlflowClient(sys.argv[1]).get_run(sys.argv[2]).info.run_id)")
+    done = subprocess.run([str(Path(args[0]).with_name("python")), "-c", probe, uri, run_id], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert done.returncode == 0 and done.stdout.strip() == run_id, done.stderr[-1000:]
+    assert tracking.ui_command("http://mlflow.example:5000") == "open http://mlflow.example:5000"

@@ -173,7 +173,12 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
         params = compress[-1].get("params", {})
         tags["dcml.compressed"] = f"{params.get('method')}-{params.get('bits')}bit"
         run_name = f"{run_name} [{tags['dcml.compressed']}]"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as parent, \
+    # The parent run spans the pipeline: from the first stage this run executed (not served from the cache)
+    # to the end of tracking, not only the track step.
+    started = pipeline_started_ms([r for r in lineage if r["exec_id"] not in cached])
+    opened = client.create_run(experiment_id, start_time=started, tags=tags, run_name=run_name) if started else None
+    with (mlflow.start_run(run_id=opened.info.run_id) if opened else
+          mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)) as parent, \
             liveness.Heartbeat(client, parent.info.run_id):
         mlflow.log_params(run_parameters(lineage))
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final_metrics.items()})
@@ -223,6 +228,19 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
                          "ui_url": store.ui_url(experiment_id, run_id, store.ui_base(mlflow.get_tracking_uri())),
                          "cached_stages": sorted(r.get("name", r["stage"]) for r in lineage if r["exec_id"] in cached)})
     return run_id
+
+
+def pipeline_started_ms(executed: list[dict]) -> int | None:
+    """Epoch milliseconds of the earliest ``started`` of these stage records (None when there is none)."""
+    from datetime import datetime
+
+    times = []
+    for rec in executed:
+        try:
+            times.append(datetime.fromisoformat(rec["started"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            continue
+    return int(min(times) * 1000) if times else None
 
 
 def log_model(model_path: str, run_id: str) -> str:
