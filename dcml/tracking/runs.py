@@ -10,6 +10,7 @@ it loads with ``torch.load(weights_only=True)``, never by unpickling code.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from dcml.tracking.plots import make_plots
 MODEL_DIR = "dcml-model"        # artifact folder of the logged model
 MODEL_FILE = "model.pt"         # the dcml checkpoint (dcml.contracts.checkpoint)
 MODEL_FORMAT = "dcml.checkpoint"  # tag dcml.model_format: how dcml.model_uri loads
+PARENT_RUN_ENV = "DCML_MLFLOW_PARENT_RUN"  # set by `dcml study`: its grid runs nest under this MLflow run
 _PATH_KEYS = ("manifest", "out", "features", "clusters", "model", "checkpoints", "init",
               "embeddings", "embeddings_out", "root")
 
@@ -166,6 +168,8 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     final_metrics = json.loads(Path(metrics).read_text())["metrics"]
 
     tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"], **liveness.owner_tags()}
+    if os.environ.get(PARENT_RUN_ENV):  # a grid point of `dcml study`: nested under the study's run
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     run_name = run_name or run_name_for(lineage)
     compress = [r for r in lineage if r.get("stage") == "compress"]
     if compress:
