@@ -276,3 +276,27 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(jpegs, tmp_path
     assert done.value.code == 2 and "\n" not in err and err.startswith(f"error: --device {device}: "), err
     assert ("no CUDA GPU" if device == "cuda" else "not a device; use cpu, cuda or cuda:N") in err
     assert captured.out == "" and not list(tmp_path.iterdir())
+
+
+def test_an_index_folder_of_the_first_format_opens_and_is_saved_in_the_current_one(jpegs, tmp_path):
+    import faiss
+
+    _, model_file, index = jpegs
+    current = index_lib.GalleryIndex.open(index)
+    ids, vectors = index_lib.contents(current.index)
+    old = tmp_path / "old-index"
+    shutil.copytree(index, old)
+    plain = faiss.IndexFlatIP(vectors.shape[1])  # what dcml.index/1 wrote: positions are the ids
+    plain.add(vectors[np.argsort(ids)])
+    faiss.write_index(plain, str(old / "index.faiss"))
+    meta = json.loads((old / "index.json").read_text())
+    meta["format"] = "dcml.index/1"
+    meta.pop("next_id", None)
+    (old / "index.json").write_text(json.dumps(meta))
+    opened = dcml.Index.open(old)
+    assert len(opened) == 40 and opened.search(files_of(jpegs[0])[9], k=1)["id"].tolist() == [9]
+    opened.remove([9])
+    opened.save()
+    assert json.loads((old / "index.json").read_text())["format"] == "dcml.index/2"
+    again = dcml.Index.open(old)
+    assert len(again) == 39 and 9 not in set(again.items["id"]) and again.gallery.next_id == 40

@@ -376,3 +376,18 @@ def test_ui_command_names_the_store_of_the_run_from_any_folder(tmp_path, store):
                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     assert done.returncode == 0 and done.stdout.strip() == run_id, done.stderr[-1000:]
     assert tracking.ui_command("http://mlflow.example:5000") == "open http://mlflow.example:5000"
+
+
+def test_the_index_match_threshold_table_is_logged(tmp_path, store):
+    table = [{"false_match_rate": 0.01, "threshold": 0.8, "measured_false_match_rate": 0.01, "true_match_rate": 0.6}]
+    record = records.StageTimer("index", {"out": str(tmp_path / "index")}).finish(
+        metrics={"images": 3, "match_threshold": 0.8, "match_true_rate": 0.6},
+        extra={"verification": {"threshold": 0.8, "false_match_rate": 0.01}, "threshold_table": table})
+    metrics_path = tmp_path / "index-metrics.json"
+    write_json(metrics_path, {"metrics": record["metrics"], "record": record})
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="threshold")
+    client = MlflowClient(store)
+    child = child_runs(client, client.get_run(run_id).info.experiment_id, run_id)[0]
+    assert child.data.metrics["match_threshold"] == pytest.approx(0.8)
+    logged = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/verification/threshold_table.json")
+    assert logged == {"verification": {"threshold": 0.8, "false_match_rate": 0.01}, "table": table}
