@@ -300,3 +300,22 @@ def test_an_index_folder_of_the_first_format_opens_and_is_saved_in_the_current_o
     assert json.loads((old / "index.json").read_text())["format"] == "dcml.index/2"
     again = dcml.Index.open(old)
     assert len(again) == 39 and 9 not in set(again.items["id"]) and again.gallery.next_id == 40
+
+
+def test_index_of_image_files_with_labels_and_a_threshold_from_labelled_images(jpegs, tmp_path):
+    manifest, model_file, _ = jpegs
+    files = files_of(manifest)
+    labels = manifest_lib.read(manifest).df["label"].tolist()
+    model = dcml.load_model(model_file)
+    index = dcml.Index.build(model, files[:20], labels=labels[:20])
+    assert list(index.items["path"]) == [str(f.resolve()) for f in files[:20]]
+    assert list(index.items["label"]) == labels[:20] and list(index.items["class_name"]) == [f.parent.name
+                                                                                               for f in files[:20]]
+    with pytest.raises(DcmlError, match="built without path="):
+        index.save()
+    entry = index.choose_threshold(files[20:], labels=labels[20:], false_match_rate=0.05)
+    assert index.threshold == entry["threshold"] and entry["impostor_pairs"] == 100  # 2 classes of 10 images
+    hits = index.search(files[:2], k=20)
+    assert (hits["match"] == (hits["score"] >= entry["threshold"] - 1e-6)).all()
+    saved = index.save(tmp_path / "from-files")
+    assert dcml.Index.open(saved).threshold == entry["threshold"]
