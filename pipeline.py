@@ -270,7 +270,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
 
         with dsl.If(p["index_gallery"] == True, name="index-enabled"):  # noqa: E712 (a pipeline channel)
             indexed = task("index", manifest=manifest, model=model, index_type=p["index_type"],
-                           target_recall=p["index_target_recall"], batch_size=p["eval_batch_size"],
+                           target_recall=p["index_target_recall"], false_match_rate=p["index_false_match_rate"],
+                           batch_size=p["eval_batch_size"],
                            num_workers=p["num_workers"], seed=p["seed"])
             task("track", metrics=indexed.outputs["metrics"], model=model, embeddings=evaluated.outputs["embeddings"],
                  manifest=manifest, **pick(p, "experiment", "run_name")).set_caching_options(False)

@@ -2,6 +2,20 @@
 
 __version__ = "0.1.0"
 
+# The Python API (dcml/retrieval/api.py), imported on first use so `import dcml` stays light:
+# dcml.load_model(path) -> Model (.embed), dcml.Index (.build / .open / .add / .remove / .search / .save).
+_API = {"load_model": "dcml.retrieval.api", "Model": "dcml.retrieval.api", "Index": "dcml.retrieval.api",
+        "MAX_K": "dcml.retrieval.api", "DcmlError": "dcml.contracts.errors"}
+__all__ = ["load_model", "Model", "Index", "DcmlError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'dcml' has no attribute {name!r}")
+
 import logging as _logging
 
 # faiss logs every SIMD variant it fails to load at INFO; stage logs stay readable.

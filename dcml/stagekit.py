@@ -80,10 +80,11 @@ def read_clusters(path, train_rows: pd.DataFrame) -> tuple[np.ndarray, int, dict
 
 
 def device_or_default(device):
-    """The device a stage runs on: the given one, else CUDA when available, else CPU."""
-    from dcml.algorithm.training import default_device
+    """The device a stage runs on: the given one, else CUDA when available, else CPU (a device this
+    machine does not have is a one-line DcmlError)."""
+    from dcml.algorithm.inference import resolve_device
 
-    return default_device() if device in (None, "", "auto") else device
+    return resolve_device(device)
 
 
 @contextlib.contextmanager

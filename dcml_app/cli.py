@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
     "index": ("components.index.stage:cli", "Optional: gallery embeddings -> a faiss index folder."),
     "search": ("dcml_app.retrieval:search_cli", "Top-k gallery images of query images, from an index folder."),
+    "embed": ("dcml_app.retrieval:embed_cli", "Images (folder, manifest, list) -> a Parquet file of embeddings."),
     "serve": ("dcml_app.serve:serve_cli", "Serve an index folder: search API, thumbnails, web page."),
     "export": ("dcml_app.retrieval:export_cli", "Export a model to TorchScript or ONNX (checked on real images)."),
     "params": ("dcml_app.params_cli:params_cli", "List the pipeline parameters: defaults, allowed values, meaning."),

@@ -351,8 +351,11 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
     click.echo(f"run folder : {summary['run_dir']}")
     click.echo(f"logs       : {summary['log_dir']}")
     if summary["mlflow"]:
+        from dcml.tracking.store import ui_command
+
         info = summary["mlflow"]
-        click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']} (`make mlflow-ui`)")
+        click.echo(f"MLflow     : run {info['mlflow_run_id']} in {info['tracking_uri']}; UI: "
+                   f"{ui_command(info['tracking_uri'])}")
         if info.get("ui_url"):
             click.echo(f"             {info['ui_url']}")
     click.echo(f"wall time  : {summary['seconds']:.1f} s")

@@ -24,7 +24,7 @@ LIBRARY = {
     "dcml.retrieval": ("dcml.contracts", "dcml.algorithm", "dcml.methods", "dcml.model_files", "dcml.retrieval"),
     "dcml.launch": ("dcml.contracts", "dcml.algorithm", "dcml.launch"),
     "dcml.trainjob": ("dcml.contracts", "dcml.algorithm", "dcml.launch", "dcml.trainjob"),
-    "dcml": (),  # dcml/__init__.py
+    "dcml": (),  # dcml/__init__.py: imports nothing of the project (its API names load lazily, by module name)
 }
 BELOW_COMPONENTS = ("dcml", "data_prep")
 

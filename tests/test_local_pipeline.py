@@ -193,6 +193,25 @@ def test_index_branch_indexes_the_cached_model_and_is_tracked(first_run, workdir
     assert run.data.metrics["index_recall_at_10"] == 1.0 and run.data.metrics["images"] == gallery.size
 
 
+def test_study_reuses_the_cache_of_an_identical_run_and_nests_its_runs(first_run, workdir, tracking_uri):
+    from dcml_app.study import run_study
+
+    said = []
+    # The loss study's "margin" point is TINY itself (margin is the default loss): nothing trains again.
+    rows, folder = run_study("loss", dict(TINY), output_dir=workdir / "studies", tracking_uri=tracking_uri,
+                             runs_dir=workdir / "runs", only=["margin"], echo=said.append)
+    assert said[0] == "study loss: 4 runs, loss = contrastive, triplet, margin, proxy_anchor (running 1: --only)"
+    assert said[1] == "[1/1] training loss = margin" and said[2].startswith("[1/1] loss = margin: R@1 ")
+    assert len(rows) == 1 and set(rows[0]["cached_stages"]) == STAGES
+    assert rows[0]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"])
+    client = MlflowClient(tracking_uri)
+    grid_run = client.get_run(rows[0]["run"])
+    study_run = client.get_run(grid_run.data.tags["mlflow.parentRunId"])
+    assert study_run.data.tags["dcml.kind"] == "study" and study_run.info.run_name == "study:loss"
+    assert study_run.data.metrics["recall_at_1"] == pytest.approx(rows[0]["recall@1"])
+    assert (folder / "results.md").is_file()
+
+
 def test_dfml_method_trains_through_the_same_pipeline(workdir, tracking_uri):
     args = {**TINY, "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "epochs": 1,
             "freeze_bn": True, "loss": "proxy_anchor", "lr_proxies": 0.1}

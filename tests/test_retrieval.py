@@ -241,3 +241,58 @@ def test_pictures_need_the_embeddings_manifest(tmp_path, jpegs):
              include=["recall"])
     with pytest.raises(DcmlError, match="is not in .*other.parquet; pass the manifest"):
         pictures.retrieval_pictures(tmp_path / "e.parquet", other, tmp_path / "pictures")
+
+
+def readme_snippet() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- onnx-snippet -->", 1)[1].split("<!-- /onnx-snippet -->", 1)[0]
+    return block.split("```python", 1)[1].split("```", 1)[0]
+
+
+# Runs the README's snippet with site-packages but without dcml on the path.
+SNIPPET_RUNNER = r"""
+import importlib.util, sys
+sys.path.append(sys.argv.pop(1))  # site-packages without its .pth files: dcml's editable install stays out
+assert importlib.util.find_spec("dcml") is None, "dcml is importable"
+snippet = open(sys.argv.pop(1)).read()
+exec(compile(snippet, "README snippet", "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])
+def test_readme_onnx_snippet_gives_the_scores_of_dcml_search_without_dcml(tmp_path, capsys, backbone):
+    from components.index.stage import run as index_stage
+
+    # JPEGs large enough that the JPEG draft step and the resize / crop all change the pixels.
+    images, labels = gallery_data.fmnist_data.t10k()
+    root = tmp_path / "images"
+    root.mkdir()
+    rows = []
+    for n, i in enumerate(range(12)):
+        rgb = np.stack([images[i], images[i] // 2, 255 - images[i]], axis=-1)
+        Image.fromarray(rgb).resize((150, 110), Image.Resampling.BILINEAR).save(root / f"g{n}.jpg", quality=90)
+        rows.append({"image_id": f"g{n}", "path": f"g{n}.jpg", "image_bytes": None, "label": int(labels[i]),
+                     "class_name": f"c{labels[i]}", "split": "test"})
+    import pandas as pd
+
+    manifest = tmp_path / "m.parquet"
+    manifest_lib.write(manifest, pd.DataFrame(rows), {"dataset": "jpeg", "root": str(root), "fingerprint": "j12"})
+    extra = {} if backbone == "small_cnn" else {"weights": "none", "image_size": 64}
+    model = gallery_data.checkpoint_file(tmp_path / "model.pt", backbone, embedding_dim=16, num_slices=2, **extra)
+    index_stage(out=tmp_path / "index", manifest=manifest, model=model)
+    onnx_file = tmp_path / "model.onnx"
+    dcml_main(["export", "--model", str(model), "--format", "onnx", "--out", str(onnx_file), "--manifest", str(manifest)])
+    assert "max |export - PyTorch|" in capsys.readouterr().out
+    query = root / "g3.jpg"
+    dcml_main(["search", "--index", str(tmp_path / "index"), "--image", str(query), "--k", "12", "--format", "json"])
+    hits = json.loads(capsys.readouterr().out)[0]["neighbours"]
+    (tmp_path / "snippet.py").write_text(readme_snippet())
+    gallery = [root / f"g{n}.jpg" for n in range(12)]
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", SNIPPET_RUNNER, sysconfig.get_paths()["purelib"],
+                           str(tmp_path / "snippet.py"), str(onnx_file), str(query), *map(str, gallery)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = np.array(json.loads(proc.stdout))[0, 1:]  # the query against each gallery image, by id
+    assert len(hits) == 12
+    for hit in hits:
+        assert scores[hit["id"]] == pytest.approx(hit["score"], abs=1e-4), (hit, scores[hit["id"]])

@@ -112,6 +112,54 @@ def test_compare_lists_runs_best_first(tmp_path, store):
     assert plot.stat().st_size > 1000
 
 
+def test_compare_metric_names_narrow_table_and_zoomed_plot(tmp_path, store, capsys):
+    from dcml_app.cli import main as dcml_main
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    for name, r1 in (("close-a", 0.864), ("close-b", 0.892)):
+        data = json.loads(metrics_path.read_text())
+        data["metrics"]["recall@1"] = r1
+        write_json(metrics_path, data)
+        tracking.log_pipeline_run(str(metrics_path), experiment="narrow", run_name=name)
+    # An unknown metric: one line, exit 2, nothing printed before it, every logged metric offered.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        dcml_main(["compare", "--experiment", "narrow", "--metric", "foo", "--plot", str(tmp_path / "foo.png")])
+    bad = capsys.readouterr()
+    assert done.value.code == 2 and bad.out == "" and len(bad.err.strip().splitlines()) == 1
+    assert bad.err.startswith("error: --metric foo: not logged in the runs of experiment 'narrow'")
+    assert all(m in bad.err for m in ("recall@1", "map@r", "r_precision", "nmi", "ami"))
+    assert not (tmp_path / "foo.png").exists()
+    # MLflow's spelling works; the default table is narrow, --wide has everything.
+    plot = tmp_path / "r1.png"
+    dcml_main(["compare", "--experiment", "narrow", "--metric", "recall_at_1", "--plot", str(plot)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("experiment: narrow (sorted by recall@1")
+    assert lines[1].split() == ["run", "K", "mode", "method", "recall@1", "map@r", "r_precision", "nmi", "duration"]
+    assert [line.split()[0] for line in lines[2:4]] == ["close-b", "close-a"]
+    assert max(len(line) for line in lines[1:4]) <= 100
+    dcml_main(["compare", "--experiment", "narrow", "--wide"])
+    wide = capsys.readouterr().out.splitlines()
+    assert len(wide[1]) > 150 and "recall@8" in wide[1] and "embedding_dim" in wide[1]
+    assert plot.stat().st_size > 1000
+    # The plot's axis is zoomed to the values, which are printed on the bars.
+    from matplotlib.figure import Figure
+
+    from dcml.tracking import plots
+
+    drawn = []
+    original = plots._save
+    plots._save = lambda fig, dest: (drawn.append(fig), original(fig, dest))
+    try:
+        plots.plot_metric(tracking.compare_runs("narrow", "recall@1", store), "recall@1", str(tmp_path / "again.png"))
+    finally:
+        plots._save = original
+    axis = drawn[0].axes[0]
+    low, high = axis.get_ylim()
+    assert isinstance(drawn[0], Figure) and 0.8 < low < 0.864 and 0.892 < high < 0.95
+    assert sorted(t.get_text() for t in axis.texts) == ["0.8640", "0.8920"]
+
+
 def test_compare_without_runs_is_a_clear_error(tmp_path, store):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "nothing-here"])
     assert result.exit_code != 0
@@ -201,7 +249,7 @@ def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_pa
     tracking.log_pipeline_run(str(metrics_path), experiment="dcml-demo", run_name="demo run")
     result = CliRunner().invoke(cli, ["compare"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == "experiment: dcml-demo"
+    assert result.output.splitlines()[0].startswith("experiment: dcml-demo (sorted by recall@1")
     assert "demo run" in result.output and "older run" not in result.output
     picked = CliRunner().invoke(cli, ["compare", "--experiment", "dcml-older", "--format", "csv"])
     assert picked.exit_code == 0, picked.output
@@ -278,3 +326,68 @@ def test_model_is_logged_as_a_checkpoint_that_loads_without_unpickling(tmp_path,
 def test_a_model_uri_from_mlflow_pytorch_is_refused(store):
     with pytest.raises(DcmlError, match="not a dcml model URI"):
         tracking.load_logged_model("models:/m-0123456789abcdef")
+
+
+# -- the parent run spans the pipeline; the UI command works from any folder -------------------------------
+
+def _shift_started(obj, started: str):
+    if isinstance(obj, dict):
+        return {k: (started if k == "started" else _shift_started(v, started)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_shift_started(v, started) for v in obj]
+    return obj
+
+
+def test_parent_run_duration_is_the_pipelines_not_the_track_steps(tmp_path, store):
+    from datetime import datetime, timedelta, timezone
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    began = (datetime.now(timezone.utc) - timedelta(seconds=275)).replace(microsecond=0)
+    write_json(metrics_path, _shift_started(json.loads(metrics_path.read_text()), began.isoformat()))
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="duration")
+    info = MlflowClient(store).get_run(run_id).info
+    assert info.start_time == int(began.timestamp() * 1000)
+    assert info.end_time - info.start_time >= 275_000
+    # Every stage served from the cache: the run is the track step alone (it starts when it is logged).
+    again = MlflowClient(store).get_run(tracking.log_pipeline_run(str(metrics_path), experiment="duration")).info
+    assert again.start_time > info.end_time - 1000
+
+
+def test_ui_command_names_the_store_of_the_run_from_any_folder(tmp_path, store):
+    """The printed command: this environment's mlflow by absolute path, the run's store by absolute path
+    (started for real it takes over a minute here, so the test opens the store it names from another folder)."""
+    import os
+    import shlex
+    import subprocess
+
+    metrics_path, _ = fake_lineage(tmp_path)
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="ui-anywhere")
+    relative = os.path.relpath(store.removeprefix("sqlite:///"), Path.cwd())
+    args = shlex.split(tracking.ui_command(f"sqlite:///{relative}"))  # as a run in this folder names its store
+    assert Path(args[0]).is_absolute() and Path(args[0]).is_file() and args[1] == "ui"
+    uri = args[args.index("--backend-store-uri") + 1]
+    assert uri == store
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import sys; from mlflow.tracking import MlflowClient; "
+             "print(MlflowClient(sys.argv[1]).get_run(sys.argv[2]).info.run_id)")
+    done = subprocess.run([str(Path(args[0]).with_name("python")), "-c", probe, uri, run_id], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert done.returncode == 0 and done.stdout.strip() == run_id, done.stderr[-1000:]
+    assert tracking.ui_command("http://mlflow.example:5000") == "open http://mlflow.example:5000"
+
+
+def test_the_index_match_threshold_table_is_logged(tmp_path, store):
+    table = [{"false_match_rate": 0.01, "threshold": 0.8, "measured_false_match_rate": 0.01, "true_match_rate": 0.6}]
+    record = records.StageTimer("index", {"out": str(tmp_path / "index")}).finish(
+        metrics={"images": 3, "match_threshold": 0.8, "match_true_rate": 0.6},
+        extra={"verification": {"threshold": 0.8, "false_match_rate": 0.01}, "threshold_table": table})
+    metrics_path = tmp_path / "index-metrics.json"
+    write_json(metrics_path, {"metrics": record["metrics"], "record": record})
+    run_id = tracking.log_pipeline_run(str(metrics_path), experiment="threshold")
+    client = MlflowClient(store)
+    child = child_runs(client, client.get_run(run_id).info.experiment_id, run_id)[0]
+    assert child.data.metrics["match_threshold"] == pytest.approx(0.8)
+    logged = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/verification/threshold_table.json")
+    assert logged == {"verification": {"threshold": 0.8, "false_match_rate": 0.01}, "table": table}

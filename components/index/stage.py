@@ -23,94 +23,87 @@ from dcml.contracts.io import check_writable
 from dcml.contracts.records import StageTimer
 
 STAGE = "index"
-PARAMS = ("index_type", "index_target_recall", "eval_batch_size", "num_workers", "seed")
+PARAMS = ("index_type", "index_target_recall", "index_false_match_rate", "eval_batch_size", "num_workers", "seed")
 RENAME = params.STAGE_NAMES[STAGE]
 
 
-def run(out, manifest, model=None, split: str = "auto", append: bool = False, index_type=None,
-        target_recall=None, batch_size=None, num_workers=None, seed=None, device=None) -> dict:
-    """Write the index folder ``out`` and return the stage record."""
+def run(out, manifest=None, model=None, split: str = "auto", append: bool = False, overwrite: bool = False,
+        remove=(), index_type=None, target_recall=None, false_match_rate=None, batch_size=None, num_workers=None,
+        seed=None, device=None) -> dict:
+    """Write the index folder ``out`` (build, ``append`` a manifest, or ``remove`` ids) and return the record."""
+    from dcml.algorithm.inference import resolve_device
+    from dcml.retrieval import api
     from dcml.retrieval import index as index_lib
 
     values = params.resolve(PARAMS, {"index_type": index_type, "target_recall": target_recall,
-                                     "batch_size": batch_size, "num_workers": num_workers, "seed": seed},
-                            STAGE, rename=RENAME)
+                                     "false_match_rate": false_match_rate, "batch_size": batch_size,
+                                     "num_workers": num_workers, "seed": seed}, STAGE, rename=RENAME)
+    remove = [int(i) for i in remove or ()]
+    existing = Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir()))
+    if (append or remove) and overwrite:
+        raise DcmlError("index: --overwrite replaces the index; it does not go with --append or --remove")
+    if existing and not (append or remove or overwrite):
+        raise DcmlError(f"{out}: already exists; pass --append to add images to it, --remove ID to take items out, "
+                        "or --overwrite to replace it")
+    if manifest is None and not remove:
+        raise DcmlError("index: pass --manifest M (the images to index), or --remove ID to take items out")
     out = check_writable(out, folder=True)
-    timer = StageTimer(STAGE, {"model": _str(model), "manifest": str(manifest), "out": str(out), "split": split,
-                               "append": bool(append), **values})
-    previous = None
-    if append:
+    device = resolve_device(device)
+    timer = StageTimer(STAGE, {"model": _str(model), "manifest": _str(manifest), "out": str(out), "split": split,
+                               "append": bool(append), "remove": remove, **values})
+    if append or remove:
         if not out.is_dir():
-            raise DcmlError(f"{out}: --append needs an existing index folder; build it first without --append")
-        previous = index_lib.GalleryIndex.open(out)
-        model_file = previous.model_file
-        if model is not None and index_lib.file_sha256(model) != previous.meta["model"]["sha256"]:
+            raise DcmlError(f"{out}: --{'append' if append else 'remove'} needs an existing index folder; "
+                            "build it first without it")
+        index = api.Index.open(out, device)
+        if model is not None and index_lib.file_sha256(model) != index.gallery.meta["model"]["sha256"]:
             raise DcmlError(f"{model}: not the model the index {out} was built with; drop --model to embed with "
                             "the index's own model, or build a new index")
+        removed = index.remove(remove) if remove else 0
+        added = index.add(manifest=manifest, split=split, batch_size=int(values["batch_size"]),
+                          num_workers=int(values["num_workers"]), seed=int(values["seed"])) \
+            if manifest is not None else []
+        source = index.gallery.meta["sources"][-1] if manifest is not None else {}
+        if remove:
+            index.gallery.meta.setdefault("removed", []).extend(remove)
     elif model is None:
         raise DcmlError("index: pass --model CKPT (the model that embeds the gallery), or --append to an index")
     else:
-        model_file = Path(model)
-
-    import pandas as pd
-    import torch
-
-    from dcml.algorithm.inference import compute_vectors, default_device
-    from dcml.contracts import manifest as manifest_lib
-    from dcml.model_files import load_model
-
-    man = manifest_lib.read(manifest)
-    splits = index_lib.gallery_splits(split, set(man.df["split"]), str(manifest))
-    rows = man.split(*splits)
-    skipped = 0
-    if previous is not None:
-        known = rows["image_id"].astype(str).isin(set(previous.items["image_id"]))
-        skipped = int(known.sum())
-        rows = rows[~known].reset_index(drop=True)
-    elif rows.empty:
-        raise DcmlError(f"{manifest}: split(s) {', '.join(splits)} hold no images; pick another --split")
-
-    device = torch.device(device) if device else default_device()
-    net, ckpt = load_model(model_file, device=device)
-    vectors = compute_vectors(net, man, rows, kind="embedding", batch_size=int(values["batch_size"]), device=device,
-                              num_workers=int(values["num_workers"]), desc=f"index: embed {len(rows)} images")
-    vectors = index_lib.normalized(vectors, str(manifest))
-    first_id = previous.size if previous is not None else 0
-    if previous is not None:
-        gallery = previous.index
-        if gallery.d != vectors.shape[1]:
-            raise DcmlError(f"{out}: the index holds {gallery.d}-d vectors but its model gives {vectors.shape[1]}; "
-                            "rebuild the index")
-        info = {**previous.meta["build"], **index_lib.append(gallery, vectors, values["target_recall"], values["seed"])}
-        items = pd.concat([previous.items, index_lib.items_from_manifest(rows, man.root, first_id)], ignore_index=True)
-        sources = list(previous.meta["sources"])
-    else:
-        gallery, info = index_lib.build(vectors, values["index_type"], values["seed"], values["target_recall"])
-        items = index_lib.items_from_manifest(rows, man.root)
-        sources = []
-    sources.append({"manifest": str(manifest), "dataset": man.dataset, "manifest_fingerprint": man.meta["fingerprint"],
-                    "splits": splits, "added": len(rows), "skipped_already_indexed": skipped,
-                    "ids": [first_id, first_id + len(rows) - 1] if len(rows) else []})
-
-    search = {name: info[name] for name in ("nprobe", "efSearch") if name in info}
-    model_sha = previous.meta["model"]["sha256"] if previous is not None else index_lib.file_sha256(model_file)
-    metrics = {"images": int(gallery.ntotal), "added": len(rows), "dim": int(gallery.d),
-               "index_recall@10": info["recall@10"],
+        index = api.Index.build(api.load_model(model, device), manifest=manifest, split=split, path=out,
+                                index_type=values["index_type"], target_recall=values["target_recall"],
+                                seed=int(values["seed"]), false_match_rate=values["false_match_rate"],
+                                batch_size=int(values["batch_size"]), num_workers=int(values["num_workers"]))
+        added, removed, source = range(len(index)), 0, index.gallery.meta["sources"][-1]
+    meta = index.gallery.meta
+    info = meta["build"]
+    verification = meta.get("verification") or {}
+    metrics = {"images": len(index), "added": len(added), "dim": int(meta["dim"]), "index_recall@10": meta["recall@10"],
                "build_seconds": info.get("append_seconds", info["build_seconds"])}
-    lineage = {"index_type": info["type"], "dim": int(gallery.d), "model_sha256": model_sha,
-               "manifest_fingerprint": man.meta["fingerprint"], "splits": splits, "skipped_already_indexed": skipped,
-               "exact": info["exact"], **search, "device": str(device)}
-    record = timer.finish(inputs={"model": model_file, "manifest": manifest, "index": out if previous else None},
-                          metrics=metrics, extra=lineage)
-    meta = {"type": info["type"], "dim": int(gallery.d), "count": int(gallery.ntotal),
-            "metric": "inner product of L2-normalised embeddings (cosine)", "search": search,
-            "recall@10": info["recall@10"], "exact": info["exact"], "build": info,
-            "model": {"sha256": model_sha, "config": dict(net.config),
-                      "exec_id": _record_of(ckpt).get("exec_id")},
-            "sources": sources, "metrics": metrics, "record": record}
-    index_lib.write(out, gallery, items, meta, model_file)
+    if remove:
+        metrics["removed"] = removed
+    if verification:
+        metrics.update(match_threshold=verification["threshold"],
+                       match_true_rate=verification["true_match_rate"],
+                       match_false_rate=verification["measured_false_match_rate"])
+    lineage = {"index_type": meta["type"], "dim": int(meta["dim"]), "model_sha256": meta["model"]["sha256"],
+               "manifest_fingerprint": source.get("manifest_fingerprint"), "splits": source.get("splits", []),
+               "skipped_already_indexed": source.get("skipped_already_indexed", 0), "exact": meta["exact"],
+               **meta["search"], "device": str(device),
+               "verification": {k: v for k, v in verification.items() if k != "table"},
+               "threshold_table": verification.get("table", [])}
+    model_file = index.model.path
+    record = timer.finish(inputs={"model": model_file, "manifest": manifest, "index": out if (append or remove)
+                                  else None}, metrics=metrics, extra=lineage)
+    meta["model"]["exec_id"] = meta["model"].get("exec_id") or _record_of(_checkpoint(model_file)).get("exec_id")
+    index.save(out, metrics=metrics, record=record)
     events.emit("summary", text=describe(record, out))
     return record
+
+
+def _checkpoint(path) -> dict:
+    from dcml.contracts.checkpoint import load
+
+    return load(path)
 
 
 def _record_of(ckpt: dict) -> dict:
@@ -135,21 +128,32 @@ def describe(record: dict, out) -> str:
         knob = "nprobe" if "nprobe" in x else "efSearch"
         how = f"{knob} {x[knob]}: recall@10 vs exact {m['index_recall@10']:.3f}"
     skipped = f", {x['skipped_already_indexed']} already indexed" if x["skipped_already_indexed"] else ""
-    return f"{out}: {m['images']} images ({m['added']} added{skipped}), {m['dim']}-d, {x['index_type']} index, {how}"
+    removed = f", {m['removed']} removed" if m.get("removed") else ""
+    v = x.get("verification") or {}
+    match = (f"; match threshold {v['threshold']:.4f} (false-match rate {v['false_match_rate']:g} on the "
+             f"validation split, true-match rate {v['true_match_rate']:.3f})" if v else "")
+    return (f"{out}: {m['images']} images ({m['added']} added{removed}{skipped}), {m['dim']}-d, {x['index_type']} "
+            f"index, {how}{match}")
 
 
 @click.command(name=STAGE, help="Gallery embeddings -> a faiss index folder for `dcml search` / `dcml serve`.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="The dcml checkpoint that embeds the gallery (copied into the index; optional with --append).")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest Parquet.")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest Parquet of the images to index (a 'val' split there chooses the match threshold).")
 @click.option("--split", default="auto", show_default=True,
               help="Split(s) to index, comma-separated; auto = gallery, else test; all = every split.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Index folder.")
 @click.option("--append", is_flag=True, help="Add the manifest's images the index does not hold yet to --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index folder --out.")
+@click.option("--remove", "remove", multiple=True, type=click.IntRange(0),
+              help="Remove the item with this id (as `dcml search` shows it) from --out; repeat for several.")
 @params.click_options(*PARAMS, rename=RENAME)
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
-def cli(model, manifest, split, out, append, index_type, target_recall, batch_size, num_workers, seed, device):
-    record = run(out=out, manifest=manifest, model=model, split=split, append=append, index_type=index_type,
-                 target_recall=target_recall, batch_size=batch_size, num_workers=num_workers, seed=seed,
+def cli(model, manifest, split, out, append, overwrite, remove, index_type, target_recall, false_match_rate,
+        batch_size, num_workers, seed, device):
+    record = run(out=out, manifest=manifest, model=model, split=split, append=append, overwrite=overwrite,
+                 remove=remove, index_type=index_type, target_recall=target_recall,
+                 false_match_rate=false_match_rate, batch_size=batch_size, num_workers=num_workers, seed=seed,
                  device=device)
     click.echo(describe(record, out))

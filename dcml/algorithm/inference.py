@@ -26,6 +26,33 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device=None, flag: str = "--device") -> torch.device:
+    """The torch device ``device`` names (None / "" / "auto": CUDA when available, else CPU), checked
+    before any work: an unknown name or a GPU this machine does not have is a one-line DcmlError."""
+    if device is None or str(device) in ("", "auto"):
+        return default_device()
+    name = str(device).strip().lower()
+    fix = "use --device cpu (or leave it out: CUDA when available, else CPU)"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        ordinal = name.partition(":")[2]
+        if ordinal and not ordinal.isdigit():
+            raise DcmlError(f"{flag} {device}: not a device; use cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise DcmlError(f"{flag} {device}: this machine has no CUDA GPU that torch can use; {fix}")
+        count = torch.cuda.device_count()
+        if ordinal and int(ordinal) >= count:
+            raise DcmlError(f"{flag} {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}); "
+                            "pick one of them")
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DcmlError(f"{flag} {device}: this machine has no Apple MPS device; {fix}")
+        return torch.device("mps")
+    raise DcmlError(f"{flag} {device}: not a device; use cpu, cuda or cuda:N")
+
+
 def compute_vectors(model, manifest, rows: pd.DataFrame, kind: str = "embedding", batch_size: int = 128,
                     device=None, num_workers: int = 0, desc: str | None = None) -> np.ndarray:
     """float32 [len(rows), dim]: ``model.features`` (kind="features", pooled, not

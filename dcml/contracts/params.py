@@ -208,6 +208,9 @@ _PARAMS = [
        "100,000 images, else ivf).", "index", choices=INDEX_TYPES),
     _p("index_target_recall", float, 0.95, "Approximate index: recall@10 against exact search that its search "
        "setting (nprobe / efSearch) is raised to reach.", "index", low=0.0, high=1.0),
+    _p("index_false_match_rate", float, 0.01, "Match decisions: the share of different-class pairs of the "
+       "validation split that may score above the index's match threshold (chosen on that split; hits get "
+       "match true/false).", "index", low=0.0, high=1.0),
     # -- scale -----------------------------------------------------------------
     _p("gpus_per_task", int, 1, "Data-parallel processes (one per GPU; gloo processes on CPU) of every training "
        "stage: torchrun on one node, or per node of a TrainJob (dcml compile --nodes N); the cluster stages "
@@ -226,7 +229,8 @@ STAGE_NAMES: dict[str, dict[str, str]] = {
     "train-dfml": {"dfml_groups": "groups"},
     "evaluate": {"eval_batch_size": "batch_size"},
     "compress": {"compress_bits": "bits", "compress_method": "method", "compress_finetune_steps": "finetune_steps"},
-    "index": {"eval_batch_size": "batch_size", "index_target_recall": "target_recall"},
+    "index": {"eval_batch_size": "batch_size", "index_target_recall": "target_recall",
+              "index_false_match_rate": "false_match_rate"},
 }
 
 

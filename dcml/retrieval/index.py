@@ -22,12 +22,20 @@ lists); the knob and the recall reached are stored with the index. Appending
 vectors (:func:`append`) adds them to the trained structure and measures the
 recall again.
 
+Every vector has a stable id (an ``int64`` the index returns): an exact or
+HNSW index sits in a ``faiss.IndexIDMap2``, an IVF index stores the ids in
+its lists. Ids are given in order (0, 1, ...) and never reused: removing
+items (:func:`remove`; faiss ``remove_ids``, HNSW rebuilt without them) leaves
+the other ids as they were, and appended vectors continue after the largest
+id ever given (``next_id`` in ``index.json``).
+
 An index folder (:class:`GalleryIndex`) holds ``index.faiss``,
 ``items.parquet`` (faiss id -> image_id, path, image_bytes, label,
-class_name, split; ids are 0..n-1 in faiss's order), ``model.pt`` (the model
-that embedded the gallery: queries go through it and its preprocessing) and
-``index.json`` (format, type, knobs, recall, dimension, lineage and the stage
-record).
+class_name, split), ``model.pt`` (the model that embedded the gallery:
+queries go through it and its preprocessing) and ``index.json`` (format,
+type, knobs, recall, dimension, the match threshold, lineage and the stage
+record). Folders of the first format (``dcml.index/1``, ids 0..n-1 in faiss's
+order) open as well and are written in the current one.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import atomic_dir, write_json, write_parquet
 from dcml.contracts.params import INDEX_TYPES, PARAMS
 
-FORMAT = "dcml.index/1"
+FORMAT = "dcml.index/2"
+FORMATS = ("dcml.index/1", FORMAT)  # what opens
 INDEX_FILE, ITEMS_FILE, MODEL_FILE, META_FILE = "index.faiss", "items.parquet", "model.pt", "index.json"
 AUTO_APPROXIMATE_FROM = 100_000
 RECALL_K = 10
@@ -113,19 +122,21 @@ def ivf_lists(n: int) -> int:
 
 
 def build(vectors: np.ndarray, index_type: str = "auto", seed: int = 0,
-          target_recall: float = TARGET_RECALL) -> tuple[faiss.Index, dict]:
-    """(index over ``vectors``, info) where info holds type, parameters, build seconds and recall@10.
+          target_recall: float = TARGET_RECALL, ids: np.ndarray | None = None) -> tuple[faiss.Index, dict]:
+    """(index over ``vectors`` with ``ids`` (default 0..n-1), info) where info holds type, parameters,
+    build seconds and recall@10.
 
     ``vectors`` must be normalised (:func:`normalized`).
     """
     n, d = vectors.shape
     if n == 0:
         raise DcmlError("index: no gallery images to index; pick a split that has images")
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     kind = choose_type(index_type, n)
     t0 = time.perf_counter()
     params: dict = {}
     if kind == "flat":
-        index = faiss.IndexFlatIP(d)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     elif kind == "ivf":
         nlist = ivf_lists(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -135,45 +146,114 @@ def build(vectors: np.ndarray, index_type: str = "auto", seed: int = 0,
         index.train(vectors[sample])
         params.update(nlist=nlist, train_vectors=len(sample))
     else:
-        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index = faiss.IndexIDMap2(_hnsw(d))
         params.update(M=HNSW_M, efConstruction=HNSW_EF_CONSTRUCTION)
-    index.add(vectors)
+    index.add_with_ids(vectors, ids)
     build_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     info = {"type": kind, "params": params, "build_seconds": round(build_seconds, 3)}
-    info.update(calibrate(index, vectors, target_recall, seed))
+    info.update(calibrate(index, vectors, target_recall, seed, ids))
     info["calibration_seconds"] = round(time.perf_counter() - t1, 3)
     return index, info
 
 
+def _hnsw(d: int) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    return index
+
+
+def base_of(index: faiss.Index) -> faiss.Index:
+    """The index under an id map (or the index itself)."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
 def kind_of(index: faiss.Index) -> str:
-    if isinstance(index, faiss.IndexHNSW):
+    base = base_of(index)
+    if isinstance(base, faiss.IndexHNSW):
         return "hnsw"
-    if isinstance(index, faiss.IndexIVF):
+    if isinstance(base, faiss.IndexIVF):
         return "ivf"
     return "flat"
 
 
 def set_knob(index: faiss.Index, value: int) -> None:
     """Set the search knob of an approximate index (IVF nprobe, HNSW efSearch)."""
-    if kind_of(index) == "ivf":
-        index.nprobe = int(value)
-    elif kind_of(index) == "hnsw":
-        index.hnsw.efSearch = int(value)
+    base = base_of(index)
+    if kind_of(base) == "ivf":
+        base.nprobe = int(value)
+    elif kind_of(base) == "hnsw":
+        base.hnsw.efSearch = int(value)
+
+
+def contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 [n], vectors float32 [n, d]) of everything an index holds.
+
+    Always numpy arrays: once ``faiss.contrib.torch_utils`` is imported (by
+    pytorch-metric-learning, for one) faiss may hand back torch tensors.
+    """
+    n, d = int(index.ntotal), int(index.d)
+    if isinstance(index, faiss.IndexIDMap):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vectors = np.asarray(base_of(index).reconstruct_n(0, n), dtype=np.float32) if n else np.empty((0, d), np.float32)
+        return ids, vectors.reshape(n, d)
+    if kind_of(index) == "ivf":  # ids live in the inverted lists; IVFFlat codes are the raw float32 vectors
+        from faiss.contrib.inspect_tools import get_invlist
+
+        parts = [get_invlist(index.invlists, lst) for lst in range(index.nlist)]
+        ids = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]) if parts else np.empty(0, np.int64)
+        codes = [np.asarray(c).view(np.float32).reshape(-1, d) for _, c in parts]
+        vectors = np.concatenate(codes) if codes else np.empty((0, d), np.float32)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.ascontiguousarray(vectors[order])
+    # A plain index of the first format: ids are positions.
+    return np.arange(n, dtype=np.int64), np.asarray(index.reconstruct_n(0, n), dtype=np.float32).reshape(n, d)
+
+
+def with_ids(index: faiss.Index) -> faiss.Index:
+    """An index of the first format (positions as ids) in the current one (an id map; IVF as it is)."""
+    if isinstance(index, faiss.IndexIDMap) or kind_of(index) == "ivf":
+        return index
+    ids, vectors = contents(index)
+    fresh = faiss.IndexIDMap2(_hnsw(index.d) if kind_of(index) == "hnsw" else faiss.IndexFlatIP(index.d))
+    if kind_of(index) == "hnsw":
+        set_knob(fresh, index.hnsw.efSearch)
+    fresh.add_with_ids(vectors, ids)
+    return fresh
+
+
+def remove(index: faiss.Index, ids) -> tuple[faiss.Index, int]:
+    """(the index without ``ids``, how many were removed); the other ids stay as they were.
+
+    Exact and IVF indexes remove in place (faiss ``remove_ids``); an HNSW graph
+    cannot drop nodes, so it is rebuilt from the remaining vectors (same
+    parameters, same search knob).
+    """
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    if kind_of(index) != "hnsw":
+        return index, int(index.remove_ids(ids))
+    held, vectors = contents(index)
+    keep = ~np.isin(held, ids)
+    fresh = faiss.IndexIDMap2(_hnsw(index.d))
+    set_knob(fresh, base_of(index).hnsw.efSearch)
+    fresh.add_with_ids(vectors[keep], held[keep])
+    return fresh, int((~keep).sum())
 
 
 def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """ids [len(rows), k] of the exact top-k of ``vectors[rows]`` among ``vectors``, each row's own id left out."""
+    """Positions [len(rows), k] of the exact top-k of ``vectors[rows]`` among ``vectors``, each row's own left out."""
     _, ids = faiss.knn(vectors[rows], vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    return _without_own(ids, rows)
+    return _without_own(np.asarray(ids), rows)
 
 
-def recall_at_k(index: faiss.Index, vectors: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> float:
-    """Share of the exact top-k (``truth``) that ``index`` returns for the queries ``vectors[rows]``."""
+def recall_at_k(index: faiss.Index, vectors: np.ndarray, rows: np.ndarray, truth: np.ndarray,
+                ids: np.ndarray | None = None) -> float:
+    """Share of the exact top-k (``truth``, ids) that ``index`` returns for the queries ``vectors[rows]``
+    (``ids``: the id of each row of ``vectors``; default its position)."""
     k = truth.shape[1]
-    _, ids = index.search(vectors[rows], k + 1)
-    found = _without_own(ids, rows)
+    own = rows if ids is None else ids[rows]
+    _, found = index.search(vectors[rows], k + 1)
+    found = _without_own(np.asarray(found), own)
     return float((found[:, :, None] == truth[:, None, :]).any(axis=2).sum() / truth.size)
 
 
@@ -184,7 +264,8 @@ def _without_own(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return ids[~drop].reshape(len(ids), ids.shape[1] - 1)
 
 
-def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TARGET_RECALL, seed: int = 0) -> dict:
+def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TARGET_RECALL, seed: int = 0,
+              ids: np.ndarray | None = None) -> dict:
     """Set an approximate index's search knob to the smallest power of two whose recall@10 vs exact
     reaches ``target_recall`` (or its largest useful value); return the knob, the recall and the curve.
 
@@ -198,12 +279,14 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TA
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False)).astype(np.int64)
     truth = exact_neighbours(vectors, rows, k)
+    if ids is not None:
+        truth = ids[truth]
     name, value = _KNOBS[kind]
-    largest = index.nlist if kind == "ivf" else max(value, 2048)
+    largest = base_of(index).nlist if kind == "ivf" else max(value, 2048)
     curve = []
     while True:
         set_knob(index, value)
-        recall = recall_at_k(index, vectors, rows, truth)
+        recall = recall_at_k(index, vectors, rows, truth, ids)
         curve.append([value, round(recall, 4)])
         if recall >= target_recall or value >= largest:
             break
@@ -212,31 +295,18 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TA
             "recall_queries": len(rows), "recall_k": k, "calibration": curve}
 
 
-def stored_vectors(index: faiss.Index) -> np.ndarray:
-    """Every vector an index holds, in id order (an IVF index gets a direct map for it).
-
-    Always a numpy array: once ``faiss.contrib.torch_utils`` is imported (by
-    pytorch-metric-learning, for one) faiss may hand back torch tensors.
-    """
-    if kind_of(index) == "ivf":
-        index.make_direct_map()
-        try:
-            return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
-        finally:
-            index.make_direct_map(False)
-    return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
-
-
-def append(index: faiss.Index, vectors: np.ndarray, target_recall: float = TARGET_RECALL,
+def append(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, target_recall: float = TARGET_RECALL,
            seed: int = 0) -> dict:
-    """Add normalised ``vectors`` (ids continue after the last one) without retraining or rebuilding;
-    an approximate index is calibrated again over all its vectors. Returns the new calibration."""
+    """Add normalised ``vectors`` with ``ids`` without retraining or rebuilding; an approximate index is
+    calibrated again over all its vectors. Returns the new calibration."""
     t0 = time.perf_counter()
-    index.add(vectors)
+    index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
     seconds = time.perf_counter() - t0
     # An exact index has nothing to calibrate (calibrate does not look at the vectors then).
-    everything = vectors if kind_of(index) == "flat" else stored_vectors(index)
-    return {**calibrate(index, everything, target_recall, seed), "append_seconds": round(seconds, 3)}
+    if kind_of(index) == "flat":
+        return {**calibrate(index, vectors, target_recall, seed), "append_seconds": round(seconds, 3)}
+    held, everything = contents(index)
+    return {**calibrate(index, everything, target_recall, seed, held), "append_seconds": round(seconds, 3)}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -266,12 +336,19 @@ def items_from_manifest(rows: pd.DataFrame, root: Path, first_id: int = 0) -> pd
 
 @dataclass
 class GalleryIndex:
-    """An index folder, opened: the faiss index, the items table and the metadata."""
+    """An index folder, opened: the faiss index, the items table (one row per id) and the metadata.
+
+    ``add`` / ``remove`` change it in memory; ``write`` (below) stores it.
+    """
 
     path: Path
     index: faiss.Index
     items: pd.DataFrame
     meta: dict
+
+    def __post_init__(self):
+        self.items = self.items.reset_index(drop=True)
+        self._rows = pd.Index(self.items["id"].to_numpy(dtype=np.int64))
 
     @property
     def model_file(self) -> Path:
@@ -280,6 +357,23 @@ class GalleryIndex:
     @property
     def size(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added item gets: ids are never reused, even after a removal."""
+        largest = int(self.items["id"].max()) + 1 if len(self.items) else 0
+        return max(int(self.meta.get("next_id", 0)), largest)
+
+    @property
+    def threshold(self) -> float | None:
+        """The score from which a hit is a match (``index.json`` ``verification``), if one was chosen."""
+        return (self.meta.get("verification") or {}).get("threshold")
+
+    def has(self, item_id: int) -> bool:
+        return int(item_id) in self._rows
+
+    def item(self, item_id: int) -> pd.Series:
+        return self.items.iloc[int(self._rows.get_loc(int(item_id)))]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "GalleryIndex":
@@ -294,17 +388,18 @@ class GalleryIndex:
             meta = json.loads((path / META_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DcmlError(f"{path / META_FILE}: not valid JSON ({exc}); {fix}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise DcmlError(f"{path / META_FILE}: format {found!r}, expected {FORMAT!r}; {fix}")
         try:
-            index = faiss.read_index(str(path / INDEX_FILE))
+            index = with_ids(faiss.read_index(str(path / INDEX_FILE)))
         except RuntimeError as exc:
             raise DcmlError(f"{path / INDEX_FILE}: not a readable faiss index ({str(exc).splitlines()[0][:160]}); "
                             f"{fix}") from None
         items = pd.read_parquet(path / ITEMS_FILE)
+        held, _ = contents(index) if kind_of(index) == "ivf" else (faiss.vector_to_array(index.id_map), None)
         if list(items.columns) != list(ITEM_COLUMNS) or len(items) != index.ntotal \
-                or not np.array_equal(items["id"].to_numpy(), np.arange(len(items))):
+                or not np.array_equal(np.sort(items["id"].to_numpy()), np.sort(np.asarray(held, dtype=np.int64))):
             raise DcmlError(f"{path}: items.parquet does not match the index ({len(items)} items, "
                             f"{index.ntotal} vectors); {fix}")
         for value in meta.get("search", {}).values():  # the calibrated nprobe / efSearch
@@ -312,36 +407,83 @@ class GalleryIndex:
         return cls(path, index, items, meta)
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
-        """Top-k hits per normalised query vector: id, image_id, path, label, class_name, score."""
+        """Top-k hits per normalised query vector: id, image_id, path, label, class_name, score, match
+        (score >= the stored threshold; None when the index has none)."""
+        if self.size == 0:
+            return [[] for _ in range(len(vectors))]
         k = max(1, min(int(k), self.size))
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        threshold = self.threshold
         out = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row_scores, row_ids in zip(np.asarray(scores), np.asarray(ids)):
             hits = []
             for score, item_id in zip(row_scores, row_ids):
                 if item_id < 0:  # an approximate index found fewer than k
                     continue
-                item = self.items.iloc[int(item_id)]
+                item = self.item(item_id)
                 hits.append({"id": int(item_id), "image_id": item["image_id"],
                              "path": item["path"] if isinstance(item["path"], str) else None,
                              "label": int(item["label"]), "class_name": item["class_name"],
-                             "score": round(float(score), 6)})
+                             "score": round(float(score), 6),
+                             "match": None if threshold is None else bool(score >= threshold)})
             out.append(hits)
         return out
 
+    def add(self, vectors: np.ndarray, items: pd.DataFrame, target_recall: float = TARGET_RECALL,
+            seed: int = 0) -> np.ndarray:
+        """Add normalised ``vectors`` and their ``items`` rows (ids assigned here); return the new ids."""
+        if int(self.index.d) != vectors.shape[1]:
+            raise DcmlError(f"{self.path}: the index holds {self.index.d}-d vectors, these are {vectors.shape[1]}-d; "
+                            "embed them with the index's model")
+        ids = np.arange(self.next_id, self.next_id + len(vectors), dtype=np.int64)
+        if len(ids):
+            info = append(self.index, vectors, ids, target_recall, seed)
+            self.meta["build"] = {**self.meta.get("build", {}), **info}
+            self._calibrated(info)
+        rows = items.reset_index(drop=True).assign(id=ids)[list(ITEM_COLUMNS)]
+        self.items = pd.concat([self.items, rows], ignore_index=True) if len(self.items) else rows
+        self.meta["next_id"] = int(ids[-1]) + 1 if len(ids) else self.next_id
+        self.__post_init__()
+        return ids
+
+    def remove(self, ids) -> int:
+        """Remove the items with these ids (unknown ids are a DcmlError); return how many were removed."""
+        ids = np.unique(np.asarray(list(ids), dtype=np.int64))
+        unknown = [int(i) for i in ids if not self.has(i)]
+        if unknown:
+            raise DcmlError(f"{self.path}: no item with id {', '.join(map(str, unknown[:5]))} in the index; "
+                            "pass ids that `dcml search` returns")
+        self.meta["next_id"] = self.next_id
+        self.index, removed = remove(self.index, ids)
+        self.items = self.items[~self.items["id"].isin(ids)]
+        self.__post_init__()
+        return removed
+
+    def _calibrated(self, info: dict) -> None:
+        self.meta["search"] = {name: info[name] for name in ("nprobe", "efSearch") if name in info}
+        self.meta["recall@10"], self.meta["exact"] = info["recall@10"], info["exact"]
+
     def image_source(self, item_id: int):
         """What to decode for item ``item_id``: its file path or a file object over its embedded bytes."""
-        item = self.items.iloc[int(item_id)]
+        item = self.item(item_id)
         if isinstance(item["path"], str) and item["path"]:
             return item["path"]
         return io.BytesIO(item["image_bytes"])
 
 
+def stored_vectors(index: faiss.Index) -> np.ndarray:
+    """Every vector an index holds, in id order."""
+    ids, vectors = contents(index)
+    return vectors[np.argsort(ids, kind="stable")]
+
+
 def write(dest: str | os.PathLike, index: faiss.Index, items: pd.DataFrame, meta: dict, model_file) -> None:
     """Write an index folder atomically (a reader sees the old folder or the new one, never a mix)."""
     table = pa.Table.from_pandas(items[list(ITEM_COLUMNS)], schema=ITEMS_SCHEMA, preserve_index=False)
+    next_id = max(int(meta.get("next_id", 0)), int(items["id"].max()) + 1 if len(items) else 0)
+    meta = {**meta, "format": FORMAT, "count": int(index.ntotal), "next_id": next_id}
     with atomic_dir(dest) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         write_parquet(tmp / ITEMS_FILE, table, {"format": FORMAT})
         shutil.copyfile(model_file, tmp / MODEL_FILE)
-        write_json(tmp / META_FILE, {"format": FORMAT, **meta})
+        write_json(tmp / META_FILE, meta)

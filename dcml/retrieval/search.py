@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dcml.contracts.errors import DcmlError
-from dcml.retrieval.index import GalleryIndex, normalized
+from dcml.retrieval.index import GalleryIndex
 
 MAX_QUERY_BYTES = 20 << 20
 MAX_QUERY_PIXELS = 40_000_000
@@ -68,33 +68,29 @@ def _decoded(name: str, decode):
         raise DcmlError(f"{name}: truncated or corrupt image ({detail}); pass a complete image file") from None
 
 
+MAX_K = 1000  # neighbours per query, the same bound for `dcml search`, the API and `dcml serve`
+
+
 class Searcher:
     """An index folder with its model, ready to answer query images."""
 
-    def __init__(self, index_dir: str | os.PathLike, device: str = "cpu"):
-        from dcml.algorithm.data import build_transform
-        from dcml.model_files import load_model
+    def __init__(self, index_dir: str | os.PathLike, device=None):
+        from dcml.retrieval.embedder import Embedder
 
         self.gallery = GalleryIndex.open(index_dir)
-        self.model, _ = load_model(self.gallery.model_file, device=device)
-        self.device = device
-        self.transform = build_transform(self.model.config, train=False)
+        self.embedder = Embedder.load(self.gallery.model_file, device)
+        self.model, self.device, self.transform = self.embedder.net, self.embedder.device, self.embedder.transform
         dim = int(self.gallery.index.d)
-        if self.model.embedding_dim != dim:
-            raise DcmlError(f"{self.gallery.path}: its model embeds into {self.model.embedding_dim} dimensions but "
+        if self.embedder.dim != dim:
+            raise DcmlError(f"{self.gallery.path}: its model embeds into {self.embedder.dim} dimensions but "
                             f"the index holds {dim}; rebuild it with `dcml index`")
 
     def decode(self, data: bytes, name: str) -> Image.Image:
-        return decode_query(data, name, self.transform.mode, self.transform.draft_size)
+        return self.embedder.decode(data, name)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """Normalised embeddings [len(images), dim] (the eval transform, no autograd)."""
-        import torch
-
-        batch = torch.stack([self.transform(img) for img in images]).to(self.device)
-        with torch.inference_mode():
-            vectors = self.model(batch).float().cpu().numpy()
-        return normalized(vectors, "query embeddings")
+        return self.embedder.embed_images(images)
 
     def search(self, images: list[Image.Image], k: int = 10) -> list[list[dict]]:
         """Top-k hits per image (see GalleryIndex.search)."""

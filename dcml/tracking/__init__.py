@@ -12,17 +12,17 @@ artifacts (dcml.contracts.records), after the pipeline has run. Modules:
 """
 
 from dcml.tracking.store import (DEFAULT_EXPERIMENT, EXPERIMENT_KIND_TAG, TRAINING_KIND, connect,
-                                 default_store_dir, default_tracking_uri, setup, store_lock, ui_base, ui_url)
+                                 default_store_dir, default_tracking_uri, setup, store_lock, ui_base, ui_command, ui_url)
 from dcml.tracking.liveness import reap_dead_runs
 from dcml.tracking.plots import embedding_map, make_plots, plot_metric, routing_plot, training_curves_figure
-from dcml.tracking.runs import (load_logged_model, log_model, log_pipeline_run, metric_key, run_name_for,
-                                run_parameters)
+from dcml.tracking.runs import (PARENT_RUN_ENV, load_logged_model, log_model, log_pipeline_run, metric_key,
+                                run_name_for, run_parameters)
 from dcml.tracking.compare import KEY_PARAMS, compare_runs, latest_experiment
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "EXPERIMENT_KIND_TAG", "TRAINING_KIND", "connect", "default_store_dir",
-    "default_tracking_uri", "setup", "store_lock", "ui_base", "ui_url", "reap_dead_runs", "embedding_map",
+    "default_tracking_uri", "setup", "store_lock", "ui_base", "ui_command", "ui_url", "reap_dead_runs", "embedding_map",
     "make_plots", "plot_metric", "routing_plot", "training_curves_figure", "load_logged_model", "log_model",
     "log_pipeline_run", "metric_key", "run_name_for", "run_parameters", "KEY_PARAMS", "compare_runs",
-    "latest_experiment",
+    "latest_experiment", "PARENT_RUN_ENV",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dcml.contracts.errors import DcmlError
 from dcml.tracking import liveness, store
-from dcml.tracking.runs import metric_key
 
 # Parameters shown next to metrics, in this order.
 KEY_PARAMS = (
@@ -12,6 +11,42 @@ KEY_PARAMS = (
     "classes_per_batch", "images_per_class", "epochs", "finetune_epochs", "seed",
 )
 PIPELINE_RUNS = "tags.`dcml.kind` = 'pipeline'"
+# The narrow table (`dcml compare` without --wide): these columns when present, then the duration.
+NARROW_PARAMS = ("num_clusters", "mode", "method")
+NARROW_METRICS = ("recall@1", "map@r", "r_precision", "nmi")
+
+
+def dcml_metric_name(name: str) -> str:
+    """dcml's spelling of a metric given as dcml or MLflow names it (``recall_at_1``, ``metrics.recall_at_1``)."""
+    name = name.strip().lower().removeprefix("metrics.")
+    return name.replace("_at_", "@")
+
+
+def resolve_metric(metric: str, available: list[str], experiment: str) -> str:
+    """The column of ``metric`` (dcml or MLflow spelling); an unknown one is a DcmlError listing them all."""
+    name = dcml_metric_name(metric)
+    if name in available:
+        return name
+    raise DcmlError(f"--metric {metric}: not logged in the runs of experiment '{experiment}'; pick one of "
+                    f"{', '.join(sorted(available))} (dcml or MLflow spelling, e.g. recall@1 or recall_at_1)")
+
+
+def narrow(table, metric: str):
+    """Run name, K, mode, method, the key metrics (and the one sorted by) and the duration."""
+    metrics = [m for m in dict.fromkeys((metric,) + NARROW_METRICS) if m in table.columns]
+    cols = ["run"] + (["status"] if "status" in table.columns else [])
+    cols += [p for p in NARROW_PARAMS if p in table.columns] + metrics + ["duration"]
+    out = table[cols].rename(columns={"num_clusters": "K"})
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def _duration(seconds) -> str:
+    if seconds != seconds:  # NaN: still running
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def latest_experiment(tracking_uri: str | None = None) -> str | None:
@@ -59,19 +94,19 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     if df.empty:
         return df
     store.mark_training(MlflowClient(uri), exp)  # an experiment of dcml runs made by an older dcml
-    sort_col = f"metrics.{metric_key(metric)}"
+    metric_cols = sorted(c for c in df.columns if c.startswith("metrics.") and not c.startswith("metrics.seconds."))
+    available = [dcml_metric_name(c) for c in metric_cols]
+    key = resolve_metric(metric, available, name)  # before anything is printed
     cols = ["tags.mlflow.runName", "start_time"] + (["status"] if include_all else [])
     cols += [f"params.{p}" for p in KEY_PARAMS if f"params.{p}" in df.columns]
-    cols += sorted(c for c in df.columns if c.startswith("metrics.") and not c.startswith("metrics.seconds."))
-    table = df[cols].copy()
-    table.columns = [c.split(".", 1)[1] if "." in c else c for c in cols]
+    table = df[cols + metric_cols].copy()
+    table.columns = [c.split(".", 1)[1] if "." in c else c for c in cols] + available
     table = table.rename(columns={"mlflow.runName": "run"})
-    table.columns = [c.replace("_at_", "@") for c in table.columns]
-    key = metric if metric in table.columns else sort_col.split(".", 1)[1]
-    if key in table.columns:
-        table = table.sort_values(key, ascending=False)
-    table = table.reset_index(drop=True)
-    table.attrs["experiment"] = name
+    seconds = (df["end_time"] - df["start_time"]).dt.total_seconds() if "end_time" in df.columns else float("nan")
+    table["duration_s"] = seconds
+    table["duration"] = [_duration(v) for v in table["duration_s"]]
+    table = table.sort_values(key, ascending=False).reset_index(drop=True)
+    table.attrs.update(experiment=name, metric=key, metrics=available)
     return table
 
 

@@ -218,9 +218,16 @@ def plot_metric(table, metric: str, dest: str, label_cols: tuple[str, ...] = ())
     labels = [" ".join(str(row[c]) for c in label_cols) if label_cols else str(row["run"]) for _, row in table.iterrows()]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table)), 4))
-    ax.bar(range(len(table)), table[metric].astype(float))
+    values = table[metric].astype(float)
+    bars = ax.bar(range(len(table)), values)
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel=metric, title=f"{metric} per run")
+    ax.set(ylabel=metric, title=f"{metric} per run (axis zoomed to the values)")
+    finite = values[values.notna()]
+    if len(finite):  # zoom to the data: 0.864 against 0.892 must be visible
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = max(0.15 * (hi - lo), 0.005 * max(abs(hi), 1e-3))
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.bar_label(bars, labels=[f"{v:.4f}" if v == v else "" for v in values], fontsize=7, padding=2)
     ax.grid(axis="y", alpha=0.3)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     _save(fig, Path(dest))

@@ -10,6 +10,7 @@ it loads with ``torch.load(weights_only=True)``, never by unpickling code.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from dcml.tracking.plots import make_plots
 MODEL_DIR = "dcml-model"        # artifact folder of the logged model
 MODEL_FILE = "model.pt"         # the dcml checkpoint (dcml.contracts.checkpoint)
 MODEL_FORMAT = "dcml.checkpoint"  # tag dcml.model_format: how dcml.model_uri loads
+PARENT_RUN_ENV = "DCML_MLFLOW_PARENT_RUN"  # set by `dcml study`: its grid runs nest under this MLflow run
 _PATH_KEYS = ("manifest", "out", "features", "clusters", "model", "checkpoints", "init",
               "embeddings", "embeddings_out", "root")
 
@@ -166,6 +168,8 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     final_metrics = json.loads(Path(metrics).read_text())["metrics"]
 
     tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"], **liveness.owner_tags()}
+    if os.environ.get(PARENT_RUN_ENV):  # a grid point of `dcml study`: nested under the study's run
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     run_name = run_name or run_name_for(lineage)
     compress = [r for r in lineage if r.get("stage") == "compress"]
     if compress:
@@ -173,7 +177,12 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
         params = compress[-1].get("params", {})
         tags["dcml.compressed"] = f"{params.get('method')}-{params.get('bits')}bit"
         run_name = f"{run_name} [{tags['dcml.compressed']}]"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as parent, \
+    # The parent run spans the pipeline: from the first stage this run executed (not served from the cache)
+    # to the end of tracking, not only the track step.
+    started = pipeline_started_ms([r for r in lineage if r["exec_id"] not in cached])
+    opened = client.create_run(experiment_id, start_time=started, tags=tags, run_name=run_name) if started else None
+    with (mlflow.start_run(run_id=opened.info.run_id) if opened else
+          mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)) as parent, \
             liveness.Heartbeat(client, parent.info.run_id):
         mlflow.log_params(run_parameters(lineage))
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final_metrics.items()})
@@ -190,6 +199,9 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
                 stage_metrics["duration_s"] = float(rec.get("duration_s", 0.0))
                 mlflow.log_metrics(stage_metrics)
                 _log_history(client, child.info.run_id, rec.get("history", []))
+                if rec.get("extra", {}).get("threshold_table"):  # the index's match threshold: its ROC points
+                    mlflow.log_dict({"verification": rec["extra"].get("verification", {}),
+                                     "table": rec["extra"]["threshold_table"]}, "verification/threshold_table.json")
             mlflow.log_metric(metric_key(f"seconds.{rec.get('name') or rec['stage']}"), float(rec.get("duration_s", 0.0)))
         with tempfile.TemporaryDirectory() as tmp:
             for path in make_plots(lineage, final_metrics, embeddings, Path(tmp)):
@@ -220,6 +232,19 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
                          "ui_url": store.ui_url(experiment_id, run_id, store.ui_base(mlflow.get_tracking_uri())),
                          "cached_stages": sorted(r.get("name", r["stage"]) for r in lineage if r["exec_id"] in cached)})
     return run_id
+
+
+def pipeline_started_ms(executed: list[dict]) -> int | None:
+    """Epoch milliseconds of the earliest ``started`` of these stage records (None when there is none)."""
+    from datetime import datetime
+
+    times = []
+    for rec in executed:
+        try:
+            times.append(datetime.fromisoformat(rec["started"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            continue
+    return int(min(times) * 1000) if times else None
 
 
 def log_model(model_path: str, run_id: str) -> str:

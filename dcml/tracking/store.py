@@ -133,6 +133,21 @@ def ui_base(tracking_uri: str | None = None) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
+def ui_command(tracking_uri: str | None = None) -> str:
+    """A shell command that serves this store's UI from any folder (the database by absolute path, with
+    this environment's ``mlflow``); for a tracking server, its address."""
+    import shlex
+    import sys
+
+    uri = tracking_uri or default_tracking_uri()
+    db = sqlite_path(uri)
+    if db is None:
+        return f"open {ui_base(uri)}"
+    exe = Path(sys.executable).with_name("mlflow")
+    return (f"{shlex.quote(str(exe) if exe.is_file() else 'mlflow')} ui --backend-store-uri "
+            f"{shlex.quote('sqlite:///' + str(db.resolve()))} --host 127.0.0.1 --port 5000")
+
+
 def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
     """A link that opens the experiment's training runs (or one run) in MLflow's UI."""
     base = (base or ui_base()).rstrip("/")
