@@ -227,10 +227,11 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                **model_args, **train_args, epochs=p["epochs"],
                                recluster_every=p["recluster_every"]).outputs["model"]
                 model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
-                             finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
+                             finetune_epochs=p["finetune_epochs"], baseline_candidate=p["baseline_candidate"],
+                             **train_args).outputs["model"]
             else:
                 model, features = None, extracted.outputs["features"]
-                for _ in range(rounds):
+                for round_ in range(rounds):
                     if model is not None:
                         # Later rounds cluster the merged model's own backbone features; the
                         # frozen lower part never changes, so the fast mode's cache still holds.
@@ -246,7 +247,10 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                       epochs=p["epochs"], **extra)
                     model = task("merge-finetune", manifest=manifest,
                                  checkpoints=dsl.Collected(worker.outputs["model"]), activations=activations,
-                                 merge=merge, finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
+                                 merge=merge, finetune_epochs=p["finetune_epochs"],
+                                 # the pretrained features compete with the last round's model only
+                                 baseline_candidate=p["baseline_candidate"] if round_ == rounds - 1 else False,
+                                 **train_args).outputs["model"]
 
         evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],
                          num_workers=p["num_workers"])

@@ -67,12 +67,30 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     table.columns = [c.split(".", 1)[1] if "." in c else c for c in cols]
     table = table.rename(columns={"mlflow.runName": "run"})
     table.columns = [c.replace("_at_", "@") for c in table.columns]
+    _add_headline(table, df)
     key = metric if metric in table.columns else sort_col.split(".", 1)[1]
     if key in table.columns:
         table = table.sort_values(key, ascending=False)
     table = table.reset_index(drop=True)
     table.attrs["experiment"] = name
     return table
+
+
+HEADLINE = "pretrained -> trained R@1"
+
+
+def _add_headline(table, df) -> None:
+    """The runs' headline beside their names: test R@1 of the pretrained features -> the
+    delivered model, and which candidate validation chose ('' where a run has none)."""
+    def cell(row) -> str:
+        before, after = row.get("metrics.pretrained.recall_at_1"), row.get("metrics.recall_at_1")
+        if before is None or after is None or before != before or after != after:  # missing or NaN
+            return ""
+        return f"{before:.4f} -> {after:.4f} ({100 * (after - before):+.1f})"
+
+    table.insert(1, HEADLINE, [cell(row) for row in df.to_dict("records")])
+    delivered = df["tags.dcml.delivered"] if "tags.dcml.delivered" in df.columns else None
+    table.insert(2, "delivered", [] if df.empty else (delivered.fillna("").tolist() if delivered is not None else [""] * len(df)))
 
 
 def no_runs_message(table, experiment: str | None, include_all: bool) -> str:

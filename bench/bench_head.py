@@ -1,0 +1,224 @@
+"""What the embedding head costs before any training: raw backbone features against PCA heads.
+
+cars196, official split (classes 1-98 train, 99-196 test), EfficientNet-Lite0
+with ImageNet weights at 160 px. The backbone's pooled features are extracted
+once (``dcml extract`` on the train and test splits); then, with no training,
+every variant is scored on the 98 test classes (R@1, MAP@R, the pipeline's
+metric code):
+
+* ``raw``: the 1280-d features, L2-normalised (what a user gets without dcml);
+* ``pca``: the model's own head as ``head_init=pca`` sets it
+  (``EmbeddingModel.init_head_from_features``) at 128 / 256 / 512 dimensions,
+  K=1 (the top principal components of all training features) and K=4 (per
+  cluster slices, clusters from faiss k-means of the training features, as
+  the cluster stage makes them);
+* ``white``: the K=1 PCA projection whitened (each component divided by its
+  standard deviation), at the same widths and at the full 1280;
+
+each fitted on all 98 training classes and on a subset of 20 of them (the
+first 20 classes; the test classes stay the same). The index cost of a width
+is its bytes per vector (float32, flat) and exact search speed (faiss
+IndexFlatIP, one thread, the test set as queries and gallery, k=10).
+
+    python -m bench.bench_head --threads 1      # -> bench/results/head_cars196.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, WORK, log, result_header, set_threads, write_result
+from bench.report import PY, Results, pct
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars196"
+WIDTHS = (128, 256, 512)
+SUBSET_CLASSES = 20
+NAME = "head_cars196"
+
+
+def features(folder: Path, image_size: int, batch_size: int) -> tuple:
+    """(train features, train labels, test features, test labels), extracted once into ``folder``."""
+    from components.extract.stage import run as extract
+    from components.ingest.stage import run as ingest
+    from dcml.contracts.io import read_vectors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.parquet"
+    if not manifest.is_file():
+        ingest(out=manifest, dataset="cars196", root=str(ROOT), split_mode="official", val_fraction=0.0)
+    out = folder / f"features-{image_size}.parquet"
+    if not out.is_file():
+        extract(manifest=manifest, out=out, splits=("train", "test"), backbone="efficientnet_lite0",
+                weights="imagenet", image_size=image_size, batch_size=batch_size)
+    rows, x, _ = read_vectors(out)
+    train, test = (rows["split"] == "train").to_numpy(), (rows["split"] == "test").to_numpy()
+    labels = rows["label"].to_numpy()
+    return x[train], labels[train], x[test], labels[test]
+
+
+def score(x, labels) -> dict:
+    from dcml.algorithm.metrics import evaluate_embeddings
+
+    m = evaluate_embeddings(x, labels, ks=(1,), include=("recall", "map@r"))
+    return {"recall@1": float(m["recall@1"]), "map@r": float(m["map@r"])}
+
+
+def normalised(x):
+    import numpy as np
+
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def pca_head(train_x, test_x, width: int, k: int, seed: int = 0):
+    """Test embeddings of an untrained model whose head is ``head_init=pca`` (K slices)."""
+    import numpy as np
+    import torch
+
+    from dcml.algorithm.clustering import kmeans
+    from dcml.algorithm.models import build_model
+
+    model = build_model({"backbone": "efficientnet_lite0", "weights": "none", "embedding_dim": width,
+                         "num_slices": k}, load_weights=False).eval()
+    groups = None
+    if k > 1:
+        assignments = kmeans(train_x, k, seed=seed, normalize=True).assignments
+        groups = [np.flatnonzero(assignments == c) for c in range(k)]
+    model.init_head_from_features(train_x, groups)
+    with torch.no_grad():
+        return model.embed(torch.from_numpy(test_x)).numpy()
+
+
+def whitened(train_x, test_x, width: int):
+    """The top ``width`` principal components of the training features, each scaled to unit variance."""
+    import numpy as np
+
+    x = train_x.astype(np.float64)
+    mean = x.mean(axis=0)
+    _, s, vh = np.linalg.svd(x - mean, full_matrices=False)
+    std = s[:width] / np.sqrt(max(len(x) - 1, 1))
+    keep = std > 1e-8 * std[0]
+    proj = (test_x.astype(np.float64) - mean) @ vh[:width][keep].T / std[keep]
+    return normalised(proj.astype(np.float32))
+
+
+def index_cost(x, repeats: int = 1) -> dict:
+    """Bytes per vector and exact-search queries per second of a flat inner-product index."""
+    import faiss
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        index.search(x, 10)
+        seconds = time.perf_counter() - t0
+        best = seconds if best is None else min(best, seconds)
+    return {"bytes_per_vector": int(x.shape[1] * 4), "queries_per_s": round(len(x) / best, 1),
+            "gallery": int(len(x))}
+
+
+def variants(train_x, train_y, test_x, test_y, seed: int) -> list[dict]:
+    import numpy as np
+
+    rows = [{"variant": "raw", "k": None, "width": int(test_x.shape[1]), **score(normalised(test_x), test_y)}]
+    for width in WIDTHS:
+        for k in (1, 4):
+            rows.append({"variant": "pca", "k": k, "width": width,
+                         **score(pca_head(train_x, test_x, width, k, seed), test_y)})
+    for width in (*WIDTHS, int(test_x.shape[1])):
+        rows.append({"variant": "white", "k": 1, "width": width, **score(whitened(train_x, test_x, width), test_y)})
+    centred = normalised(test_x - train_x.mean(axis=0, dtype=np.float64).astype(np.float32))
+    rows.append({"variant": "centred", "k": None, "width": int(test_x.shape[1]), **score(centred, test_y)})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    a = parser.parse_args(argv)
+    threads = set_threads(a.threads)
+    import numpy as np
+
+    payload = {**result_header("head", "bench.bench_head", argv), "dataset": "cars196", "image_size": a.image_size,
+               "backbone": "efficientnet_lite0", "weights": "imagenet", "threads": threads}
+    t0 = time.perf_counter()
+    train_x, train_y, test_x, test_y = features(WORK / "head", a.image_size, a.batch_size)
+    payload["extract_s"] = round(time.perf_counter() - t0, 1)
+    log(f"features: train {train_x.shape}, test {test_x.shape}")
+    subset = np.isin(train_y, np.unique(train_y)[:SUBSET_CLASSES])
+    payload["training_sets"] = {}
+    for name, mask in (("all", np.ones(len(train_y), bool)), (f"{SUBSET_CLASSES} classes", subset)):
+        rows = variants(train_x[mask], train_y[mask], test_x, test_y, a.seed)
+        payload["training_sets"][name] = {"classes": int(len(np.unique(train_y[mask]))),
+                                          "images": int(mask.sum()), "rows": rows}
+        for r in rows:
+            log(f"{name}: {r['variant']} K={r['k']} {r['width']}-d: R@1 {r['recall@1']:.4f} MAP@R {r['map@r']:.4f}")
+        write_result(NAME, payload, complete=False)
+    payload["index"] = [{"width": w, **index_cost(normalised(test_x[:, :w]), repeats=3)}
+                        for w in (*WIDTHS, int(test_x.shape[1]))]
+    payload["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    log(f"wrote {write_result(NAME, payload)}")
+
+
+# ---------------------------------------------------------------- run_all protocol
+
+def commands(quick: bool, threads: int) -> list[list[str]]:
+    if not ROOT.is_dir() or quick:  # the step is one extraction; there is no smaller version worth running
+        return []
+    return [[PY, "-m", "bench.bench_head", "--threads", str(threads)]]
+
+
+def _row(rows: list[dict], variant: str, k, width: int) -> dict:
+    return next((r for r in rows if r["variant"] == variant and r["k"] == k and r["width"] == width), {})
+
+
+def report(results: Results) -> list[str]:
+    lines = ["## Head width before training: raw backbone features against PCA heads (bench_head)", ""]
+    r = results.load(NAME)
+    if not r or "training_sets" not in r:
+        return lines + [f"Not run yet: `OMP_NUM_THREADS=1 {PY} -m bench.bench_head --threads 1`.", ""]
+    sets = r["training_sets"]
+    names = list(sets)
+    lines += [
+        f"cars196, EfficientNet-Lite0 (ImageNet) at {r['image_size']} px, no training: every row embeds the 98 test "
+        "classes with the backbone's pooled features, directly (`raw`, L2-normalised: the `pretrained features` "
+        "baseline of every run) or through a head fitted on the training features: `pca` is the model's own "
+        "head as `head_init=pca` sets it (K=1: top principal components of all training features; K=4: each "
+        "slice the components of one faiss k-means cluster), `white` the K=1 projection with each component "
+        "scaled to unit variance, `centred` the raw features minus the training mean. Columns: the head "
+        f"fitted on all 98 training classes ({sets[names[0]]['images']} images) and on the first "
+        f"{sets[names[-1]]['classes']} ({sets[names[-1]]['images']} images). R@1 / MAP@R in %.", "",
+        "| head | width | " + " | ".join(f"R@1 ({n}) | MAP@R ({n})" for n in names) + " |",
+        "|---|---:|" + "---:|---:|" * len(names)]
+    order = sets[names[0]]["rows"]
+    for row in order:
+        label = row["variant"] + (f" K={row['k']}" if row["k"] else "")
+        cells = []
+        for n in names:
+            m = _row(sets[n]["rows"], row["variant"], row["k"], row["width"])
+            cells += [pct(m.get("recall@1")), pct(m.get("map@r"), digits=2)]
+        lines.append(f"| {label} | {row['width']} | " + " | ".join(cells) + " |")
+    lines += ["", "Index cost of a width (flat float32 index, exact inner-product search of the "
+              f"{r['index'][0]['gallery']} test images against themselves, k=10, one thread):", "",
+              "| width | bytes / vector | queries / s |", "|---:|---:|---:|"]
+    lines += [f"| {c['width']} | {c['bytes_per_vector']} | {c['queries_per_s']:,.0f} |" for c in r["index"]]
+    lines += ["", f"Command: `{r['command']}` ({r.get('total_wall_s', 0) / 60:.0f} min, extraction included).", ""]
+    verdict = r.get("verdict")
+    if verdict:
+        lines += [verdict, ""]
+    return lines
+
+
+def elapsed(results: Results) -> list[str]:
+    return results.wall_time(NAME)
+
+
+if __name__ == "__main__":
+    main()
