@@ -178,3 +178,62 @@ def test_headline_from_a_runs_lineage():
     skipped = [{"stage": "extract", "params": {}, "metrics": {}, "extra": {"baseline_skipped": "weights=none: x"}}]
     assert baseline.headline(baseline.from_lineage(skipped, {})) == "pretrained features: none (weights=none: x)"
     assert baseline.from_lineage([{"stage": "train-dfml"}], {}) == {}
+
+
+def _lineage_files(tmp_path: Path, pretrained_r1: float, final_r1: float, delivered: str) -> Path:
+    """extract -> cluster -> train -> finetune -> evaluate records in real artifact files."""
+    from dcml.contracts import records
+    from dcml.contracts.io import write_json
+
+    def stage(name, params, inputs=None, metrics=None):
+        rec = records.StageTimer(name, params).finish(inputs=inputs, metrics=metrics)
+        folder = tmp_path / name
+        folder.mkdir()
+        write_json(folder / "record.json", {"record": rec})
+        return folder
+
+    extract = stage("extract", {"backbone": "efficientnet_lite0", "model": None, "score": True},
+                    metrics={"pretrained_val_recall@1": 0.3, "pretrained_val_map@r": 0.1,
+                             "pretrained_test_recall@1": pretrained_r1, "pretrained_test_map@r": 0.05})
+    cluster = stage("cluster", {"k": 1}, inputs={"features": extract})
+    train = stage("train", {"mode": "shared", "num_slices": 1}, inputs={"clusters": cluster},
+                  metrics={"initial_recall@1": 0.2})
+    chosen = baseline.choice_metrics("recall@1", delivered, 0.25, 0.3 if delivered == baseline.PRETRAINED else 0.2)
+    finetune = stage("finetune", {"epochs": 1}, inputs={"checkpoints": [train]}, metrics=chosen)
+    metrics = {"recall@1": final_r1, "map@r": 0.07}
+    evaluate = records.StageTimer("evaluate", {"ks": [1]}).finish(inputs={"model": finetune}, metrics=metrics)
+    write_json(tmp_path / "metrics.json", {"metrics": metrics, "record": evaluate})
+    return tmp_path / "metrics.json"
+
+
+def test_headline_reaches_the_console_mlflow_and_compare(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from dcml import tracking
+    from dcml_app.cli import cli
+    from dcml_app.runner import _training_effect, training_lines
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    won = _lineage_files(tmp_path / "a", 0.40, 0.50, baseline.TRAINED)
+    lost = _lineage_files(tmp_path / "b", 0.45, 0.45, baseline.PRETRAINED)
+    lines = training_lines(_training_effect(lost))
+    assert lines[0].startswith("pretrained features -> trained: R@1 0.4500 -> 0.4500 (+0.0 points)")
+    assert "[untrained head: R@1 0.2000]" in lines[0]
+    assert lines[1] == "delivered the pretrained features: they beat the trained model on validation (R@1 0.3000 vs 0.2500)"
+    client = MlflowClient(uri)
+    run = client.get_run(tracking.log_pipeline_run(str(won), experiment="headline", run_name="won"))
+    assert run.data.metrics["pretrained.recall_at_1"] == pytest.approx(0.40)
+    assert run.data.metrics["trained.val_recall_at_1"] == pytest.approx(0.25)
+    assert run.data.tags["dcml.delivered"] == baseline.TRAINED
+    assert run.data.tags["dcml.headline"].startswith("pretrained features -> trained: R@1 0.4000 -> 0.5000")
+    tracking.log_pipeline_run(str(lost), experiment="headline", run_name="lost")
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "headline", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    header, *rows = [line.split(",") for line in result.output.strip().splitlines()]
+    assert header[:3] == ["run", "pretrained -> trained R@1", "delivered"]
+    assert rows[0][:3] == ["won", "0.4000 -> 0.5000 (+10.0)", "trained"]
+    assert rows[1][:3] == ["lost", "0.4500 -> 0.4500 (+0.0)", "pretrained features"]
