@@ -216,7 +216,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
 
         if method == "dfml":
             model = task("train-dfml", manifest=manifest, **{k: v for k, v in model_args.items() if k != "train_blocks"},
-                         **pick(p, "dfml_groups", "lr_router", "epochs"), **train_args).outputs["model"]
+                         **pick(p, "dfml_groups", "lr_router", "epochs", "baseline_candidate"),
+                         **train_args).outputs["model"]
         else:
             extracted = task("extract", manifest=manifest, **pick(p, "backbone", "weights", "image_size", "train_blocks",
                                                                    "fast_views", "batch_size", "num_workers", "seed"))

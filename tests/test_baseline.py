@@ -237,3 +237,20 @@ def test_headline_reaches_the_console_mlflow_and_compare(tmp_path, monkeypatch):
     assert header[:3] == ["run", "pretrained -> trained R@1", "delivered"]
     assert rows[0][:3] == ["won", "0.4000 -> 0.5000 (+10.0)", "trained"]
     assert rows[1][:3] == ["lost", "0.4500 -> 0.4500 (+0.0)", "pretrained features"]
+
+
+def test_dfml_scores_and_weighs_the_pretrained_features_itself(cars, tmp_path):
+    """DFML's pipeline has no extract stage: its training stage scores the baseline on test too."""
+    from components.dfml.stage import run as train_dfml
+
+    record = train_dfml(manifest=cars, out=tmp_path / "dfml.pt", image_size=48, embedding_dim=8, epochs=1,
+                        classes_per_batch=3, images_per_class=3, batches_per_epoch=1, eval_every=0, resume=False)
+    m = record["metrics"]
+    assert m["delivered"] in (baseline.TRAINED, baseline.PRETRAINED)
+    man = manifest_lib.read(cars)
+    pretrained = baseline.backbone_model(load_model(tmp_path / "dfml.pt")[0].config)
+    assert m["pretrained_test_recall@1"] == pytest.approx(baseline.score_model(pretrained, man, man.split("test"))["recall@1"])
+    delivered = load_model(tmp_path / "dfml.pt")[0]
+    assert delivered.embedding_dim == (1280 if m["delivered"] == baseline.PRETRAINED else 8)
+    effect = baseline.from_lineage([{"stage": "evaluate", "metrics": {"recall@1": 0.5}}, record], {"recall@1": 0.5})
+    assert effect["pretrained_recall@1"] == m["pretrained_test_recall@1"] and effect["choice"]["delivered"] == m["delivered"]

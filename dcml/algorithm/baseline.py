@@ -115,18 +115,20 @@ def choice_line(metrics: dict) -> str:
 def from_lineage(lineage: list[dict], final_metrics: dict) -> dict:
     """The run's headline: the pretrained features' test R@1 / MAP@R against the final
     model's, which candidate was delivered and on what validation figures, or why the
-    baseline was skipped. {} when the lineage holds no extract stage (DFML)."""
-    extract = [r for r in lineage if r.get("stage") == "extract" and not r.get("params", {}).get("model")]
-    if not extract:
-        return {}
-    m = extract[0].get("metrics", {})
+    baseline was skipped. The pretrained features are scored by the extract stage, or, in a
+    pipeline without one (DFML), by the training stage. {} when nothing scored them."""
+    scored = [r["metrics"] for r in lineage if "pretrained_test_recall@1" in r.get("metrics", {})]
+    reasons = [r.get("extra", {}).get("baseline_skipped") or r.get("metrics", {}).get("baseline_skipped")
+               for r in lineage]
+    reasons = [reason for reason in reasons if reason]
     out: dict = {}
-    if "pretrained_test_recall@1" in m:
+    if scored:
+        m = scored[0]
         out.update({f"pretrained_{k}": m[f"pretrained_test_{k}"] for k in SCORED if f"pretrained_test_{k}" in m})
         out.update({f"pretrained_val_{k}": m[f"pretrained_val_{k}"] for k in SCORED if f"pretrained_val_{k}" in m})
         out.update({f"trained_{k}": final_metrics[k] for k in SCORED if k in final_metrics})
-    elif extract[0].get("extra", {}).get("baseline_skipped"):
-        out["skipped"] = extract[0]["extra"]["baseline_skipped"]
+    elif reasons:
+        out["skipped"] = reasons[0]
     chooser = [r for r in lineage if "delivered" in r.get("metrics", {})]
     if chooser:
         out["choice"] = {k: v for k, v in chooser[0]["metrics"].items()
@@ -150,20 +152,27 @@ def headline(effect: dict) -> str | None:
 # -- the choice (called by the last training stage) -------------------------------------
 
 def select(model, manifest, val_rows: pd.DataFrame, select_on: str, trained_score: float | None = None, *,
-           device=None, batch_size: int = 128, num_workers: int = 0):
+           test_rows: pd.DataFrame | None = None, device=None, batch_size: int = 128, num_workers: int = 0):
     """(model to deliver, record metrics): the trained ``model`` or :func:`backbone_model`,
     whichever scores higher on the validation rows with ``select_on``.
 
     ``trained_score``: the trained model's validation score when the trainer already
     measured it (the epoch it kept), else it is measured here the same way. Without
     validation rows or pretrained weights nothing is chosen: ``model`` and the reason.
+    ``test_rows``: also score the pretrained features there (``pretrained_test_<metric>``),
+    for a pipeline with no extract stage to do it (DFML).
     """
-    if val_rows is None or val_rows.empty:
-        return model, {"baseline_skipped": "no validation split to choose on (val_fraction=0)"}
     skipped = available(model.config)
     if skipped:
         return model, {"baseline_skipped": skipped}
     options = {"batch_size": batch_size, "device": device, "num_workers": num_workers}
+    tested = {}
+    if test_rows is not None and not test_rows.empty:
+        scores = score_model(backbone_model(model.config), manifest, test_rows,
+                             desc=f"test of the pretrained features ({len(test_rows)} images)", **options)
+        tested = {f"pretrained_test_{k}": v for k, v in scores.items()}
+    if val_rows is None or val_rows.empty:
+        return model, {"baseline_skipped": "no validation split to choose on (val_fraction=0)", **tested}
     if trained_score is None:
         trained_score = score_model(model, manifest, val_rows, desc=f"validation of the trained model "
                                     f"({len(val_rows)} images)", **options)[select_on]
@@ -171,5 +180,5 @@ def select(model, manifest, val_rows: pd.DataFrame, select_on: str, trained_scor
     pretrained_score = score_model(pretrained, manifest, val_rows, desc=f"validation of the pretrained features "
                                    f"({len(val_rows)} images)", **options)[select_on]
     delivered = choose(trained_score, pretrained_score)
-    return (pretrained if delivered == PRETRAINED else model), choice_metrics(select_on, delivered, trained_score,
-                                                                              pretrained_score)
+    return (pretrained if delivered == PRETRAINED else model), {
+        **choice_metrics(select_on, delivered, trained_score, pretrained_score), **tested}
