@@ -89,8 +89,8 @@ def _add_headline(table, df) -> None:
         return f"{before:.4f} -> {after:.4f} ({100 * (after - before):+.1f})"
 
     table.insert(1, HEADLINE, [cell(row) for row in df.to_dict("records")])
-    delivered = df["tags.dcml.delivered"] if "tags.dcml.delivered" in df.columns else None
-    table.insert(2, "delivered", [] if df.empty else (delivered.fillna("").tolist() if delivered is not None else [""] * len(df)))
+    delivered = df["tags.dcml.delivered"].fillna("").tolist() if "tags.dcml.delivered" in df.columns else [""] * len(df)
+    table.insert(2, "delivered", delivered)
 
 
 def no_runs_message(table, experiment: str | None, include_all: bool) -> str:
