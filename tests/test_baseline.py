@@ -80,8 +80,9 @@ def test_no_baseline_without_pretrained_weights():
     rows = pd.DataFrame({"image_id": ["a"], "label": [0], "split": ["val"]})
     kept, metrics = baseline.select(model, None, rows, "recall@1", 0.5)
     assert kept is model and "weights=none" in metrics["baseline_skipped"]
-    kept, metrics = baseline.select(model, None, rows.iloc[:0], "recall@1", 0.5)
-    assert kept is model and "no validation split" in metrics["baseline_skipped"]
+    pretrained = build_model({"backbone": "efficientnet_lite0", "image_size": 32, "embedding_dim": 8})
+    kept, metrics = baseline.select(pretrained, None, rows.iloc[:0], "recall@1", 0.5)
+    assert kept is pretrained and "no validation split" in metrics["baseline_skipped"]
 
 
 def test_extract_scores_the_pretrained_features_on_val_and_test(cars, tmp_path):
