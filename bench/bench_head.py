@@ -250,7 +250,8 @@ def report(results: Results) -> list[str]:
                   f"R@1 / {pct(choice['pretrained']['map@r'], digits=2)} MAP@R; the recipe's trained runs (bench_recipe, "
                   f"160 px) kept epochs at {kept} R@1, their untrained PCA head (epoch 0) {pct(choice['trained'][0]['initial_val_recall@1'])}. "
                   "So with `baseline_candidate` the trained model is the one delivered on cars196."]
-    lines += ["", f"Command: `{r['command']}` ({r.get('total_wall_s', 0) / 60:.0f} min, extraction included).", ""]
+    lines += ["", f"Command: `{r['command']}` ({r.get('total_wall_s', 0) / 60:.0f} min; the feature extraction in "
+              f"it {r.get('extract_s', 0) / 60:.0f} min, about 4 min when not cached under runs/bench/head).", ""]
     return lines + verdict(sets[names[0]]["rows"], sets[names[-1]]["rows"], r["index"], results)
 
 
@@ -278,8 +279,11 @@ def verdict(rows: list[dict], subset: list[dict], index: list[dict], results: Re
     white = max(WIDTHS, key=lambda w: _row(rows, "white", 1, w)["recall@1"])
     white_r1 = _row(rows, "white", 1, white)["recall@1"]
     sub_gap = _row(subset, "raw", None, full)["recall@1"] - _row(subset, "pca", 4, 128)["recall@1"]
+    pairs = trained_widths(results)
+    advantage = (f"{pct(pairs[0][2] - pairs[0][1])} points on one seed at {pairs[0][0]} px"
+                 if pairs else "unmeasured")
     trained = "; ".join(f"{size} px: 128-d {pct(narrow)}{f' (mean of {n} seeds)' if n > 1 else ''}, 512-d {pct(wide)}"
-                        for size, narrow, wide, n in trained_widths(results))
+                        for size, narrow, wide, n in pairs)
     return [
         f"**What it costs.** Before any training the default 128-d PCA head gives up {pct(gap[(1, 128)])} points of "
         f"R@1 against the raw {full}-d features with K=1 and {pct(gap[(4, 128)])} with K=4 (per-cluster slices; "
@@ -295,8 +299,10 @@ def verdict(rows: list[dict], subset: list[dict], index: list[dict], results: Re
         f"**Default: kept at 128-d, no whitening.** A 512-d head closes the untrained gap, but every run would pay "
         f"{cost[512]['bytes_per_vector'] // cost[128]['bytes_per_vector']}x the index size and "
         f"{cost[128]['queries_per_s'] / cost[512]['queries_per_s']:.1f}x the exact-search time for it, and after "
-        "training its advantage is one seed's worth, within about two seed standard deviations of the recipe (0.7 "
-        "points): too little to justify that cost for everyone. The case where the gap decides the outcome (a "
+        f"training its advantage is {advantage}, about two seed standard deviations of the recipe (0.7 points at "
+        "160 px" + ("" if any(size == 160 for size, *_ in pairs) else "; a 512-d run at 160 px is not measured yet: "
+                    f"`{PY} -m bench.bench_recipe --rows emb512 --set image_size=160 --tag emb512-size160`")
+        + "): too little evidence to make every run pay that cost. The case where the gap decides the outcome (a "
         "small or ImageNet-like training set) is now covered without it: the run delivers the raw features when "
         "they win on validation. Whitening recovers more than the whole gap at 128-d with no index cost, the "
         f"strongest result here ({pct(_row(rows, 'white', 1, 128)['recall@1'])} vs {pct(_row(rows, 'pca', 1, 128)['recall@1'])} "
