@@ -216,7 +216,8 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
 
         if method == "dfml":
             model = task("train-dfml", manifest=manifest, **{k: v for k, v in model_args.items() if k != "train_blocks"},
-                         **pick(p, "dfml_groups", "lr_router", "epochs"), **train_args).outputs["model"]
+                         **pick(p, "dfml_groups", "lr_router", "epochs", "baseline_candidate"),
+                         **train_args).outputs["model"]
         else:
             extracted = task("extract", manifest=manifest, **pick(p, "backbone", "weights", "image_size", "train_blocks",
                                                                    "fast_views", "batch_size", "num_workers", "seed"))
@@ -228,10 +229,11 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                **pick(p, "recluster_every", "whole_embedding_after", "embedding_slices",
                                       "cluster_grouping")).outputs["model"]
                 model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
-                             finetune_epochs=p["finetune_epochs"], **train_args).outputs["model"]
+                             finetune_epochs=p["finetune_epochs"], baseline_candidate=p["baseline_candidate"],
+                             **train_args).outputs["model"]
             else:
                 model, features = None, extracted.outputs["features"]
-                for _ in range(rounds):
+                for round_ in range(rounds):
                     if model is not None:
                         # Later rounds cluster the merged model's own backbone features; the
                         # frozen lower part never changes, so the fast mode's cache still holds.
@@ -249,7 +251,10 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                  checkpoints=dsl.Collected(worker.outputs["model"]), activations=activations,
                                  clusters=clustered.outputs["clusters"], merge=merge,
                                  **pick(p, "finetune_epochs", "finetune_cluster_epochs", "recluster_every",
-                                        "cluster_grouping"), **train_args).outputs["model"]
+                                        "cluster_grouping"),
+                                 # the pretrained features compete with the last round's model only
+                                 baseline_candidate=p["baseline_candidate"] if round_ == rounds - 1 else False,
+                                 **train_args).outputs["model"]
 
         evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],
                          num_workers=p["num_workers"])

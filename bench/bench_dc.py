@@ -155,7 +155,9 @@ def run_config(dataset: str, config: str, seed: int, spec: dict, work: Path) -> 
             records.append(rec)
             history += curves(rec, f"worker{k}")
             checkpoints.append(str(path))
+    # baseline_candidate off: the configurations' training is compared, never the pretrained features.
     ft = finetune_stage.run(out=str(work / "model.pt"), checkpoints=checkpoints, epochs=spec["finetune_epochs"],
+                            baseline_candidate=False,
                             batches_per_epoch=batches, **common, **finetune_hyper)
     records.append(ft)
     history += curves(ft, "finetune")

@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         record = run_dfml(manifest=args.manifest, out=dfml_path, groups=args.groups, lr_router=args.lr_router,
                           routed_scale=args.routed_scale, balance_weight=args.balance_weight,
-                          eval_routed=True, resume=False, **common)
+                          eval_routed=True, resume=False, **common,
+                          baseline_candidate=False)  # DFML's training is measured, not the pretrained features
         cpu_note = time.process_time()
         result["dfml"] = {
             "params": record["params"],

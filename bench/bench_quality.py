@@ -81,7 +81,8 @@ def pipeline_args(dataset: str, quick: bool, seed: int, num_clusters: int, data_
     args = presets.load(spec["preset"])
     args.update(spec["quick" if quick else "full"])
     args.update(overrides)
-    args.update(seed=seed, num_clusters=num_clusters, experiment=f"bench-quality-{dataset}")
+    # Training is what is compared: the pretrained features never stand in for a trained model here.
+    args.update(seed=seed, num_clusters=num_clusters, experiment=f"bench-quality-{dataset}", baseline_candidate=False)
     root = data_root if data_root is not None else default_data_root(dataset)
     if root:
         args["data_root"] = root

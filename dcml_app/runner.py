@@ -266,14 +266,39 @@ def _serve_only_sealed_outputs(cache_root: Path) -> None:
 
 
 def _training_effect(metrics_file: Path) -> dict:
-    """Test R@1 of the model training started from (the first training stage's initial
-    model) and of the final one, from the lineage of the final metrics."""
+    """Test R@1 of the pretrained features (every run's baseline), of the model training
+    started from (the first training stage's initial model) and of the final one, and which
+    candidate was delivered, from the lineage of the final metrics (dcml.algorithm.baseline)."""
+    from dcml.algorithm import baseline
+
     lineage = list(records.walk(records.read(metrics_file)))
     trained = [r for r in lineage if r.get("stage") in ("train", "train-dfml")]
-    final = next((r for r in lineage if r.get("stage") == "evaluate"), {})
+    final = next((r for r in lineage if r.get("stage") == "evaluate"), {}).get("metrics", {})
     start = trained[-1].get("metrics", {}).get("initial_recall@1") if trained else None
-    end = final.get("metrics", {}).get("recall@1")
-    return {"untrained_recall@1": start, "trained_recall@1": end} if start is not None and end is not None else {}
+    end = final.get("recall@1")
+    effect = baseline.from_lineage(lineage, final)
+    if start is not None and end is not None:
+        effect.update({"untrained_recall@1": start, "trained_recall@1": end})
+    return effect
+
+
+def training_lines(effect: dict) -> list[str]:
+    """The run's headline: pretrained features -> trained (test), the untrained head beside it,
+    and which candidate the validation classes chose."""
+    from dcml.algorithm import baseline
+
+    lines = []
+    head = baseline.headline(effect)
+    if head:
+        if "untrained_recall@1" in effect and "skipped" not in effect:
+            head += f"  [untrained head: R@1 {effect['untrained_recall@1']:.4f}]"
+        lines.append(head)
+    if "untrained_recall@1" in effect and (not head or "skipped" in effect):
+        before, after = effect["untrained_recall@1"], effect["trained_recall@1"]
+        lines.append(f"training: R@1 {before:.4f} untrained -> {after:.4f} trained ({100 * (after - before):+.1f} points)")
+    if "delivered" in effect.get("choice", {}):
+        lines.append(baseline.choice_line(effect["choice"]))
+    return lines
 
 
 def _docker_runner(args: dict, output_dir: Path):
@@ -338,10 +363,8 @@ def run_cli(config, overrides, mode, method, rounds, merge, freeze_backbone, ima
                         max_parallel_workers=max_parallel_workers, verbose=verbose)
     click.echo("")
     click.echo(format_metrics(summary["metrics"]))
-    effect = summary["training"]
-    if effect:
-        before, after = effect["untrained_recall@1"], effect["trained_recall@1"]
-        click.echo(f"training   : R@1 {before:.4f} untrained -> {after:.4f} trained ({100 * (after - before):+.1f} points)")
+    for line in training_lines(summary["training"]):
+        click.echo(line)
     if "compressed" in summary:
         click.echo("after weight quantisation (compress_bits):")
         click.echo(format_metrics(summary["compressed"]["metrics"]))

@@ -37,6 +37,7 @@ def train_dfml(
     eval_every: int,
     seed: int,
     num_workers: int,
+    baseline_candidate: bool,
     gpus_per_task: int,
     model: Output[Model],
     num_nodes: int = 1,

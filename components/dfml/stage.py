@@ -27,6 +27,7 @@ import click
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
 from dcml import launch, stagekit
+from dcml.algorithm import baseline
 from dcml.algorithm.training import seed_everything
 from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
@@ -36,7 +37,7 @@ from dcml.methods import dfml
 FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
 # Hyper-parameters this stage takes (dcml.contracts.params); dfml_groups is its --groups.
 PARAMS = tuple(n for n in stagekit.MODEL_PARAMS if n != "train_blocks") + ("dfml_groups", "lr_router") \
-    + stagekit.TRAINING_PARAMS
+    + stagekit.TRAINING_PARAMS + ("baseline_candidate",)
 RENAME = params.STAGE_NAMES["train-dfml"]
 FIXED_DEFAULTS = {"backbone": "efficientnet_lite0"}  # the only backbone DFML can factorise
 
@@ -91,6 +92,12 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
         metrics["collapsed_units"] = history[-1]["collapsed_units"]
         if "routed_recall@1" in history[-1]:
             metrics["routed_recall@1"] = history[-1]["routed_recall@1"]
+    choice = {}
+    if hp["baseline_candidate"]:  # the pretrained features: this pipeline's baseline and a candidate
+        best = trainer.best["score"] if trainer.best is not None else None
+        merged, choice = baseline.select(merged, man, val_rows, hp["select_on"], best, test_rows=eval_rows,
+                                         device=stagekit.device_or_default(device), num_workers=hp["num_workers"])
+        metrics.update(choice)
     units = dfml.routed_units(trainer.model)
     record = timer.finish(inputs={"manifest": manifest}, metrics=metrics, history=history, extra={
         "method": "dfml", "groups": int(groups), "routed_scale": units[0][1].routed_scale,
@@ -99,7 +106,8 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
     })
     stagekit.write_output(out, merged, record, epoch=trainer.epoch)
     trainer.resume_path.unlink(missing_ok=True)
-    events.emit("summary", text=stagekit.training_summary(record))
+    events.emit("summary", text=stagekit.training_summary(record)
+                + (f"; {baseline.choice_line(choice)}" if "delivered" in choice else ""))
     return record
 
 

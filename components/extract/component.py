@@ -28,6 +28,7 @@ def extract(
         out=os.path.join(features.path, "features.parquet"),
         activations_out=activations.path,
         splits=("train",),
+        score=True,  # the run's "pretrained features" baseline (val and test)
         **hyper,
     )
     from dcml.contracts.io import seal

@@ -28,6 +28,7 @@ import torch
 from dcml.contracts import events
 from dcml.contracts.io import check_writable
 from dcml import launch, model_files, stagekit
+from dcml.algorithm import baseline
 from dcml.contracts import checkpoint, params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.records import StageTimer
@@ -35,7 +36,7 @@ from dcml.contracts.records import StageTimer
 MERGES = ("average", "first")
 # Hyper-parameters this stage takes (dcml.contracts.params); finetune_epochs is its --epochs.
 PARAMS = ("finetune_epochs", "finetune_cluster_epochs", "recluster_every", "cluster_grouping") + tuple(
-    n for n in stagekit.TRAINING_PARAMS if n != "epochs")
+    n for n in stagekit.TRAINING_PARAMS if n != "epochs") + ("baseline_candidate",)
 RENAME = params.STAGE_NAMES["finetune"]
 
 
@@ -95,7 +96,10 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
     ``hyper``: the hyper-parameters in ``PARAMS`` (``epochs`` is the
     pipeline's finetune_epochs; 0 = merge only). With a ``val`` split the
     merged model itself is a candidate: fine-tuning that does not beat it on
-    validation leaves it unchanged. ``nproc``: data-parallel processes."""
+    validation leaves it unchanged; with ``baseline_candidate`` so are the
+    backbone's pretrained features (dcml.algorithm.baseline): when they score
+    higher on validation, ``out`` is the model that embeds with them.
+    ``nproc``: data-parallel processes."""
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
     check_writable(out)
@@ -151,6 +155,12 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
         model.cpu()
 
     metrics = {**stagekit.final_metrics(history), **(stagekit.trainer_metrics(trainer) if trainer is not None else {})}
+    choice = {}
+    if hp["baseline_candidate"]:  # the pretrained features are one more candidate (dcml.algorithm.baseline)
+        best = trainer.best["score"] if trainer is not None and trainer.best is not None else None
+        model, choice = baseline.select(model, man, val_rows, hp["select_on"], best,
+                                        device=stagekit.device_or_default(device), num_workers=hp["num_workers"])
+        metrics.update(choice)
     record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations,
                                   "clusters": clusters}, metrics=metrics,
                           history=history, extra={"merged_from": merged_from, "num_inputs": len(checkpoints),
@@ -159,7 +169,10 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
                  **({"merged_from": merged_from} if merged_from is not None else {}))
     if trainer is not None:
         trainer.resume_path.unlink(missing_ok=True)
-    events.emit("summary", text=stagekit.training_summary(record) if trainer is not None else "merged, no fine-tuning")
+    summary = stagekit.training_summary(record) if trainer is not None else "merged, no fine-tuning"
+    if "delivered" in choice:
+        summary += "; " + baseline.choice_line(choice)
+    events.emit("summary", text=summary)
     return record
 
 
@@ -187,3 +200,5 @@ def cli(**kwargs):
     kwargs["checkpoints"] = list(kwargs["checkpoints"])
     record = run(**kwargs)
     click.echo(f"wrote {kwargs['out']} ({record['metrics']})")
+    if "delivered" in record["metrics"]:
+        click.echo(baseline.choice_line(record["metrics"]))

@@ -180,6 +180,9 @@ _PARAMS = [
        choices=("constant", "cosine")),
     _p("select_on", str, "recall@1", "Validation metric that picks the epoch kept.", "training",
        choices=("recall@1", "map@r")),
+    _p("baseline_candidate", bool, True, "The backbone's pretrained features (L2-normalised, full width) compete "
+       "with the trained model on the validation classes (select_on); when they score higher, the run delivers "
+       "them as its model (false: always the trained model).", "training"),
     _p("patience", int, 0, "Stop after this many epochs without a better validation score (0 = never).",
        "training", low=0),
     _p("eval_every", int, 1, "Test R@1 / MAP@R every N epochs, for the curves only (0 = never).", "training", low=0),

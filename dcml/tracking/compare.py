@@ -35,6 +35,7 @@ def narrow(table, metric: str):
     """Run name, K, mode, method, the key metrics (and the one sorted by) and the duration."""
     metrics = [m for m in dict.fromkeys((metric,) + NARROW_METRICS) if m in table.columns]
     cols = ["run"] + (["status"] if "status" in table.columns else [])
+    cols += [c for c in (HEADLINE, "delivered") if c in table.columns]
     cols += [p for p in NARROW_PARAMS if p in table.columns] + metrics + ["duration"]
     out = table[cols].rename(columns={"num_clusters": "K"})
     out.attrs = dict(table.attrs)
@@ -105,9 +106,27 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     seconds = (df["end_time"] - df["start_time"]).dt.total_seconds() if "end_time" in df.columns else float("nan")
     table["duration_s"] = seconds
     table["duration"] = [_duration(v) for v in table["duration_s"]]
+    _add_headline(table, df)
     table = table.sort_values(key, ascending=False).reset_index(drop=True)
     table.attrs.update(experiment=name, metric=key, metrics=available)
     return table
+
+
+HEADLINE = "pretrained -> trained R@1"
+
+
+def _add_headline(table, df) -> None:
+    """The runs' headline beside their names: test R@1 of the pretrained features -> the
+    delivered model, and which candidate validation chose ('' where a run has none)."""
+    def cell(row) -> str:
+        before, after = row.get("metrics.pretrained.recall_at_1"), row.get("metrics.recall_at_1")
+        if before is None or after is None or before != before or after != after:  # missing or NaN
+            return ""
+        return f"{before:.4f} -> {after:.4f} ({100 * (after - before):+.1f})"
+
+    table.insert(1, HEADLINE, [cell(row) for row in df.to_dict("records")])
+    delivered = df["tags.dcml.delivered"].fillna("").tolist() if "tags.dcml.delivered" in df.columns else [""] * len(df)
+    table.insert(2, "delivered", delivered)
 
 
 def no_runs_message(table, experiment: str | None, include_all: bool) -> str:

@@ -142,6 +142,38 @@ def _log_history(client, run_id: str, history: list[dict]) -> None:
         client.log_batch(run_id, metrics=batch[i:i + 900])
 
 
+def baseline_metrics(effect: dict) -> dict:
+    """Parent-run metrics of the pretrained-features baseline: ``pretrained.<metric>`` (test),
+    ``pretrained.val_<metric>`` and, when chosen on validation, ``trained.val_<metric>``."""
+    out = {f"pretrained.{k[len('pretrained_'):]}": v for k, v in effect.items()
+           if k.startswith("pretrained_") and isinstance(v, (int, float))}
+    choice = effect.get("choice", {})
+    out.update({f"{k.split('_', 1)[0]}.{k.split('_', 1)[1]}": v for k, v in choice.items()
+                if k.startswith(("trained_val_", "pretrained_val_"))})
+    return {metric_key(k): float(v) for k, v in out.items()}
+
+
+def _log_baseline(lineage: list[dict], final_metrics: dict) -> None:
+    """The run's headline (dcml.algorithm.baseline): metrics, the ``dcml.headline`` and
+    ``dcml.delivered`` tags (``trained`` or ``pretrained features``)."""
+    import mlflow
+
+    from dcml.algorithm import baseline
+
+    effect = baseline.from_lineage(lineage, final_metrics)
+    if not effect:
+        return
+    mlflow.log_metrics(baseline_metrics(effect))
+    tags = {}
+    head = baseline.headline(effect)
+    if head:
+        tags["dcml.headline"] = head
+    if "delivered" in effect.get("choice", {}):
+        tags["dcml.delivered"] = effect["choice"]["delivered"]
+        tags["dcml.choice"] = baseline.choice_line(effect["choice"])
+    mlflow.set_tags(tags)
+
+
 def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | None = None,
                      experiment: str | None = None, run_name: str | None = None,
                      tracking_uri: str | None = None, out: str | None = None,
@@ -186,6 +218,7 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
             liveness.Heartbeat(client, parent.info.run_id):
         mlflow.log_params(run_parameters(lineage))
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final_metrics.items()})
+        _log_baseline(lineage, final_metrics)
         for rec in lineage:
             with mlflow.start_run(experiment_id=experiment_id, run_name=rec.get("name") or rec["stage"], nested=True,
                                   tags={"dcml.kind": "stage", "dcml.stage": rec["stage"],
