@@ -35,7 +35,7 @@ def narrow(table, metric: str):
     """Run name, K, mode, method, the key metrics (and the one sorted by) and the duration."""
     metrics = [m for m in dict.fromkeys((metric,) + NARROW_METRICS) if m in table.columns]
     cols = ["run"] + (["status"] if "status" in table.columns else [])
-    cols += [c for c in (HEADLINE, "delivered") if c in table.columns]
+    cols += [c for c in (HEADLINE, "delivered") if c in table.columns and table[c].astype(bool).any()]
     cols += [p for p in NARROW_PARAMS if p in table.columns] + metrics + ["duration"]
     out = table[cols].rename(columns={"num_clusters": "K"})
     out.attrs = dict(table.attrs)
