@@ -292,9 +292,11 @@ def plot_paired(dataset: str, tag: str) -> Path | None:
         if ci is not None:
             ax.plot([100 * ci[0], 100 * ci[1]], [i, i], color="C0", lw=3, zorder=1)
         ax.scatter([100 * d], [i], color="C3", s=40, zorder=3)
-        ax.text(100 * d, i + 0.25, f"{100 * d:+.1f} ({len(seeds)} seeds)", ha="center", fontsize=8)
+        ax.text(100 * d, i - 0.22, f"{100 * d:+.1f} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
+                ha="center", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.axvline(1.5, color="green", lw=0.8, ls="--", label="goal +1.5")
+    ax.set_ylim(len(configs) - 0.4, -0.6)  # the table's order, top down, with room for the labels
     ax.set_yticks(range(len(configs)), [CONFIGS[c]["label"] for c in configs], fontsize=8)
     ax.set(xlabel="test R@1 minus K=1's, same seed (points); bar: 95 % interval",
            title=f"{dataset}: paired difference to one learner{' (' + tag + ')' if tag else ''}")
