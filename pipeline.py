@@ -227,7 +227,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                 trained = task("train-shared", manifest=manifest, clusters=clusters, activations=activations,
                                **model_args, **train_args, epochs=p["epochs"],
                                **pick(p, "recluster_every", "whole_embedding_after", "embedding_slices",
-                                      "cluster_grouping")).outputs["model"]
+                                      "embedding_masks", "mask_orthogonality", "cluster_grouping")).outputs["model"]
                 model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
                              finetune_epochs=p["finetune_epochs"], baseline_candidate=p["baseline_candidate"],
                              **train_args).outputs["model"]

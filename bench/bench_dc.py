@@ -15,6 +15,9 @@ of K=1 fine-tuning on all data, through the stages' public ``run`` functions:
   K=4 clusters: the hard negatives alone;
 * ``k4-ctrl-b``: control (b), the reference schedule on K=4 random groups of
   whole classes: slices without cluster structure;
+* ``k4-masks``: try (c), the journal version's learned masks (one embedding,
+  learner k weights it with its own ReLU mask, an orthogonality penalty) on
+  the reference schedule;
 * ``k4-ref-pca-shared``: try (d), the reference schedule with every slice's head
   dealt from one PCA of all training features (K=1's head), not its cluster's;
 * ``k4-parallel``: one worker per cluster (own backbone copy), merge, fine-tune.
@@ -74,6 +77,8 @@ CONFIGS = {
                   "train": {"embedding_slices": False}},
     "k4-ctrl-b": {"k": 4, "mode": "shared", "label": "control (b): K=4 random class groups, reference schedule",
                   "train": {**REFERENCE, "cluster_grouping": "random"}, "cluster": {"cluster_grouping": "random"}},
+    "k4-masks": {"k": 4, "mode": "shared", "label": "(c) K=4 learned masks, reference schedule",
+                 "train": {**REFERENCE, "embedding_masks": True}},
     "k4-ref-pca-shared": {"k": 4, "mode": "shared", "label": "(d) K=4 reference schedule, slices from one shared PCA",
                           "train": {**REFERENCE, "head_init": "pca-shared"}},
     "k4-parallel": {"k": 4, "mode": "parallel", "label": "K=4 parallel (workers, merge)"},

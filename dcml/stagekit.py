@@ -175,7 +175,8 @@ def write_output(out, model, record: dict, **extra) -> None:
 
 MODEL_PARAMS = ("backbone", "weights", "image_size", "embedding_dim", "train_blocks", "freeze_bn")
 # Divide and conquer in the shared training stage: re-clustering, the reference schedule, the controls.
-DC_PARAMS = ("recluster_every", "whole_embedding_after", "embedding_slices", "cluster_grouping")
+DC_PARAMS = ("recluster_every", "whole_embedding_after", "embedding_slices", "embedding_masks", "mask_orthogonality",
+             "cluster_grouping")
 TRAINING_PARAMS = ("loss", "margin", "miner", "classes_per_batch", "images_per_class", "lr_backbone",
                    "lr_embedding", "lr_proxies", "weight_decay", "epochs", "batches_per_epoch", "head_init",
                    "warmup_epochs", "schedule", "select_on", "patience", "eval_every", "seed", "num_workers")

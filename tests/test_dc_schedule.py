@@ -200,3 +200,56 @@ def test_pca_shared_head_gives_k_slices_what_one_head_keeps(tiny):
     per_cluster = Trainer(new_model(k=2), man, train, settings(epochs=0, head_init="pca"), fresh_head=True)
     per_cluster.fit()
     assert not torch.allclose(per_cluster.model.head.weight.detach(), w2, atol=1e-3)
+
+
+# -- try (c): learned masks (the journal version) -------------------------------------------
+
+def test_learned_masks_orthogonality_and_masked_embedding():
+    from dcml.algorithm.training.masks import LearnedMasks
+
+    masks = LearnedMasks(3, 4)
+    assert float(masks.orthogonality().detach()) == pytest.approx(1.0)  # all ones: identical
+    with torch.no_grad():
+        masks.weight.copy_(torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, -2]]))
+    assert float(masks.orthogonality().detach()) == pytest.approx(0.0)  # disjoint after the ReLU
+    e = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    out = masks(e, 0)
+    torch.testing.assert_close(out[:, 2:], torch.zeros(5, 2))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+
+
+def test_masked_trainer_learns_masks_before_the_switch_and_freezes_them_after(tiny, tmp_path):
+    from dcml.algorithm.training import MaskedTrainer
+
+    man, train = tiny
+    s = settings(epochs=4, num_groups=2, whole_embedding_after=0.5, mask_orthogonality=1.0)
+
+    class Watched(MaskedTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.after_epoch = []
+
+        def epoch_finished(self, epoch, entry):
+            super().epoch_finished(epoch, entry)
+            self.after_epoch.append(self.masks.weight.detach().clone())
+
+    t = Watched(new_model(k=1), man, train, s, resume_path=tmp_path / "a.pt")
+    history = t.fit()
+    assert [h["loss_on"] for h in history] == ["slice", "slice", "whole", "whole"]
+    start = torch.ones(2, DIM)
+    assert not torch.equal(t.after_epoch[0], start) and not torch.equal(t.after_epoch[1], t.after_epoch[0])
+    assert torch.equal(t.after_epoch[2], t.after_epoch[1]) and torch.equal(t.after_epoch[3], t.after_epoch[1])
+    assert all("mask_orthogonality" in h for h in history)
+    assert t.model.num_slices == 1 and not any("mask" in k for k in t.model.state_dict())  # not delivered
+    # killed in the masked phase, resumed: the same weights and masks
+    first = MaskedTrainer(new_model(k=1), man, train, s, resume_path=tmp_path / "b.pt")
+    with pytest.raises(Crash):
+        first.fit(callbacks=[crash_after(1)])
+    resumed = MaskedTrainer(new_model(k=1), man, train, s, resume_path=tmp_path / "b.pt")
+    resumed.fit()
+    assert resumed.resumed_from == 1
+    torch.testing.assert_close(resumed.masks.weight, t.masks.weight, rtol=0, atol=0)
+    for key, value in t.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    with pytest.raises(DcmlError, match="one slice and the clusters K >= 2"):
+        MaskedTrainer(new_model(k=2), man, train, settings(num_groups=2))

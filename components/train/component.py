@@ -24,6 +24,8 @@ def train_shared(
     recluster_every: int,
     whole_embedding_after: float,
     embedding_slices: bool,
+    embedding_masks: bool,
+    mask_orthogonality: float,
     cluster_grouping: str,
     loss: str,
     margin: float,

@@ -60,7 +60,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         return launch.run_processes(f"{__name__}:run", call, nproc)
     check_writable(out)
     from dcml.algorithm.models import build_model
-    from dcml.algorithm.training import Trainer, seed_everything
+    from dcml.algorithm.training import MaskedTrainer, Trainer, seed_everything
 
     if mode not in MODES:
         raise DcmlError(f"mode={mode!r}: use one of {', '.join(MODES)}")
@@ -87,9 +87,9 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         raise DcmlError("cluster_id is for mode=worker; drop it or pass --mode worker")
     if mode == "worker" and finetune_epoch is not None:
         raise DcmlError("finetune_epoch is for mode=shared; workers are fine-tuned by `dcml finetune` after the merge")
-    if mode == "worker" and not hp["embedding_slices"]:
-        raise DcmlError("embedding_slices=false is for mode=shared; a worker trains its own slice")
-    slices = k if hp["embedding_slices"] else 1
+    if mode == "worker" and not (hp["embedding_slices"] and not hp["embedding_masks"]):
+        raise DcmlError("embedding_slices=false and embedding_masks are for mode=shared; a worker trains its own slice")
+    slices = k if hp["embedding_slices"] and not hp["embedding_masks"] else 1
 
     seed_everything(hp["seed"])  # the fresh head's init is part of the run
     if init is not None:
@@ -103,10 +103,12 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     settings = stagekit.train_settings(
         hp, recluster_every=hp["recluster_every"] if mode == "shared" else 0, cluster_on=cluster_on,
         finetune_epoch=None if finetune_epoch is None else int(finetune_epoch), freeze_backbone=bool(freeze_backbone),
-        whole_embedding_after=hp["whole_embedding_after"], grouping=hp["cluster_grouping"], num_groups=k)
+        whole_embedding_after=hp["whole_embedding_after"], grouping=hp["cluster_grouping"], num_groups=k,
+        mask_orthogonality=hp["mask_orthogonality"])
+    trainer_class = MaskedTrainer if hp["embedding_masks"] else Trainer
     timer = StageTimer("train", {**hp, **stage_args}, name=f"train-worker-{cluster_id}" if mode == "worker" else "train")
     with stagekit.processes(device) as dev:
-        trainer = Trainer(model, man, train_rows, settings, clusters=assignments,
+        trainer = trainer_class(model, man, train_rows, settings, clusters=assignments,
                           only_learner=cluster_id if mode == "worker" else None,
                           eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
                           **stagekit.resume_location(out, work_dir), device=dev)

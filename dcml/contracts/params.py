@@ -162,6 +162,12 @@ _PARAMS = [
        "which each learner's loss sees the whole embedding, not its slice, while batches still come from one "
        "cluster each and re-clustering goes on (the reference code's 8/19; 1 = slices alone throughout, "
        "0 = the whole embedding from the start).", "training", low=0.0, high=1.0),
+    _p("embedding_masks", bool, False, "Shared mode, K>1: instead of fixed slices, learner k weights the whole "
+       "embedding with its own learned mask (ReLU, initialised to ones, kept apart by an orthogonality penalty; "
+       "frozen once the loss sees the whole embedding): the journal version's learnable masks, at a fixed K.",
+       "training"),
+    _p("mask_orthogonality", float, 1.0, "With embedding_masks: weight of the penalty on the masks' mutual cosine "
+       "similarity (the journal version's masking_lambda).", "training", low=0.0),
     _p("embedding_slices", bool, True, "Shared mode, K>1: each cluster's learner trains its own slice of the "
        "embedding. false = one embedding, normalised as a whole, the K clusters only choose each batch's "
        "images (a control: hard negatives without slices).", "training"),

@@ -93,6 +93,7 @@ from dcml.algorithm.training.batches import SeededItems, ShareSampler, dense_lab
 from dcml.algorithm.training.rng import item_seed, rng_state, seed_everything, set_rng_state
 from dcml.algorithm.training.settings import TrainSettings
 from dcml.algorithm.training.trainer import Trainer, default_device
+from dcml.algorithm.training.masks import MaskedTrainer  # noqa: E402 (after the Trainer it extends)
 
-__all__ = ["SeededItems", "ShareSampler", "TrainSettings", "Trainer", "default_device", "dense_labels", "item_seed",
+__all__ = ["MaskedTrainer", "SeededItems", "ShareSampler", "TrainSettings", "Trainer", "default_device", "dense_labels", "item_seed",
            "rng_state", "seed_everything", "set_rng_state"]

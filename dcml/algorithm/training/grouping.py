@@ -23,6 +23,14 @@ from dcml.algorithm.clustering import drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
 
 
+def switch_epoch(settings) -> int | None:
+    """``whole_embedding_after`` x the epochs before fine-tuning, rounded up (None: never): the
+    reference code's ``epoch >= finetune_epoch * 8 / 19`` (epoch 80 of 190)."""
+    before = settings.finetune_epoch if settings.finetune_epoch is not None else settings.epochs
+    first = math.ceil(settings.whole_embedding_after * before - 1e-9)
+    return first if first < before else None
+
+
 class Grouping:
     def __init__(self, settings, labels: np.ndarray, num_slices: int, only_learner: int | None = None,
                  clusters=None):
@@ -55,17 +63,10 @@ class Grouping:
 
     # -- the schedule ------------------------------------------------------------
     def _whole_embedding_epoch(self) -> int | None:
-        """The first epoch whose loss sees the whole embedding of a K-slice model (None: never).
-
-        ``whole_embedding_after`` x the epochs before fine-tuning, rounded up: the
-        reference code's ``epoch >= finetune_epoch * 8 / 19`` (epoch 80 of 190).
-        """
-        s = self.settings
+        """The first epoch whose loss sees the whole embedding of a K-slice model (None: never)."""
         if self.num_slices == 1 or self.only_learner is not None:
             return None
-        before = s.finetune_epoch if s.finetune_epoch is not None else s.epochs
-        first = math.ceil(s.whole_embedding_after * before - 1e-9)
-        return first if first < before else None
+        return switch_epoch(self.settings)
 
     @property
     def clustering(self) -> bool:

@@ -84,6 +84,9 @@ class TrainingHooks:
         with self.batch_rng():
             pairs = self.miner(embeddings, labels) if self.miner is not None else None
             loss = loss_fn(embeddings, labels, pairs)
+        extra = self.regulariser(learner)
+        if extra is not None:
+            loss = loss + extra
         self.check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # the same on every process: all compute the same loss
@@ -91,6 +94,17 @@ class TrainingHooks:
         pos, neg = optimisation.mined_counts(pairs)
         return {"loss": float(loss.detach()), "mined_pos_pairs": pos, "mined_neg_pairs": neg,
                 "nonzero_terms": optimisation.nonzero_terms(loss_fn) or 0}
+
+    def regulariser(self, learner: int | None) -> torch.Tensor | None:
+        """Hook: a term added to the batch's loss (None: nothing)."""
+        return None
+
+    def extra_state(self) -> dict:
+        """Hook: training state of a subclass that the resume file must keep (tensors and primitives)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Hook: put back what ``extra_state`` returned."""
 
     def _loss_for(self, learner: int | None):
         return self.losses[-1] if learner is None else self.losses[learner]

@@ -68,6 +68,7 @@ def snapshot(trainer) -> dict:
         "stopped_early": bool(trainer.stopped_early),
         "initial": json.dumps(trainer.initial),
         "fingerprint": trainer.fingerprint,
+        "extra": trainer.extra_state(),
     }
 
 
@@ -84,6 +85,7 @@ def restore(trainer, state: dict) -> None:
     trainer.selector.best = state.get("best")
     trainer.stopped_early = bool(state.get("stopped_early", False))
     trainer.initial = json.loads(state.get("initial", "{}"))
+    trainer.load_extra_state(state.get("extra") or {})
     by_rank = state.get("rng_by_rank")
     if by_rank and len(by_rank) == trainer.world_size:
         set_rng_state(by_rank[trainer.rank])

@@ -41,6 +41,7 @@ class TrainSettings:
     recluster_every: int = _default("recluster_every")  # R; 0 = never re-cluster
     whole_embedding_after: float = _default("whole_embedding_after")  # share of the epochs before F: slices alone
     grouping: str = _default("cluster_grouping")  # kmeans clusters, or random class groups (a control)
+    mask_orthogonality: float = _default("mask_orthogonality")  # learned masks (MaskedTrainer): penalty weight
     num_groups: int = 0  # clusters the batches come from; 0 = the model's slices (more: the no-slices control)
     cluster_on: str = "features"  # "features" (the reference code) or "embedding" (the paper text)
     kmeans_niter: int = _default("niter")
