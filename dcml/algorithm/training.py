@@ -39,10 +39,10 @@ process's RNG stream, and a random miner draws from a per-batch seed, so both
 are the same whatever N. Rank 0 alone re-clusters (then broadcasts the
 clusters), initialises the head, validates, evaluates and writes the resume
 checkpoint (with every process's RNG state); all processes resume from it.
-What still differs with N: dropout and drop-connect masks (each process draws
-its own), and BatchNorm layers that train see their share of the batch
-(frozen BatchNorm, the default for pretrained backbones, is unaffected; on GPUs
-trainable BatchNorm is converted to SyncBatchNorm).
+BatchNorm layers that train use the whole global batch's statistics
+(:mod:`dcml.algorithm.batchnorm`: SyncBatchNorm on GPUs, an all-reduce of the
+shares' sums on CPU). What still differs with N: dropout and drop-connect
+masks (each process draws its own).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dcml.contracts import checkpoint
-from dcml.algorithm import distributed
+from dcml.algorithm import batchnorm, distributed
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.events import progress
@@ -348,9 +348,9 @@ class Trainer:
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
         self.model.to(self.device)
-        if self.world_size > 1 and self.device.type == "cuda" and not self.model.config.get("freeze_bn", True):
+        if self.world_size > 1 and not self.model.config.get("freeze_bn", True):
             # BatchNorm that trains normalises over the whole batch, as in one process.
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = batchnorm.over_processes(self.model, self.device)
         if settings.freeze_backbone:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
