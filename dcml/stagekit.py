@@ -81,9 +81,9 @@ def read_clusters(path, train_rows: pd.DataFrame) -> tuple[np.ndarray, int, dict
 
 def device_or_default(device):
     """The device a stage runs on: the given one, else CUDA when available, else CPU."""
-    from dcml.algorithm.training import default_device
+    from dcml.algorithm.inference import device_for
 
-    return default_device() if device in (None, "", "auto") else device
+    return device_for(device)
 
 
 @contextlib.contextmanager

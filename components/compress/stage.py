@@ -106,7 +106,7 @@ def run(model, manifest, out, bits: int = 4, method: str = _P["compress_method"]
     from dcml.contracts import manifest as manifest_lib
     from dcml.methods import quantize as Q
     from dcml.model_files import load_model
-    from dcml.algorithm.inference import default_device
+    from dcml.algorithm.inference import device_for
 
     params = {"model": str(model), "bits": int(bits), "method": method, "importance_batches": int(importance_batches),
               "finetune_steps": int(finetune_steps), "finetune_lr": float(finetune_lr),
@@ -132,7 +132,7 @@ def run(model, manifest, out, bits: int = 4, method: str = _P["compress_method"]
         raise DcmlError(f"--calibration-images {calibration_images_count}: equalisation and bias correction need "
                         "at least 2 train images")
 
-    device = torch.device(device) if device else default_device()
+    device = device_for(device)
     net, _ = load_model(model, device=device)
     man = manifest_lib.read(manifest)
     rows = man.split("train")

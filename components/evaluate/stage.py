@@ -63,14 +63,14 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
 
         from dcml.contracts import manifest as manifest_lib
         from dcml.model_files import load_model
-        from dcml.algorithm.inference import compute_vectors, default_device
+        from dcml.algorithm.inference import compute_vectors, device_for
 
         source = str(manifest)
         man = manifest_lib.read(manifest)
         mode, query_rows, reference_rows = select_rows(man.df, split, source)
         needed = query_rows if reference_rows is None else np.concatenate([query_rows, reference_rows])
         table = man.df.iloc[needed].reset_index(drop=True)
-        device = torch.device(device) if device else default_device()
+        device = device_for(device)
         net, _ = load_model(model, device=device)
         vectors = compute_vectors(net, man, table, kind="embedding", batch_size=int(batch_size), device=device,
                                   num_workers=int(num_workers), desc=f"evaluate: embed {len(table)} images")

@@ -44,7 +44,7 @@ def run(manifest, out, model=None, splits=("train",), device=None, activations_o
     """
     import torch
 
-    from dcml.algorithm.inference import compute_vectors, default_device
+    from dcml.algorithm.inference import compute_vectors, device_for
     from dcml.algorithm.models import build_model
 
     hp = params.resolve(PARAMS, hyper, STAGE, rename=RENAME)
@@ -69,7 +69,7 @@ def run(manifest, out, model=None, splits=("train",), device=None, activations_o
         present = sorted(man.df["split"].unique())
         raise DcmlError(f"{manifest}: no images in split(s) {', '.join(splits)} (manifest has {', '.join(present)}); pick an existing --split")
 
-    device = torch.device(device) if device else default_device()
+    device = device_for(device)
     if model:
         from dcml.model_files import load_model
 

@@ -55,7 +55,7 @@ def run(out, manifest, model=None, split: str = "auto", append: bool = False, in
     import pandas as pd
     import torch
 
-    from dcml.algorithm.inference import compute_vectors, default_device
+    from dcml.algorithm.inference import compute_vectors, device_for
     from dcml.contracts import manifest as manifest_lib
     from dcml.model_files import load_model
 
@@ -70,7 +70,7 @@ def run(out, manifest, model=None, split: str = "auto", append: bool = False, in
     elif rows.empty:
         raise DcmlError(f"{manifest}: split(s) {', '.join(splits)} hold no images; pick another --split")
 
-    device = torch.device(device) if device else default_device()
+    device = device_for(device)
     net, ckpt = load_model(model_file, device=device)
     vectors = compute_vectors(net, man, rows, kind="embedding", batch_size=int(values["batch_size"]), device=device,
                               num_workers=int(values["num_workers"]), desc=f"index: embed {len(rows)} images")

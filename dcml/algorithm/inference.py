@@ -26,6 +26,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_for(device=None) -> torch.device:
+    """The device asked for, checked before any work (None, "" or "auto": CUDA when
+    available, else CPU): a name torch does not know, a GPU this machine does not
+    have, or a GPU index past the last one is a one-line DcmlError."""
+    if device in (None, "", "auto"):
+        return default_device()
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device))
+        except (RuntimeError, TypeError, ValueError):
+            raise DcmlError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DcmlError(f"--device {device}: no CUDA GPU is visible on this machine; "
+                            "pass --device cpu or leave --device unset")
+        if dev.index is not None and dev.index >= count:
+            raise DcmlError(f"--device {device}: {count} GPU(s) visible (cuda:0..cuda:{count - 1}); pick one of them")
+    elif dev.type != "cpu":
+        raise DcmlError(f"--device {device}: dcml runs on cpu or cuda; pass one of them")
+    return dev
+
+
 def compute_vectors(model, manifest, rows: pd.DataFrame, kind: str = "embedding", batch_size: int = 128,
                     device=None, num_workers: int = 0, desc: str | None = None) -> np.ndarray:
     """float32 [len(rows), dim]: ``model.features`` (kind="features", pooled, not

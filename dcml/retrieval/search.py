@@ -76,6 +76,9 @@ class Searcher:
         from dcml.model_files import load_model
 
         self.gallery = GalleryIndex.open(index_dir)
+        from dcml.algorithm.inference import device_for
+
+        device = device_for(device)
         self.model, _ = load_model(self.gallery.model_file, device=device)
         self.device = device
         self.transform = build_transform(self.model.config, train=False)
