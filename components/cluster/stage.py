@@ -73,6 +73,9 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
     timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
+    if k > rows["label"].nunique():  # a cluster holds whole classes: K clusters need K training classes
+        raise DcmlError(f"k={k}: {features} holds only {rows['label'].nunique()} training classes; use k <= "
+                        f"{rows['label'].nunique()}")
     try:
         result = kmeans(vectors, k, niter=int(niter), nredo=int(nredo), seed=int(seed), normalize=bool(normalize))
     except DcmlError as exc:

@@ -53,30 +53,38 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}; {fix}"
 
 
-def _make_parents(folder: Path) -> None:
-    """``folder.mkdir(parents=True)``, remembering the folders it created (:func:`remove_created_folders`)."""
+def _make_parents(folder: Path) -> list[Path]:
+    """``folder.mkdir(parents=True)``; returns the folders it created, which are also
+    remembered for :func:`remove_created_folders`."""
     missing = []
     for p in [folder, *folder.parents]:
         if p.is_dir():
             break
         missing.append(p)
+    created = []
     for p in reversed(missing):
         try:
             p.mkdir()
         except FileExistsError:
             continue
-        _CREATED.append(p)
+        created.append(p)
+    _CREATED.extend(created)
+    return created
 
 
-def remove_created_folders() -> None:
-    """After a failure: remove the folders this process created for outputs that are still empty
-    (nothing partial is left behind, not even an empty folder)."""
-    while _CREATED:
-        p = _CREATED.pop()
+def remove_created_folders(folders: list[Path] | None = None) -> None:
+    """After a failure: remove ``folders`` (default: every folder this process created for
+    its outputs) where they are still empty -- nothing partial is left, not even a folder."""
+    todo = _CREATED if folders is None else folders
+    for p in reversed(list(todo)):
         try:
             p.rmdir()
         except OSError:
-            pass
+            continue
+        if p in _CREATED:
+            _CREATED.remove(p)
+    if folders is None:
+        _CREATED.clear()
 
 
 def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
@@ -107,13 +115,14 @@ def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
     if dest.exists() and dest.is_dir() != folder:
         kind = "a folder" if dest.is_dir() else "a file"
         raise DcmlError(f"{dest}: is {kind}; pass {'a folder' if folder else 'a file'} path for this output")
+    created: list[Path] = []
     try:
-        _make_parents(parent)
+        created = _make_parents(parent)
         fd, probe = tempfile.mkstemp(prefix=".dcml-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        remove_created_folders()
+        remove_created_folders(created)
         raise DcmlError(f"{parent}: cannot write here ({exc.strerror or exc}); "
                         f"{_FIXES.get(exc.errno, 'choose a writable output location')}") from None
     return dest
@@ -134,7 +143,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     the file system allows for ``dest`` works.
     """
     dest = Path(dest)
-    _make_parents(dest.parent)
+    created = _make_parents(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -145,7 +154,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, dest)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        remove_created_folders()
+        remove_created_folders(created)
         _name_the_output(exc, dest)
         raise
 
@@ -161,7 +170,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     import shutil
 
     dest = Path(dest)
-    _make_parents(dest.parent)
+    created = _make_parents(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
@@ -175,7 +184,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        remove_created_folders()
+        remove_created_folders(created)
         _name_the_output(exc, dest)
         raise
 
@@ -264,6 +273,9 @@ def read_vectors(path, column: str | None = None) -> tuple[pd.DataFrame, np.ndar
         flat = col.flatten().to_numpy(zero_copy_only=False)
     else:
         raise DcmlError(f"{path}: column '{column}' is {col.type}, not a list of floats")
+    if meta.get("dim") is not None and n and int(meta["dim"]) != dim:
+        raise DcmlError(f"{path}: column '{column}' holds {dim}-d vectors but the file's metadata says "
+                        f"{meta['dim']}-d; the file was altered or mixed up, re-create it with the stage that wrote it")
     vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
     others = table.drop_columns([column]).to_pandas()
     return others, vectors, meta
