@@ -146,8 +146,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     local_runner = _docker_runner(args, output_dir) if runner == "docker" else local.SubprocessRunner(use_venv=False)
     local.init(runner=local_runner, pipeline_root=str(run_root), enable_caching=cache,
                cache_root=str(output_dir / "cache"))
-    if cache:
-        _serve_only_sealed_outputs(output_dir / "cache")
+    served = _serve_only_sealed_outputs(output_dir / "cache") if cache else set()
     console = PipelineConsole(run_root / "logs", terminal=terminal or sys.stdout, verbose=verbose)
     started = time.perf_counter()
     try:
@@ -170,6 +169,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
                 os.environ[key] = value
     elapsed = time.perf_counter() - started
     run_dir = next(p for p in run_root.iterdir() if p.is_dir() and p.name != "logs")
+    _link_cached_tasks(run_dir, served)
     latest = output_dir / "latest"
     tmp_link = output_dir / f".latest.{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
@@ -240,7 +240,17 @@ def _with_data_version(args: dict, clusters: bool = False) -> dict:
     return {**args, "data_version": meta["fingerprint"]}
 
 
-def _serve_only_sealed_outputs(cache_root: Path) -> None:
+def _link_cached_tasks(run_dir: Path, served: set) -> None:
+    """Make the run folder show the whole run: each task served from the cache gets a link
+    ``<run_dir>/<task>`` to the folder its cached outputs live in (an earlier run's), so
+    ``runs/latest/finetune/model/model.pt`` exists whether finetune ran or was cached."""
+    for task_dir in sorted(served):
+        link = run_dir / task_dir.name
+        if task_dir.is_dir() and not link.exists() and not link.is_symlink() and task_dir.parent != run_dir:
+            link.symlink_to(task_dir, target_is_directory=True)
+
+
+def _serve_only_sealed_outputs(cache_root: Path) -> set:
     """Make kfp.local's cache check the outputs it would serve.
 
     kfp.local serves a cache entry while its artifacts' folders exist; a file
@@ -266,10 +276,16 @@ def _serve_only_sealed_outputs(cache_root: Path) -> None:
                     if problem:
                         logging.info(f"cache entry {key[:12]} not served: {problem}; running the task again")
                         return None
+            for value in (outputs or {}).values():
+                for artifact in value if isinstance(value, list) else [value]:
+                    if isinstance(artifact, dsl.Artifact) and artifact.path:
+                        served.add(Path(artifact.path).parent)  # <earlier run>/<pipeline>/<task>
             return outputs
 
+    served: set = set()
     kfp_cache._cache_singleton = SealedCache(str(cache_root))
     kfp_cache._cache_singleton_root = str(cache_root)
+    return served
 
 
 def _training_effect(metrics_file: Path) -> dict:
