@@ -73,7 +73,7 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
     timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
-    if k > rows["label"].nunique():  # a cluster holds whole classes: K clusters need K training classes
+    if len(rows) >= k > rows["label"].nunique():  # a cluster holds whole classes: K clusters need K classes
         raise DcmlError(f"k={k}: {features} holds only {rows['label'].nunique()} training classes; use k <= "
                         f"{rows['label'].nunique()}")
     try:

@@ -63,8 +63,8 @@ def pickled_refusal(path, exc: BaseException) -> str | None:
     pickled Python objects (None for other failures): what the file is, and the safe way on
     (re-create it, or re-save only its tensors -- never load it with weights_only=False here)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    if "Weights only load failed" not in text and "Unsupported global" not in text:
-        return None
+    if "Unsupported global" not in text and "Unsupported class" not in text:
+        return None  # a damaged file, not a pickled object
     found = re.search(r"GLOBAL ([\w.]+)", text)
     what = f"pickled Python objects ({found.group(1)})" if found else "pickled Python objects"
     return (f"{path}: refused: it holds {what}, not only tensors, and loading it could run code; re-create it "

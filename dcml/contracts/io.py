@@ -47,8 +47,8 @@ def os_error_line(exc: OSError) -> str:
     """A file-system error as dcml's one line: ``<path>: <problem>; <fix>``."""
     where = exc.filename if exc.filename is not None else "output"
     where = str(where)
-    if len(where) > 80:
-        where = where[:60] + "..." + where[-15:]
+    if len(where) > 240:  # an over-long path: its start and its end say which one
+        where = where[:120] + "..." + where[-60:]
     fix = _FIXES.get(exc.errno, "check the path and its permissions")
     return f"{where}: {exc.strerror or exc}; {fix}"
 
@@ -191,7 +191,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 
 def _name_the_output(exc: BaseException, dest: Path) -> None:
     """A write that failed with no file name (a full disk in the middle of a write) names the output."""
-    if isinstance(exc, OSError) and exc.filename is None:
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
         exc.filename = str(dest)
 
 
