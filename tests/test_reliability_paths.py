@@ -223,3 +223,31 @@ def test_a_pickled_checkpoint_is_refused_in_one_line_with_the_safe_way(capsys, d
     line = one_line(err, str(bad), "refused", "pickled Python objects", "state_dict")
     assert "weights_only=False" not in line and "pathlib" in line
     assert not (tmp_path / "m.json").exists()
+
+
+# -- lock files ---------------------------------------------------------------------------
+
+def test_the_resume_lock_is_exclusive_and_leaves_no_file(tmp_path):
+    from dcml.algorithm import resume_lock
+
+    resume = tmp_path / "resume" / "m.pt.resume.pt"
+    lock = resume_lock.lock_file(resume)
+    with resume_lock.hold(resume) as first:
+        assert first == resume and lock.is_file()
+        with resume_lock.hold(resume) as second:  # the same training at once: a private file
+            assert second != resume and second.parent == resume.parent and str(os.getpid()) in second.name
+        assert lock.is_file()  # still held by the first
+    assert not lock.exists()
+    lock.write_text("")  # left by a process killed while holding it: taken over, then removed
+    with resume_lock.hold(resume) as again:
+        assert again == resume
+    assert not lock.exists()
+
+
+def test_a_training_leaves_no_lock_file(tmp_path, data):
+    from components.train import stage
+
+    stage.run(manifest=str(data["manifest"]), out=str(tmp_path / "m.pt"), epochs=1, classes_per_batch=2,
+              images_per_class=2, eval_every=0, **MODEL)
+    assert (tmp_path / "m.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no resume file, no lock file

@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -66,7 +65,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dcml.contracts import checkpoint
-from dcml.algorithm import batchnorm, distributed
+from dcml.algorithm import batchnorm, distributed, resume_lock
 from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.events import progress
@@ -733,14 +732,7 @@ class Trainer:
             self.resume_path = Path(distributed.broadcast_object(None))
             yield
             return
-        import fcntl
-
-        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.resume_path.with_name(self.resume_path.name + ".lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.resume_path = self.resume_path.with_name(f"{self.resume_path.stem}.{os.getpid()}.pt")
+        with resume_lock.hold(self.resume_path) as self.resume_path:  # the lock file goes with it
             distributed.broadcast_object(str(self.resume_path))
             yield
 
