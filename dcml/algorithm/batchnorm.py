@@ -22,7 +22,9 @@ use the global batch's statistics:
   process's up to float rounding.
 
 The replacement keeps the parameters, buffers and state_dict keys, so
-checkpoints are unchanged. Outside training mode, or with no process group,
+checkpoints are unchanged. BatchNorm inside DFML's routed units is left as it
+is (a sub-block that no sample of a process's share is routed to does not run
+there, so a collective in it would wait forever). Outside training mode, or with no process group,
 :class:`GlobalBatchNorm` is plain BatchNorm (rank 0 alone validating in eval
 mode runs no collective).
 """
@@ -99,6 +101,11 @@ def convert(module: nn.Module) -> nn.Module:
             setattr(new, name, getattr(module, name))
         new.train(module.training)
         return new
+    if hasattr(module, "router") and hasattr(module, "sub_blocks"):
+        # A routed unit (DFML): a sub-block may get no sample of some process's share and not
+        # run there, so a collective inside it could wait forever; its BatchNorm keeps per-share
+        # statistics.
+        return module
     for name, child in module.named_children():
         new_child = convert(child)
         if new_child is not child:
