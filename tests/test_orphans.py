@@ -89,6 +89,7 @@ def wait_for_ranks(stage: subprocess.Popen, deadline_s: float = 120) -> list[int
     raise AssertionError("the two training processes did not start")
 
 
+@pytest.mark.slow  # two torchrun ranks start: ~9 s on an idle 2-core machine, up to 60 s on a loaded one
 def test_kill_9_of_a_two_process_stage_command_leaves_no_process(manifest, tmp_path):
     stage = start_training(manifest, tmp_path)
     tree: list[int] = []
@@ -110,6 +111,7 @@ def test_kill_9_of_a_two_process_stage_command_leaves_no_process(manifest, tmp_p
             stage.kill()
 
 
+@pytest.mark.slow  # as above
 def test_a_rank_killed_mid_training_is_one_line(manifest, tmp_path):
     stage = start_training(manifest, tmp_path)
     try:
