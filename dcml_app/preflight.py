@@ -11,7 +11,8 @@ from dcml.contracts.errors import DcmlError
 def check_places(output_dir: Path, tracking_uri: str, resume_dir: Path | None = None) -> None:
     """The run folder, the shared cache, the resume folder and the MLflow store (sqlite
     database and artifacts) can all be written, so a run never trains for an hour and then
-    fails at its last step. Folders created only to check are removed again."""
+    fails at its last step. When a check fails, the folders made for it are removed again
+    (by the `dcml` command's error exit)."""
     from dcml.contracts.io import check_writable
     from dcml.tracking.store import sqlite_path
 
