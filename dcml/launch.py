@@ -13,15 +13,27 @@ Several nodes (a Kubeflow TrainJob, :mod:`dcml.trainjob`): every node runs
 torchrun's node count, rank and rendezvous address (``PET_*`` variables).
 
 The call is JSON: ``{"target": "components.train.stage:run", "kwargs": {...}}``.
+
+No orphans (Linux): on one node torchrun runs as ``python -m dcml.launch --agent
+...`` and every rank as ``python -m dcml.launch --call ...``; each asks the
+kernel for SIGKILL when its parent ends (:func:`die_with_parent`), so killing
+the stage command, even with ``kill -9``, ends torchrun and then every rank at
+once instead of leaving them training on under PID 1. The agent also turns
+torchrun's own report of a failed rank (a ChildFailedError traceback and log
+lines) into one line; a rank's user error (exit status 2) is reported once, by
+the stage command.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,9 +77,11 @@ def run_processes(target: str, kwargs: dict, nproc: int) -> dict:
     nproc = int(nproc)
     with tempfile.TemporaryDirectory(prefix="dcml-launch-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        cmd = [sys.executable, "-m", "dcml.launch", "--agent", "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "-m", *module_command(target, kwargs, str(result))]
         env = dict(os.environ)
+        env[PARENT_ENV] = str(os.getpid())
+        env[REPORT_ENV] = str(Path(tmp) / "failure.txt")
         env["PYTHONPATH"] = os.pathsep.join(_source_roots(target) + [p for p in [env.get("PYTHONPATH")] if p])
         # One thread per process unless told otherwise (torchrun's own default, without its warning).
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -75,15 +89,88 @@ def run_processes(target: str, kwargs: dict, nproc: int) -> dict:
         sys.stderr.flush()
         code = subprocess.run(cmd, env=env).returncode
         answer = json.loads(result.read_text()) if result.is_file() else None
+        report = Path(env[REPORT_ENV])
+        failure = report.read_text().strip() if report.is_file() else f"torchrun ended with {describe_exit(code)}"
     if isinstance(answer, dict) and "error" in answer:
         raise DcmlError(answer["error"])
     if code != 0 or answer is None:
-        raise DcmlError(f"{nproc} training processes failed (torchrun exit status {code}); "
-                        "the processes' errors are in the log above")
+        raise DcmlError(f"{nproc} training processes failed: {failure}; the processes' output above says why")
     return answer["result"]
 
 
+PARENT_ENV = "DCML_LAUNCH_PARENT"  # the pid a launched process must die with (its parent's)
+REPORT_ENV = "DCML_LAUNCH_REPORT"  # where the agent says which rank failed how
+USER_ERROR = 2  # a rank's exit status for a DcmlError (reported by the stage command)
+
+
+def die_with_parent(parent: int | str | None = None) -> bool:
+    """Have the kernel SIGKILL this process when its parent ends (Linux ``PR_SET_PDEATHSIG``).
+
+    ``parent``: the pid this process was started by; when it is already gone
+    (this process was re-parented before the request took effect) this process
+    ends now. Returns whether the request was made (False off Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and str(parent).isdigit() and os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def agent(argv: list[str]) -> None:
+    """torchrun (``torch.distributed.run``) tied to the stage command that started it.
+
+    The ranks it starts are told to die with it; a failed rank ends it with one
+    line (nothing for a user error, which the stage command reports) instead of
+    torchrun's ChildFailedError traceback.
+    """
+    die_with_parent(os.environ.pop(PARENT_ENV, None))
+    os.environ[PARENT_ENV] = str(os.getpid())  # for the ranks: their parent is this process
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        what = f"process {rank} (pid {failure.pid}) ended with {describe_exit(failure.exitcode)}"
+        report = os.environ.get(REPORT_ENV)
+        if report:
+            Path(report).write_text(what + "\n")
+        elif failure.exitcode != USER_ERROR:
+            print(f"error: training {what}; the processes' output above says why", file=sys.stderr)
+        sys.exit(1)
+
+
+def describe_exit(code: int) -> str:
+    """"exit status 1" or "signal SIGKILL" (a negative code: killed by that signal)."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another process of the group is gone (gloo / NCCL wording)."""
+    text = str(exc)
+    return any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                   "NCCL communicator was aborted", "Socket Timeout"))
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--agent"]:
+        return agent(argv[1:])
+    die_with_parent(os.environ.pop(PARENT_ENV, None))
     parser = argparse.ArgumentParser(prog="python -m dcml.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--call", required=True, help='JSON: {"target": "module:function", "kwargs": {...}}')
     parser.add_argument("--result", help="Where rank 0 writes the return value (JSON).")
@@ -97,8 +184,15 @@ def main(argv=None) -> None:
     except DcmlError as exc:
         if main_rank:
             _write(args.result, {"error": str(exc)})
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+            if not args.result:  # else the stage command prints it
+                print(f"error: {exc}", file=sys.stderr)
+        sys.exit(USER_ERROR)
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        # Another process died (its own output, or the agent's line, says how): no traceback here.
+        print(f"process {os.environ.get('RANK', '?')}: stopped, another training process is gone", file=sys.stderr)
+        sys.exit(1)
     if main_rank:
         _write(args.result, {"result": value})
 

@@ -4,6 +4,7 @@ and a stage's heavy imports (torch, faiss, kfp) load only when it runs."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -66,8 +67,13 @@ def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)
     except DcmlError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _failed(str(exc))
+    except OSError as exc:  # a full disk, a read-only or over-long path met while writing
+        if os.environ.get("DCML_TRACEBACK"):
+            raise
+        from dcml.contracts.io import os_error_line
+
+        _failed(os_error_line(exc))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -76,6 +82,15 @@ def main(argv=None):
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+def _failed(message: str) -> None:
+    """One line, exit status 2, and no empty output folder left behind."""
+    from dcml.contracts.io import remove_created_folders
+
+    remove_created_folders()
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

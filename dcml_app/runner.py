@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from dcml.contracts import params, records
-from dcml_app import presets
+from dcml_app import preflight, presets
 from dcml.contracts.errors import DcmlError
 
 DEFAULT_OUTPUT_DIR = "runs"
@@ -125,8 +125,11 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     from dcml.stagekit import RESUME_ROOT_ENV
     from dcml_app.console import PipelineConsole
 
-    args = _with_data_version(_absolute_data_root(params.validate(dict(args), "pipeline parameters")))
+    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
     output_dir = Path(output_dir).resolve()
+    tracking_uri = tracking_uri or tracking.default_tracking_uri()
+    preflight.check_places(output_dir, tracking_uri)  # every place the run writes, before the first stage
+    args = _with_data_version(args, clusters=method == "dc")
     pipeline_fn, _ = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
                             max_parallel_workers=max_parallel_workers)
     run_id, run_root = _new_run_folder(output_dir / "pipelines")
@@ -135,7 +138,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     # store is chosen here, not passed as a (cache-busting) pipeline input;
     # stages report progress as events, resume from the shared folder and end
     # with this process.
-    environment = {"MLFLOW_TRACKING_URI": tracking_uri or tracking.default_tracking_uri(),
+    environment = {"MLFLOW_TRACKING_URI": tracking_uri,
                    "DCML_EVENTS": "1", RESUME_ROOT_ENV: str(output_dir / "resume"),
                    "DCML_RUNNER": f"{dcml.runner_token(os.getpid())}#{run_id}"}
     saved = {k: os.environ.get(k) for k in environment}
@@ -143,8 +146,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     local_runner = _docker_runner(args, output_dir) if runner == "docker" else local.SubprocessRunner(use_venv=False)
     local.init(runner=local_runner, pipeline_root=str(run_root), enable_caching=cache,
                cache_root=str(output_dir / "cache"))
-    if cache:
-        _serve_only_sealed_outputs(output_dir / "cache")
+    served = _serve_only_sealed_outputs(output_dir / "cache") if cache else set()
     console = PipelineConsole(run_root / "logs", terminal=terminal or sys.stdout, verbose=verbose)
     started = time.perf_counter()
     try:
@@ -167,6 +169,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
                 os.environ[key] = value
     elapsed = time.perf_counter() - started
     run_dir = next(p for p in run_root.iterdir() if p.is_dir() and p.name != "logs")
+    _link_cached_tasks(run_dir, served)
     latest = output_dir / "latest"
     tmp_link = output_dir / f".latest.{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
@@ -213,7 +216,7 @@ def _info_logs_to(stream):
         root.setLevel(level)
 
 
-def _with_data_version(args: dict) -> dict:
+def _with_data_version(args: dict, clusters: bool = False) -> dict:
     """Set ``data_version`` to the dataset's content fingerprint (unless given).
 
     kfp.local keys its cache on parameter strings, so without it a dataset
@@ -228,12 +231,26 @@ def _with_data_version(args: dict) -> dict:
 
     defaults = params.defaults(("dataset", "split_mode", "max_per_class"))
     get = lambda k: args.get(k, defaults[k])  # noqa: E731
-    _, meta = registry.read_dataset(get("dataset"), args.get("data_root") or None, get("split_mode") or None,
-                                    max_per_class=get("max_per_class") or None)
+    rows, meta = registry.read_dataset(get("dataset"), args.get("data_root") or None, get("split_mode") or None,
+                                       max_per_class=get("max_per_class") or None)
+    if clusters:  # K clusters need K training classes (the data is read here anyway)
+        k = args.get("num_clusters", params.PARAMS["num_clusters"].default)
+        val = args.get("val_fraction", params.PARAMS["val_fraction"].default)
+        preflight.check_clusters(k, preflight.training_classes(rows, val), get("dataset"))
     return {**args, "data_version": meta["fingerprint"]}
 
 
-def _serve_only_sealed_outputs(cache_root: Path) -> None:
+def _link_cached_tasks(run_dir: Path, served: set) -> None:
+    """Make the run folder show the whole run: each task served from the cache gets a link
+    ``<run_dir>/<task>`` to the folder its cached outputs live in (an earlier run's), so
+    ``runs/latest/finetune/model/model.pt`` exists whether finetune ran or was cached."""
+    for task_dir in sorted(served):
+        link = run_dir / task_dir.name
+        if task_dir.is_dir() and not link.exists() and not link.is_symlink() and task_dir.parent != run_dir:
+            link.symlink_to(task_dir, target_is_directory=True)
+
+
+def _serve_only_sealed_outputs(cache_root: Path) -> set:
     """Make kfp.local's cache check the outputs it would serve.
 
     kfp.local serves a cache entry while its artifacts' folders exist; a file
@@ -259,10 +276,16 @@ def _serve_only_sealed_outputs(cache_root: Path) -> None:
                     if problem:
                         logging.info(f"cache entry {key[:12]} not served: {problem}; running the task again")
                         return None
+            for value in (outputs or {}).values():
+                for artifact in value if isinstance(value, list) else [value]:
+                    if isinstance(artifact, dsl.Artifact) and artifact.path:
+                        served.add(Path(artifact.path).parent)  # <earlier run>/<pipeline>/<task>
             return outputs
 
+    served: set = set()
     kfp_cache._cache_singleton = SealedCache(str(cache_root))
     kfp_cache._cache_singleton_root = str(cache_root)
+    return served
 
 
 def _training_effect(metrics_file: Path) -> dict:

@@ -98,3 +98,51 @@ def pml_wrappers(loss="multi_similarity", miner="multi_similarity", n=16, dim=8,
         }
         everyone = distributed.all_gather_object(numbers)
     return {"world_size": world, **{k: max(e[k] for e in everyone) for k in numbers}}
+
+
+def batchnorm_shares(n=10, channels=3, seed=0):
+    """Three batches through a small conv + BatchNorm + linear + BatchNorm model (no optimiser
+    step): one process on the whole batch with torch's BatchNorm against N processes on their
+    shares with dcml.algorithm.batchnorm. Rank 0 returns the largest differences over all
+    processes: the share's outputs and input gradient, the summed parameter gradients (and
+    their scale) and the running statistics after the three forward/backward passes."""
+    import copy
+
+    from dcml.algorithm import batchnorm, distributed
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, channels, 3, padding=1), torch.nn.BatchNorm2d(channels),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(channels * 16, 4),
+                                torch.nn.BatchNorm1d(4))
+    batches = [torch.randn(n, 2, 4, 4) * 3 + 1 for _ in range(3)]
+    target = torch.randn(n, 4)
+    with stagekit.processes("cpu"):
+        world, rank = distributed.world_size(), distributed.rank()
+        start, stop = distributed.share_bounds(n, world)[rank]
+        sizes = [b - a for a, b in distributed.share_bounds(n, world)]
+        one = copy.deepcopy(model)
+        many = batchnorm.over_processes(copy.deepcopy(model), "cpu")
+        worst = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "running": 0.0, "param_grad_scale": 0.0}
+        for x in batches:
+            whole = x.clone().requires_grad_()
+            out_one = one(whole)
+            ((out_one - target) ** 2).sum().backward()
+            mine = x[start:stop].clone().requires_grad_()
+            out_many = many(mine)
+            gathered = distributed.gather_batch(out_many, sizes)
+            ((gathered - target) ** 2).sum().backward()
+            distributed.all_reduce_gradients(list(many.parameters()))
+            worst["output"] = max(worst["output"], float((out_many - out_one[start:stop]).detach().abs().max()))
+            worst["input_grad"] = max(worst["input_grad"], float((mine.grad - whole.grad[start:stop]).abs().max()))
+            for p, q in zip(one.parameters(), many.parameters()):
+                worst["param_grad"] = max(worst["param_grad"], float((p.grad - q.grad).abs().max()))
+                worst["param_grad_scale"] = max(worst["param_grad_scale"], float(p.grad.abs().max()))
+                p.grad, q.grad = None, None
+        a, b = one.state_dict(), many.state_dict()
+        assert a.keys() == b.keys()
+        worst["running"] = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        worst["batches_tracked"] = int(b["1.num_batches_tracked"])
+        worst["kinds"] = sorted({type(m).__name__ for m in many.modules()})
+        everyone = distributed.all_gather_object(worst)
+    return {"world_size": world, "kinds": worst["kinds"], "batches_tracked": worst["batches_tracked"],
+            **{k: max(e[k] for e in everyone) for k in ("output", "input_grad", "param_grad", "running", "param_grad_scale")}}

@@ -59,7 +59,7 @@ class NotAllowed:
     (lambda p: p.write_bytes(open(p.parent / "good.pt", "rb").read()[:300]), "not a readable checkpoint"),
     (lambda p: torch.save({"model": {}}, p), "not a dcml checkpoint"),
     (lambda p: torch.save([1, 2], p), "not a dcml checkpoint"),
-    (lambda p: torch.save({"format": checkpoint.FORMAT, "model_config": CONFIG, "x": NotAllowed()}, p), "not a readable checkpoint"),
+    (lambda p: torch.save({"format": checkpoint.FORMAT, "model_config": CONFIG, "x": NotAllowed()}, p), "refused: it holds pickled Python objects"),
     (lambda p: torch.save({"format": checkpoint.FORMAT, "model": {}}, p), "lacks 'model_config'"),
 ])
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, make, message):
@@ -89,7 +89,7 @@ def test_pickled_code_is_not_executed(tmp_path):
             return (pickle.loads, (b"\x80\x04K\x01.",))  # harmless, but not allowlisted
 
     torch.save({"format": checkpoint.FORMAT, "model_config": CONFIG, "model": Boom()}, path)
-    with pytest.raises(DcmlError, match="not a readable checkpoint"):
+    with pytest.raises(DcmlError, match="refused: it holds pickled Python objects"):
         checkpoint.load(path)
 
 

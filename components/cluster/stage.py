@@ -88,6 +88,9 @@ def run(features, out, previous=None, normalize=True, **hyper) -> dict:
     k, niter, nredo, seed = hp["k"], hp["niter"], hp["nredo"], hp["seed"]
     timer = StageTimer("cluster", {**hp, "normalize": normalize})
     rows, vectors, column = _vectors(features)
+    if len(rows) >= k > rows["label"].nunique():  # a cluster holds whole classes: K clusters need K classes
+        raise DcmlError(f"k={k}: {features} holds only {rows['label'].nunique()} training classes; use k <= "
+                        f"{rows['label'].nunique()}")
     random_groups = hp["cluster_grouping"] == "random"
     try:
         if random_groups:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -245,13 +244,18 @@ def all_reduce_gradients(summed: Sequence[torch.nn.Parameter], replicated: Seque
             offset += n
 
 
-def check_identical(tensors: Iterable[torch.Tensor], what: str = "weights") -> bool:
-    """Whether every process holds the same ``tensors`` (a float64 checksum each); warns on rank 0 if not."""
+def check_identical(tensors: Iterable[torch.Tensor], what: str = "weights") -> None:
+    """Raise a one-line DcmlError on every process unless all hold the same ``tensors``
+    (a float64 checksum each): the data-parallel processes must end with one model."""
     if not active():
-        return True
+        return
     sums = [float(t.detach().double().sum()) for t in tensors]
-    everyone = all_gather_object(pickle.dumps(sums))
-    same = all(e == everyone[0] for e in everyone)
-    if not same and is_main():
-        warnings.warn(f"the processes' {what} differ; a bug in data-parallel training, please report it", stacklevel=2)
-    return same
+    everyone = [pickle.loads(e) for e in all_gather_object(pickle.dumps(sums))]
+    differ = [i for i in range(len(sums)) if any(e[i] != everyone[0][i] for e in everyone)]
+    if differ:
+        from dcml.contracts.errors import DcmlError
+
+        gap = max(abs(e[i] - everyone[0][i]) for e in everyone for i in differ)
+        raise DcmlError(f"data-parallel training: the {world_size()} processes ended with different {what} "
+                        f"({len(differ)} of {len(sums)} tensors, checksums up to {gap:.3g} apart), no model written; "
+                        "train with nproc=1 and report this with the command line")

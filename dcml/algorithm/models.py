@@ -126,7 +126,11 @@ def _load_state_dict_file(path: str) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        raise DcmlError(f"{path}: not a readable PyTorch state_dict ({exc}); save it with torch.save(model.state_dict(), path)") from None
+        from dcml.contracts.checkpoint import pickled_refusal
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DcmlError(pickled_refusal(path, exc) or f"{path}: not a readable PyTorch state_dict ({first}); "
+                        "save it with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

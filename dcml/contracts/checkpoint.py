@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def save(path: str | os.PathLike, ckpt: dict) -> None:
         torch.save(ckpt, tmp)
 
 
+def pickled_refusal(path, exc: BaseException) -> str | None:
+    """The one line for a file that ``torch.load(weights_only=True)`` refused because it holds
+    pickled Python objects (None for other failures): what the file is, and the safe way on
+    (re-create it, or re-save only its tensors -- never load it with weights_only=False here)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "Unsupported global" not in text and "Unsupported class" not in text:
+        return None  # a damaged file, not a pickled object
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"pickled Python objects ({found.group(1)})" if found else "pickled Python objects"
+    return (f"{path}: refused: it holds {what}, not only tensors, and loading it could run code; re-create it "
+            "with the dcml stage that writes it, or, only if you trust its source, in a separate throw-away "
+            "environment load it and torch.save() just its state_dict (a dict of tensors), then use that file")
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint with ``weights_only=True``; a bad file is a one-line DcmlError."""
     path = Path(path)
@@ -65,6 +80,9 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        refused = pickled_refusal(path, exc)
+        if refused:
+            raise DcmlError(refused) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DcmlError(f"{path}: not a readable checkpoint ({first[:200]}); re-create it with the stage that writes it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:

@@ -8,6 +8,7 @@ manifest, feature table or checkpoint behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -28,6 +29,64 @@ os.umask(_UMASK)
 PARQUET_META_KEY = b"dcml"
 
 
+_CREATED: list[Path] = []  # folders this process created for its outputs (removed again if they stay empty)
+
+_FIXES = {
+    errno.ENOSPC: "free space on that disk or choose an output location on another one",
+    errno.EDQUOT: "free space within your quota or choose another output location",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EACCES: "choose a writable output location",
+    errno.EPERM: "choose a writable output location",
+    errno.EROFS: "choose an output location on a writable file system",
+    errno.ENOTDIR: "a part of the path is a file; choose another output location",
+    errno.EISDIR: "pass a file path, not a folder",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """A file-system error as dcml's one line: ``<path>: <problem>; <fix>``."""
+    where = exc.filename if exc.filename is not None else "output"
+    where = str(where)
+    if len(where) > 240:  # an over-long path: its start and its end say which one
+        where = where[:120] + "..." + where[-60:]
+    fix = _FIXES.get(exc.errno, "check the path and its permissions")
+    return f"{where}: {exc.strerror or exc}; {fix}"
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``folder.mkdir(parents=True)``; returns the folders it created, which are also
+    remembered for :func:`remove_created_folders`."""
+    missing = []
+    for p in [folder, *folder.parents]:
+        if p.is_dir():
+            break
+        missing.append(p)
+    created = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue
+        created.append(p)
+    _CREATED.extend(created)
+    return created
+
+
+def remove_created_folders(folders: list[Path] | None = None) -> None:
+    """After a failure: remove ``folders`` (default: every folder this process created for
+    its outputs) where they are still empty -- nothing partial is left, not even a folder."""
+    todo = _CREATED if folders is None else folders
+    for p in reversed(list(todo)):
+        try:
+            p.rmdir()
+        except OSError:
+            continue
+        if p in _CREATED:
+            _CREATED.remove(p)
+    if folders is None:
+        _CREATED.clear()
+
+
 def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
     """Fail now, in one line, if an output cannot be written at ``dest``.
 
@@ -38,31 +97,42 @@ def check_writable(dest: str | os.PathLike, folder: bool = False) -> Path:
     """
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("/"))
+    existing = next((p for p in [parent, *parent.parents] if _exists(p)), Path("/"))
     try:
         name_max = os.pathconf(existing, "PC_NAME_MAX")
         path_max = os.pathconf(existing, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
-    name_bytes = len(os.fsencode(dest.name))
-    if name_bytes > name_max:
-        raise DcmlError(f"{dest.name[:40]}...: the name is {name_bytes} bytes, over this file system's "
-                        f"{name_max}-byte limit; choose a shorter name")
+    for part in dest.parts:  # the file's own name or any folder on the way
+        name_bytes = len(os.fsencode(part))
+        if name_bytes > name_max:
+            what = "the name" if part == dest.name else "a folder name in the path"
+            raise DcmlError(f"{part[:40]}...: {what} is {name_bytes} bytes, over this file system's "
+                            f"{name_max}-byte limit; choose a shorter name")
     if len(os.fsencode(str(dest.absolute()))) >= path_max:
         raise DcmlError(f"{str(dest)[:60]}...: the path is over this system's {path_max}-byte limit; "
                         "choose a shorter output location")
     if dest.exists() and dest.is_dir() != folder:
         kind = "a folder" if dest.is_dir() else "a file"
         raise DcmlError(f"{dest}: is {kind}; pass {'a folder' if folder else 'a file'} path for this output")
+    created: list[Path] = []
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(parent)
         fd, probe = tempfile.mkstemp(prefix=".dcml-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        remove_created_folders(created)
         raise DcmlError(f"{parent}: cannot write here ({exc.strerror or exc}); "
-                        "choose a writable output location") from None
+                        f"{_FIXES.get(exc.errno, 'choose a writable output location')}") from None
     return dest
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a name too long, no permission to look: treated as not there
+        return False
 
 
 @contextlib.contextmanager
@@ -73,7 +143,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     the file system allows for ``dest`` works.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -82,8 +152,10 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600; artifacts are read by other users/containers.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        remove_created_folders(created)
+        _name_the_output(exc, dest)
         raise
 
 
@@ -98,7 +170,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     import shutil
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:40]}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
@@ -110,9 +182,17 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_created_folders(created)
+        _name_the_output(exc, dest)
         raise
+
+
+def _name_the_output(exc: BaseException, dest: Path) -> None:
+    """A write that failed with no file name (a full disk in the middle of a write) names the output."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        exc.filename = str(dest)
 
 
 def write_json(dest: str | os.PathLike, obj) -> None:
@@ -193,6 +273,9 @@ def read_vectors(path, column: str | None = None) -> tuple[pd.DataFrame, np.ndar
         flat = col.flatten().to_numpy(zero_copy_only=False)
     else:
         raise DcmlError(f"{path}: column '{column}' is {col.type}, not a list of floats")
+    if meta.get("dim") is not None and n and int(meta["dim"]) != dim:
+        raise DcmlError(f"{path}: column '{column}' holds {dim}-d vectors but the file's metadata says "
+                        f"{meta['dim']}-d; the file was altered or mixed up, re-create it with the stage that wrote it")
     vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
     others = table.drop_columns([column]).to_pandas()
     return others, vectors, meta

@@ -328,7 +328,7 @@ def load_logged_model(model_uri: str, device="cpu", tracking_uri: str | None = N
             return load_model(local, device=device)
         except DcmlError as exc:
             message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).replace(str(local), model_uri)
-            if "Weights only load failed" in message:
+            if "Weights only load failed" in message or "pickled Python objects" in message:
                 message = (f"{model_uri}: refused: the file holds pickled objects, not only tensors and plain "
                            "containers (torch.load weights_only=True rejected it), so loading it could run code; "
                            "do not load it, log the model again with `dcml run`")

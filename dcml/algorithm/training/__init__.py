@@ -46,10 +46,10 @@ process's RNG stream, and a random miner draws from a per-batch seed, so both
 are the same whatever N. Rank 0 alone re-clusters (then broadcasts the
 clusters), initialises the head, validates, evaluates and writes the resume
 checkpoint (with every process's RNG state); all processes resume from it.
-What still differs with N: dropout and drop-connect masks (each process draws
-its own), and BatchNorm layers that train see their share of the batch
-(frozen BatchNorm, the default for pretrained backbones, is unaffected; on GPUs
-trainable BatchNorm is converted to SyncBatchNorm).
+BatchNorm layers that train use the whole global batch's statistics
+(:mod:`dcml.algorithm.batchnorm`: SyncBatchNorm on GPUs, an all-reduce of the
+shares' sums on CPU). What still differs with N: dropout and drop-connect
+masks (each process draws its own).
 
 The pieces (each its own module, one job each)::
 
@@ -61,7 +61,8 @@ The pieces (each its own module, one job each)::
       ├─ BatchSource (batches.py)      one-cluster sampler, this process's share, images or cache
       ├─ Scorer (scoring.py)           vectors and R@1 / MAP@R of rows, on a forked RNG
       ├─ EpochSelector (selection.py)  the best validated epoch, patience
-      ├─ ResumeStore (resume.py)       fingerprint, state snapshot/restore, the locked file
+      ├─ ResumeStore (resume.py)       fingerprint, state snapshot/restore, the file (resume_lock.py:
+      │                                one live holder, no lock file left behind)
       ├─ optimisation.py               losses and miner, learning rate per step
       └─ rng.py                        seeding, RNG states as tensors, per-item seeds
 

@@ -15,13 +15,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from dcml.algorithm import distributed
+from dcml.algorithm.training import resume_lock
 from dcml.algorithm.training.rng import rng_state, set_rng_state
 from dcml.contracts import checkpoint
 from dcml.contracts.errors import DcmlError
@@ -104,7 +104,7 @@ class ResumeStore:
     @contextlib.contextmanager
     def lock(self):
         """Hold the resume file for this process; if another live process holds it
-        (the same training running twice at once), use a private one instead."""
+        (the same training running twice at once), use a private one instead (resume_lock)."""
         if self.path is None:
             yield
             return
@@ -112,14 +112,7 @@ class ResumeStore:
             self.path = Path(distributed.broadcast_object(None))
             yield
             return
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.path = self.path.with_name(f"{self.path.stem}.{os.getpid()}.pt")
+        with resume_lock.hold(self.path) as self.path:  # the lock file goes with it
             distributed.broadcast_object(str(self.path))
             yield
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcml.algorithm import distributed
+from dcml.algorithm import batchnorm, distributed
 from dcml.algorithm.clustering import cluster_sizes
 from dcml.algorithm.training import optimisation, resume
 from dcml.algorithm.training.batches import BatchSource, Silent, dense_labels
@@ -62,9 +62,9 @@ class Trainer(TrainingHooks):
                                   activations, self.rank, self.world_size)
         self.scorer = Scorer(manifest, self.device, settings.eval_batch_size, settings.num_workers, activations)
         self.model.to(self.device)
-        if self.world_size > 1 and self.device.type == "cuda" and not self.model.config.get("freeze_bn", True):
+        if self.world_size > 1 and not self.model.config.get("freeze_bn", True):
             # BatchNorm that trains normalises over the whole batch, as in one process.
-            self.model = self.source.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = self.source.model = batchnorm.over_processes(self.model, self.device)
         if settings.freeze_backbone:
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
