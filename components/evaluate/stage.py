@@ -59,8 +59,6 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
         mode, query_rows, reference_rows = select_rows(table, split, source)
         extra["vector_column"] = meta.get("vector_column", "embedding")
     else:
-        import torch
-
         from dcml.contracts import manifest as manifest_lib
         from dcml.model_files import load_model
         from dcml.algorithm.inference import compute_vectors, resolve_device
