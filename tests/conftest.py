@@ -1,5 +1,14 @@
 """Fixtures shared by the tests in this folder (see tests/README.md for when to use which).
 
+Pipeline
+    ``tiny_pipeline_args``       a copy of ``TINY_PIPELINE``, the pipeline's parameters
+                                 at their smallest (skips without Fashion-MNIST);
+    ``tiny_pipeline``            one whole-pipeline run (kfp.local, a process per
+                                 stage) of ``TINY_PIPELINE`` on real Fashion-MNIST,
+                                 made once per test session and shared by every
+                                 test that reads its outputs (run folder, metrics,
+                                 lineage, MLflow store).
+
 Browser
     ``chromium_command(*args)``  the command line of a headless Chromium with a
                                  fresh profile (skips when /usr/bin/chromium is absent);
@@ -15,7 +24,9 @@ Chromium since 111.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -28,6 +39,17 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-allow-origins=*")
+
+
+# The whole pipeline at its smallest: 24 images per class, two learners, two epochs.
+TINY_PIPELINE = {
+    "dataset": "fashion-mnist", "split_mode": "class-disjoint", "max_per_class": 24,
+    "backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 32,
+    "num_clusters": 2, "niter": 10, "classes_per_batch": 4, "images_per_class": 4,
+    "lr_backbone": 1e-3, "lr_embedding": 1e-3, "epochs": 2, "recluster_every": 1,
+    "finetune_epochs": 1, "eval_every": 1, "freeze_bn": False, "ks": "1,2,4",
+    "experiment": "pytest",
+}
 
 
 def free_port() -> int:
@@ -122,3 +144,69 @@ def devtools_page(chromium_command):
         except subprocess.TimeoutExpired:
             browser.kill()
             browser.wait()
+
+
+def fashion_mnist_folder() -> str | None:
+    """Where Fashion-MNIST is installed, or None (then the tests that need it skip)."""
+    from data_prep import fashion_mnist
+
+    try:
+        return fashion_mnist.locate(allow_download=False)
+    except Exception:  # noqa: BLE001 - absent data means skip, whatever the reason
+        return None
+
+
+def _session_folder(tmp_path_factory) -> Path:
+    """A folder every process of this test session sees (pytest-xdist workers share their parent's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+class TinyPipeline:
+    """The shared run: ``result`` is what ``dcml_app.runner.run_local`` returned (``run_dir``,
+    ``metrics``, ``metrics_file``, ``mlflow``, ``stages``); ``output_dir`` holds its runs,
+    kfp.local cache and resume files; ``tracking_uri`` its sqlite MLflow store."""
+
+    def __init__(self, folder: Path, result: dict):
+        self.folder = folder
+        self.output_dir = folder / "runs"
+        self.tracking_uri = f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}"
+        self.result = result
+        self.args = dict(TINY_PIPELINE)
+
+
+@pytest.fixture
+def tiny_pipeline_args() -> dict:
+    """A copy of ``TINY_PIPELINE`` (skips when Fashion-MNIST is not installed)."""
+    if fashion_mnist_folder() is None:
+        pytest.skip("Fashion-MNIST not installed (make fashion-mnist)")
+    return dict(TINY_PIPELINE)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+    """The whole pipeline run once on real Fashion-MNIST (``TINY_PIPELINE``), for tests that read its outputs.
+
+    Made by the first test that asks for it; under pytest-xdist the other workers
+    wait for it (a file lock) instead of running it again. Read it, never change
+    it: tests that must run the pipeline again in its ``output_dir`` (to hit its
+    cache) live in tests/test_local_pipeline.py, which runs in one process.
+    """
+    if fashion_mnist_folder() is None:
+        pytest.skip("Fashion-MNIST not installed (make fashion-mnist)")
+    folder = _session_folder(tmp_path_factory) / "tiny-pipeline"
+    folder.mkdir(exist_ok=True)
+    done = folder / "result.json"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.is_file():
+                from dcml_app.runner import run_local
+
+                shared = TinyPipeline(folder, {})
+                result = run_local(dict(TINY_PIPELINE), output_dir=shared.output_dir,
+                                   tracking_uri=shared.tracking_uri)
+                done.write_text(json.dumps(result))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return TinyPipeline(folder, json.loads(done.read_text()))
