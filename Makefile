@@ -9,7 +9,7 @@ TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist); each test module stays in one process (its module fixtures run once).
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=15
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 
 .PHONY: install test test-all browser demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean

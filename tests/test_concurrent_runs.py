@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole runs in processes: `make test` starts this module first
+
 _spec = importlib.util.spec_from_file_location("cli_runs", Path(__file__).with_name("cli_runs.py"))
 cli_runs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli_runs)

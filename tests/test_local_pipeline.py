@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from dcml.contracts import records
 from dcml_app.runner import run_local
 
+pytestmark = pytest.mark.slow  # whole runs in processes: `make test` starts this module first
+
 STAGES = {"ingest", "extract", "cluster", "train", "finetune", "evaluate"}
 
 

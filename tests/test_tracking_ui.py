@@ -26,8 +26,9 @@ from mlflow.tracking import MlflowClient
 
 from dcml import tracking
 
-pytestmark = pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
-                                reason="/usr/bin/chromium is absent (`make browser` installs it as root)")
+pytestmark = [pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
+                                 reason="/usr/bin/chromium is absent (`make browser` installs it as root)"),
+              pytest.mark.slow]  # a real server and browser: `make test` starts this module first
 
 _spec = importlib.util.spec_from_file_location("tracking_lineage", Path(__file__).with_name("tracking_lineage.py"))
 _lineage = importlib.util.module_from_spec(_spec)
