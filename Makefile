@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Tests use real Fashion-MNIST when it can be had (they skip what needs it otherwise).
-# `make test`: everything but the extra end-to-end runs marked `full` (about 10 minutes on 2 cores);
+# `make test`: everything but the extra end-to-end runs marked `full` (budget: 10 minutes on an idle 2-core machine);
 # `make test-all`: all of them (what .ci/run runs).
 test: install browser
 	-@$(BIN)/python -m data_prep.fashion_mnist_fetch
