@@ -7,9 +7,12 @@ STAMP := $(VENV)/.dcml-installed
 REGISTRY ?= dcml
 TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); each test module stays in one process (its module fixtures run once).
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 
-.PHONY: install test browser demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
+.PHONY: install test test-all browser demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +26,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Tests use real Fashion-MNIST when it can be had (they skip what needs it otherwise).
+# `make test`: everything but the extra end-to-end runs marked `full` (budget: 10 minutes on an idle 2-core machine);
+# `make test-all`: all of them (what .ci/run runs).
 test: install browser
 	-@$(BIN)/python -m data_prep.fashion_mnist_fetch
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) -m "not full" $(PYTEST_ARGS)
+
+test-all: install browser
+	-@$(BIN)/python -m data_prep.fashion_mnist_fetch
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Headless Chromium for the MLflow UI test (it skips without /usr/bin/chromium); installs only as root.
 browser:

@@ -1,7 +1,9 @@
 """The whole pipeline through kfp.local's SubprocessRunner: caching, modes, MLflow.
 
 Real Fashion-MNIST (Debian's package), tiny sizes: a few images per class and
-one epoch, so the suite stays in minutes.
+one epoch, so the suite stays in minutes. The first run is the session's shared
+``tiny_pipeline`` (tests/conftest.py); the tests here run it again in its
+folder to hit its cache.
 """
 
 import json
@@ -10,41 +12,34 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_prep import fashion_mnist
 from dcml.contracts import records
 from dcml_app.runner import run_local
 
-try:
-    FASHION = fashion_mnist.locate(allow_download=False)
-except Exception:  # noqa: BLE001 - absent data means skip, whatever the reason
-    FASHION = None
+pytestmark = pytest.mark.slow  # whole runs in processes: `make test` starts this module first
 
-pytestmark = pytest.mark.skipif(FASHION is None, reason="Fashion-MNIST not installed (make fashion-mnist)")
-
-TINY = {
-    "dataset": "fashion-mnist", "split_mode": "class-disjoint", "max_per_class": 24,
-    "backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 32,
-    "num_clusters": 2, "niter": 10, "classes_per_batch": 4, "images_per_class": 4,
-    "lr_backbone": 1e-3, "lr_embedding": 1e-3, "epochs": 2, "recluster_every": 1,
-    "finetune_epochs": 1, "eval_every": 1, "freeze_bn": False, "ks": "1,2,4",
-    "experiment": "pytest",
-}
 STAGES = {"ingest", "extract", "cluster", "train", "finetune", "evaluate"}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pipeline")
+@pytest.fixture
+def tiny_args(tiny_pipeline_args):
+    """The parameters of the shared run."""
+    return tiny_pipeline_args
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(workdir):
-    return f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+def runs(tiny_pipeline):
+    """The shared run's output folder (its kfp.local cache)."""
+    return tiny_pipeline.output_dir
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir, tracking_uri):
-    return run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri)
+def tracking_uri(tiny_pipeline):
+    return tiny_pipeline.tracking_uri
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_pipeline):
+    return tiny_pipeline.result
 
 
 def executed_tasks(run_dir):
@@ -66,7 +61,7 @@ def test_first_run_executes_every_stage_and_reports_metrics(first_run):
     assert first_run["mlflow"]["cached_stages"] == []
 
 
-def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
+def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri, tiny_args):
     client = MlflowClient(tracking_uri)
     parent = client.get_run(first_run["mlflow"]["mlflow_run_id"])
     assert parent.data.params["dataset"] == "fashion-mnist"
@@ -76,7 +71,7 @@ def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["dcml.stage"] for c in children} == STAGES
     train = next(c for c in children if c.data.tags["dcml.stage"] == "train")
-    assert len(client.get_metric_history(train.info.run_id, "epoch.loss")) == TINY["epochs"]
+    assert len(client.get_metric_history(train.info.run_id, "epoch.loss")) == tiny_args["epochs"]
     assert parent.data.tags["dcml.model_logged"] == "true"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"plots", "lineage.json", "retrieval"}
     # What the model retrieves: the query -> top-5 grid, Recall@1 per class as a table and a histogram.
@@ -98,27 +93,27 @@ def test_mlflow_run_tree_from_a_real_run(first_run, tracking_uri):
     model, _ = load_logged_model(parent.data.tags["dcml.model_uri"], tracking_uri=tracking_uri)
     with torch.no_grad():
         out = model(torch.zeros(3, 1, 28, 28))
-    assert out.shape == (3, TINY["embedding_dim"])
+    assert out.shape == (3, tiny_args["embedding_dim"])
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
-def test_identical_rerun_is_served_from_cache(first_run, workdir, tracking_uri):
-    again = run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri)
+def test_identical_rerun_is_served_from_cache(first_run, runs, tracking_uri, tiny_args):
+    again = run_local(dict(tiny_args), output_dir=runs, tracking_uri=tracking_uri)
     assert executed_tasks(again["run_dir"]) == {"track"}
     assert again["metrics"] == first_run["metrics"]
     assert lineage_ids(again["metrics_file"]) == lineage_ids(first_run["metrics_file"])
     assert set(again["mlflow"]["cached_stages"]) == STAGES
-    assert (workdir / "runs" / "latest").resolve() == Path(again["run_dir"]).resolve()
+    assert (runs / "latest").resolve() == Path(again["run_dir"]).resolve()
     # runs/latest shows the whole run: the cached tasks are links to the outputs they served.
-    latest = workdir / "runs" / "latest"
+    latest = runs / "latest"
     assert {p.name for p in latest.iterdir() if p.is_symlink()} >= {"ingest", "extract", "cluster", "finetune",
                                                                      "evaluate"}
     assert (latest / "finetune" / "model" / "model.pt").is_file()
     assert (latest / "ingest" / "manifest" / "manifest.parquet").is_file()
 
 
-def test_changing_an_evaluation_parameter_reruns_only_evaluation(first_run, workdir, tracking_uri):
-    changed = run_local({**TINY, "ks": "1,3"}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+def test_changing_an_evaluation_parameter_reruns_only_evaluation(first_run, runs, tracking_uri, tiny_args):
+    changed = run_local({**tiny_args, "ks": "1,3"}, output_dir=runs, tracking_uri=tracking_uri)
     assert executed_tasks(changed["run_dir"]) == {"evaluate", "track"}
     assert set(changed["metrics"]) >= {"recall@1", "recall@3"}
     assert changed["metrics"]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"])
@@ -126,8 +121,8 @@ def test_changing_an_evaluation_parameter_reruns_only_evaluation(first_run, work
     assert {s for s in STAGES if before[s] != after[s]} == {"evaluate"}
 
 
-def test_no_cache_reruns_everything(first_run, workdir, tracking_uri):
-    fresh = run_local(dict(TINY), output_dir=workdir / "runs", tracking_uri=tracking_uri, cache=False)
+def test_no_cache_reruns_everything(first_run, runs, tracking_uri, tiny_args):
+    fresh = run_local(dict(tiny_args), output_dir=runs, tracking_uri=tracking_uri, cache=False)
     assert executed_tasks(fresh["run_dir"]) >= {"ingest", "extract", "cluster", "train-shared", "finetune", "evaluate"}
     before, after = lineage_ids(first_run["metrics_file"]), lineage_ids(fresh["metrics_file"])
     assert all(before[s] != after[s] for s in STAGES)
@@ -135,10 +130,10 @@ def test_no_cache_reruns_everything(first_run, workdir, tracking_uri):
     assert fresh["metrics"]["recall@1"] == pytest.approx(first_run["metrics"]["recall@1"], abs=1e-6)
 
 
-def test_two_processes_per_training_stage(first_run, workdir, tracking_uri):
+def test_two_processes_per_training_stage(first_run, runs, tracking_uri, tiny_args):
     """gpus_per_task=2: the training stages run as two gloo processes (torchrun) under the local runner;
     the stages before them are served from the cache."""
-    result = run_local({**TINY, "gpus_per_task": 2}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    result = run_local({**tiny_args, "gpus_per_task": 2}, output_dir=runs, tracking_uri=tracking_uri)
     assert executed_tasks(result["run_dir"]) == {"train-shared", "finetune", "evaluate", "track"}
     lineage = list(records.walk(records.read(result["metrics_file"])))
     assert {r["stage"]: r["extra"].get("processes") for r in lineage if r["stage"] in ("train", "finetune")} == \
@@ -149,27 +144,29 @@ def test_two_processes_per_training_stage(first_run, workdir, tracking_uri):
     assert stages["train-shared"]["status"] == "ok" and "2 epochs" in stages["train-shared"]["summary"]
 
 
-def test_parallel_mode_fans_out_per_cluster_and_merges(workdir, tracking_uri):
-    result = run_local(dict(TINY), mode="parallel", output_dir=workdir / "runs-parallel", tracking_uri=tracking_uri)
+@pytest.mark.full  # make test-all: the worker and the merge are checked in-process (test_distributed, components/)
+def test_parallel_mode_fans_out_per_cluster_and_merges(tiny_args, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_local(dict(tiny_args), mode="parallel", output_dir=tmp_path / "runs", tracking_uri=tracking_uri)
     tasks = executed_tasks(result["run_dir"])
     assert {"ingest", "extract", "cluster", "merge-finetune", "evaluate", "track"} <= tasks
     workers = sorted(Path(result["run_dir"]).glob("for-loop-*-iteration-*/train-worker"))
-    assert len(workers) == TINY["num_clusters"]
+    assert len(workers) == tiny_args["num_clusters"]
     lineage = list(records.walk(records.read(result["metrics_file"])))
     worker_records = [r for r in lineage if r["stage"] == "train" and r["params"].get("mode") == "worker"]
     assert sorted(r["params"]["cluster_id"] for r in worker_records) == [0, 1]
     merge = next(r for r in lineage if r["stage"] == "finetune")
-    assert len(merge["inputs"]["checkpoints"]) == TINY["num_clusters"]
+    assert len(merge["inputs"]["checkpoints"]) == tiny_args["num_clusters"]
     assert 0.0 < result["metrics"]["recall@1"] <= 1.0
     summary = json.loads(Path(result["run_dir"], "track", "mlflow_run", "record.json").read_text())
     client = MlflowClient(tracking_uri)
     children = client.search_runs([summary["experiment_id"]],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
-    assert sum(c.data.tags["dcml.stage"] == "train" for c in children) == TINY["num_clusters"]
+    assert sum(c.data.tags["dcml.stage"] == "train" for c in children) == tiny_args["num_clusters"]
 
 
-def test_compress_branch_quantises_the_cached_model(first_run, workdir, tracking_uri):
-    result = run_local({**TINY, "compress_bits": 3, "compress_method": "kmeans"}, output_dir=workdir / "runs",
+def test_compress_branch_quantises_the_cached_model(first_run, runs, tracking_uri, tiny_args):
+    result = run_local({**tiny_args, "compress_bits": 3, "compress_method": "kmeans"}, output_dir=runs,
                        tracking_uri=tracking_uri)
     # Everything up to the model is cached; the branch adds compress, its evaluation and its MLflow run.
     assert executed_tasks(result["run_dir"]) == {"compress", "evaluate-2", "track-2", "track"}
@@ -183,10 +180,10 @@ def test_compress_branch_quantises_the_cached_model(first_run, workdir, tracking
     assert run.data.tags["dcml.compressed"] == "kmeans-3bit"
 
 
-def test_index_branch_indexes_the_cached_model_and_is_tracked(first_run, workdir, tracking_uri):
+def test_index_branch_indexes_the_cached_model_and_is_tracked(first_run, runs, tracking_uri, tiny_args):
     from dcml.retrieval.index import GalleryIndex
 
-    result = run_local({**TINY, "index_gallery": True}, output_dir=workdir / "runs", tracking_uri=tracking_uri)
+    result = run_local({**tiny_args, "index_gallery": True}, output_dir=runs, tracking_uri=tracking_uri)
     # Everything up to the model is cached; the branch adds the index and its MLflow run.
     assert executed_tasks(result["run_dir"]) == {"index", "track-3", "track"}
     assert result["metrics"] == first_run["metrics"]
@@ -199,13 +196,13 @@ def test_index_branch_indexes_the_cached_model_and_is_tracked(first_run, workdir
     assert run.data.metrics["index_recall_at_10"] == 1.0 and run.data.metrics["images"] == gallery.size
 
 
-def test_study_reuses_the_cache_of_an_identical_run_and_nests_its_runs(first_run, workdir, tracking_uri):
+def test_study_reuses_the_cache_of_an_identical_run_and_nests_its_runs(first_run, runs, tracking_uri, tiny_args, tmp_path):
     from dcml_app.study import run_study
 
     said = []
-    # The loss study's "margin" point is TINY itself (margin is the default loss): nothing trains again.
-    rows, folder = run_study("loss", dict(TINY), output_dir=workdir / "studies", tracking_uri=tracking_uri,
-                             runs_dir=workdir / "runs", only=["margin"], echo=said.append)
+    # The loss study's "margin" point is the shared run itself (margin is the default loss): nothing trains again.
+    rows, folder = run_study("loss", dict(tiny_args), output_dir=tmp_path / "studies", tracking_uri=tracking_uri,
+                             runs_dir=runs, only=["margin"], echo=said.append)
     assert said[0] == "study loss: 4 runs, loss = contrastive, triplet, margin, proxy_anchor (running 1: --only)"
     assert said[1] == "[1/1] training loss = margin" and said[2].startswith("[1/1] loss = margin: R@1 ")
     assert len(rows) == 1 and set(rows[0]["cached_stages"]) == STAGES
@@ -218,10 +215,11 @@ def test_study_reuses_the_cache_of_an_identical_run_and_nests_its_runs(first_run
     assert (folder / "results.md").is_file()
 
 
-def test_dfml_method_trains_through_the_same_pipeline(workdir, tracking_uri):
-    args = {**TINY, "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "epochs": 1,
+def test_dfml_method_trains_through_the_same_pipeline(tiny_args, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {**tiny_args, "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "epochs": 1,
             "freeze_bn": True, "loss": "proxy_anchor", "lr_proxies": 0.1}
-    result = run_local(args, method="dfml", output_dir=workdir / "runs-dfml", tracking_uri=tracking_uri)
+    result = run_local(args, method="dfml", output_dir=tmp_path / "runs", tracking_uri=tracking_uri)
     assert executed_tasks(result["run_dir"]) == {"ingest", "train-dfml", "evaluate", "track"}
     lineage = list(records.walk(records.read(result["metrics_file"])))
     dfml = next(r for r in lineage if r["stage"] == "train-dfml")

@@ -3,75 +3,32 @@
 - the cache never serves stale data: changed image bytes (same name and size)
   re-run ingestion and everything after it; a deleted or changed file in a
   cached output re-runs that stage; unchanged data is served from the cache;
-- a killed run (kill -9) leaves no stage process behind, and running it again
-  resumes training after the last finished epoch and ends with the weights an
-  uninterrupted run ends with;
-- three runs at once in one folder all finish, each with its own run folder
-  and MLflow run, and the store stays intact;
 - bad input is one line and exit status 2, before anything runs.
+
+A killed run's resume: tests/test_kill_resume.py; three runs at once:
+tests/test_concurrent_runs.py (their own modules, so pytest-xdist runs them
+beside these).
 """
 
+import importlib.util
 import json
 import os
-import signal
-import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from dcml.contracts import checkpoint
 from dcml.contracts.io import read_parquet_meta
-from dcml.contracts.records import read, walk
 
-ROOT = Path(__file__).resolve().parents[1]
-DCML = [sys.executable, "-m", "dcml_app.cli"]
-CLASSES, PER_CLASS = 8, 6
+pytestmark = pytest.mark.slow  # whole runs in processes: `make test` starts this module first
 
-
-def tiny_config(root: Path, **overrides) -> dict:
-    return {"dataset": "folder", "data_root": str(root), "split_mode": "class-disjoint", "val_fraction": 0.0,
-            "backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 16, "freeze_bn": "false",
-            "num_clusters": 2, "niter": 5, "classes_per_batch": 2, "images_per_class": 2, "lr_backbone": 1e-3,
-            "lr_embedding": 1e-3, "epochs": 2, "recluster_every": 1, "finetune_epochs": 1, "eval_every": 1,
-            "batch_size": 32, "ks": "1,2", "experiment": "reliability", **overrides}
-
-
-def bmp_dataset(root: Path, seed: int = 0) -> Path:
-    """Class folders of 28x28 grey BMP drawings (fixed-size files: an edit keeps the size)."""
-    rng = np.random.default_rng(seed)
-    for c in range(CLASSES):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        base = rng.integers(0, 2, size=(28, 28)) * 255
-        for i in range(PER_CLASS):
-            noisy = np.where(rng.random((28, 28)) < 0.1, 255 - base, base).astype(np.uint8)
-            Image.fromarray(noisy, mode="L").save(d / f"{i:02d}.bmp")
-    return root
-
-
-def dcml_run(tmp: Path, config: dict, out: Path, *extra: str, env: dict | None = None, background=False):
-    cfg = tmp / f"config-{len(list(tmp.glob('config-*.json')))}.json"
-    cfg.write_text(json.dumps(config))
-    summary = tmp / f"summary-{time.monotonic_ns()}.json"
-    args = [*DCML, "run", "--config", str(cfg), "--output-dir", str(out), "--json-out", str(summary),
-            "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DCML_CACHE_DIR": str(tmp / "digests"), **(env or {})}
-    if background:
-        return subprocess.Popen(args, cwd=tmp, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True), summary
-    done = subprocess.run(args, cwd=tmp, env=full_env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(summary.read_text()), done.stdout
-
-
-def statuses(summary: dict) -> dict:
-    return {s["name"]: s["status"] for s in summary["stages"]}
+_spec = importlib.util.spec_from_file_location("cli_runs", Path(__file__).with_name("cli_runs.py"))
+cli_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli_runs)
+DCML, bmp_dataset, dcml_run, statuses, tiny_config = (cli_runs.DCML, cli_runs.bmp_dataset, cli_runs.dcml_run,
+                                                      cli_runs.statuses, cli_runs.tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -79,102 +36,44 @@ def data(tmp_path_factory):
     return bmp_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
-def test_changed_bytes_rerun_everything_and_unchanged_data_is_served_from_the_cache(data, tmp_path):
-    out = tmp_path / "runs"
-    first, stdout = dcml_run(tmp_path, tiny_config(data), out)
+@pytest.fixture(scope="module")
+def cached(data, tmp_path_factory):
+    """(work folder, output folder, summary, stdout, its manifest's fingerprint) of a first run
+    whose output folder (and so cache) the next tests run in again."""
+    tmp = tmp_path_factory.mktemp("cache")
+    first, stdout = dcml_run(tmp, tiny_config(data), tmp / "runs")
+    fingerprint = read_parquet_meta(Path(first["run_dir"]) / "ingest" / "manifest" / "manifest.parquet")["fingerprint"]
+    return tmp, tmp / "runs", first, stdout, fingerprint
+
+
+def test_unchanged_data_is_served_from_the_cache_and_a_damaged_cached_output_is_not(data, cached):
+    tmp, out, first, stdout, _ = cached
     assert set(statuses(first).values()) == {"ok"}
     assert len(stdout.splitlines()) < 30 and "executor" not in stdout  # quiet: one line per stage
-    again, _ = dcml_run(tmp_path, tiny_config(data), out)
+    again, _ = dcml_run(tmp, tiny_config(data), out)
     assert {k: v for k, v in statuses(again).items() if k != "track"} == {
         k: "cached" for k in statuses(first) if k != "track"}
 
+    (Path(first["run_dir"]) / "ingest" / "manifest" / "manifest.parquet").unlink()
+    clusters = Path(first["run_dir"]) / "cluster" / "clusters" / "clusters.parquet"
+    clusters.write_bytes(clusters.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    damaged, _ = dcml_run(tmp, tiny_config(data), out)
+    states = statuses(damaged)
+    assert states["ingest"] == "ok" and states["cluster"] == "ok", states
+
+
+def test_changed_bytes_rerun_everything(data, cached):
+    tmp, out, _, _, fingerprint = cached
     # Same name, same size, other bytes.
     victim = data / "class0" / "00.bmp"
     size = victim.stat().st_size
     pixels = np.array(Image.open(victim))
     Image.fromarray(255 - pixels, mode="L").save(victim)
     assert victim.stat().st_size == size
-    changed, _ = dcml_run(tmp_path, tiny_config(data), out)
+    changed, _ = dcml_run(tmp, tiny_config(data), out)
     assert all(status == "ok" for status in statuses(changed).values()), statuses(changed)
-    manifests = [Path(s["run_dir"]) / "ingest" / "manifest" / "manifest.parquet" for s in (first, changed)]
-    assert read_parquet_meta(manifests[0])["fingerprint"] != read_parquet_meta(manifests[1])["fingerprint"]
-
-
-def test_a_damaged_cached_output_is_not_served(data, tmp_path):
-    out = tmp_path / "runs"
-    first, _ = dcml_run(tmp_path, tiny_config(data), out)
-    (Path(first["run_dir"]) / "ingest" / "manifest" / "manifest.parquet").unlink()
-    clusters = Path(first["run_dir"]) / "cluster" / "clusters" / "clusters.parquet"
-    clusters.write_bytes(clusters.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
-    again, _ = dcml_run(tmp_path, tiny_config(data), out)
-    states = statuses(again)
-    assert states["ingest"] == "ok" and states["cluster"] == "ok", states
-
-
-def _stage_processes(marker: str) -> list[int]:
-    """Pids of live processes whose environment or command line mentions ``marker``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in blob and state != "Z":
-            found.append(int(proc.name))
-    return found
-
-
-def _final_weights(summary: dict) -> dict:
-    return checkpoint.load(Path(summary["run_dir"]) / "finetune" / "model" / "model.pt")["model"]
-
-
-def test_a_killed_run_leaves_no_process_and_resumes_to_identical_weights(data, tmp_path):
-    config = tiny_config(data, epochs=5, recluster_every=0, num_clusters=1)
-    straight, _ = dcml_run(tmp_path, config, tmp_path / "straight")
-
-    out = tmp_path / "killed"
-    proc, _ = dcml_run(tmp_path, config, out, background=True)
-    resume = out / "resume"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # wait for the second finished epoch of training
-        files = list(resume.glob("*.resume.pt")) if resume.is_dir() else []
-        if files and checkpoint.load(files[0]).get("epoch", 0) >= 2:
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    else:
-        pytest.fail("training never wrote its second epoch")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    marker = str(out)
-    deadline = time.monotonic() + 15
-    while _stage_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _stage_processes(marker), "stage processes outlived the killed run"
-
-    resumed, _ = dcml_run(tmp_path, config, out)
-    assert statuses(resumed)["ingest"] == "cached" and statuses(resumed)["train-shared"] == "ok"
-    train = next(r for r in walk(read(resumed["metrics_file"])) if r["stage"] == "train")
-    assert train["metrics"]["resumed_from_epoch"] >= 2
-    a, b = _final_weights(straight), _final_weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_three_runs_at_once_in_one_folder(data, tmp_path):
-    out = tmp_path / "shared"
-    procs = [dcml_run(tmp_path, tiny_config(data, seed=s), out, background=True) for s in range(3)]
-    results = []
-    for proc, summary in procs:
-        stdout, stderr = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, stdout + stderr
-        results.append(json.loads(summary.read_text()))
-    assert len({r["run_dir"] for r in results}) == 3
-    assert len({r["mlflow"]["mlflow_run_id"] for r in results}) == 3
-    with sqlite3.connect(out / "mlflow.db") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    manifest = Path(changed["run_dir"]) / "ingest" / "manifest" / "manifest.parquet"
+    assert read_parquet_meta(manifest)["fingerprint"] != fingerprint
 
 
 @pytest.mark.parametrize("config,set_args,fragment", [

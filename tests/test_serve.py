@@ -5,13 +5,10 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from PIL import Image
 from dcml.contracts import manifest as manifest_lib
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 # Where the page's screenshot is kept (a test artifact, outside git).
 ARTIFACTS = Path(os.environ.get("DCML_TEST_ARTIFACTS", REPO / "runs" / "test-artifacts"))
 
@@ -250,102 +246,52 @@ def test_thumbnails_only_for_ids_of_the_index(server):
     assert raw.startswith(b"HTTP/1.1 404") and b"root:" not in raw
 
 
-class DevTools:
-    """The Chrome DevTools protocol over a websocket: send a command, wait for its answer."""
-
-    def __init__(self, ws_url: str):
-        import websocket
-
-        self.ws = websocket.create_connection(ws_url, timeout=60)
-        self.next_id = 0
-
-    def __call__(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        return self("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait(self, expression: str, seconds: float = 60):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {expression}")
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing: apt-get install chromium")
-def test_page_in_headless_chromium_picks_or_drops_a_query_and_shows_its_neighbours(server, tmp_path):
+def test_page_in_headless_chromium_picks_or_drops_a_query_and_shows_its_neighbours(server, devtools_page, tmp_path):
     url, man = server
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="dcml-chromium-")
-    browser = subprocess.Popen([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                "--remote-allow-origins=*",
-                                "--no-first-run", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-                                "--window-size=1280,900", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/json/version", browser, 60)
-        page = next(t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-                    if t["type"] == "page")
-        tab = DevTools(page["webSocketDebuggerUrl"])
-        tab("Page.enable")
-        tab("DOM.enable")
-        tab("Page.navigate", url=url)
-        tab.wait("document.readyState === 'complete' && document.getElementById('info').textContent.includes('40')")
-        # Pick the query with the file chooser, as a person would.
-        query = gallery_file(man, 12)
-        node = tab("DOM.querySelector", nodeId=tab("DOM.getDocument")["root"]["nodeId"], selector="#file")["nodeId"]
-        tab("DOM.setFileInputFiles", nodeId=node, files=[str(query)])
-        tab.wait("document.body.dataset.state === 'done'")
-        cards = tab.evaluate("[...document.querySelectorAll('.hit')].map(c => ({text: c.innerText, "
-                             "loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}))")
-        assert len(cards) == 10 and all(c["loaded"] for c in cards)
-        assert cards[0]["text"].startswith("#1 score 1.000") and man.df["class_name"][12] in cards[0]["text"]
-        assert f"id 12 · {man.df['image_id'][12]}" in cards[0]["text"]
-        # Click a neighbour: a larger view of it opens (a bigger picture than the 40 x 30 thumbnail allows
-        # would be upscaled: the view shows the image at least 256 px wide), a click closes it.
-        tab.evaluate("document.querySelector('.hit img').click()")
-        tab.wait("document.getElementById('large').classList.contains('open') && "
-                 "document.getElementById('large-img').complete && document.getElementById('large-img').naturalWidth > 0")
-        assert tab.evaluate("document.getElementById('large-img').getBoundingClientRect().width") >= 256
-        assert man.df["image_id"][12] in tab.evaluate("document.getElementById('large-caption').textContent")
-        tab.evaluate("document.getElementById('large').click()")
-        assert not tab.evaluate("document.getElementById('large').classList.contains('open')")
-        assert tab.evaluate("document.getElementById('error').textContent") == ""
-        shot = base64.b64decode(tab("Page.captureScreenshot", format="png")["data"])
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "serve_page.png").write_bytes(shot)
-        picture = Image.open(io.BytesIO(shot))
-        assert picture.size[0] >= 1000
-        # A bad file through the same page: the message shows, the page stays usable.
-        bad = tmp_path / "notes.png"
-        bad.write_text("not a picture")
-        tab("DOM.setFileInputFiles", nodeId=node, files=[str(bad)])
-        tab.wait("document.body.dataset.state === 'error'")
-        assert "400: " in tab.evaluate("document.getElementById('error').textContent")
-        # Drop another query onto the page: its neighbours replace the old ones.
-        box = tab.evaluate("(({x, y, width, height}) => [x + width / 2, y + height / 2])"
-                           "(document.getElementById('drop').getBoundingClientRect())")
-        dropped = gallery_file(man, 31)
-        data = {"items": [], "files": [str(dropped)], "dragOperationsMask": 1}
-        for kind in ("dragEnter", "dragOver", "drop"):
-            tab("Input.dispatchDragEvent", type=kind, x=box[0], y=box[1], data=data)
-        tab.wait("document.body.dataset.state === 'done'")
-        first = tab.evaluate("document.querySelector('.hit').innerText")
-        assert first.startswith("#1 score 1.000") and man.df["class_name"][31] in first
-        assert tab.evaluate("document.getElementById('error').textContent") == ""
-        tab.ws.close()
-    finally:
-        browser.terminate()
-        browser.wait(timeout=30)
-        shutil.rmtree(profile, ignore_errors=True)
+    tab = devtools_page
+    tab("Page.enable")
+    tab("DOM.enable")
+    tab("Page.navigate", url=url)
+    tab.wait("document.readyState === 'complete' && document.getElementById('info').textContent.includes('40')")
+    # Pick the query with the file chooser, as a person would.
+    query = gallery_file(man, 12)
+    node = tab("DOM.querySelector", nodeId=tab("DOM.getDocument")["root"]["nodeId"], selector="#file")["nodeId"]
+    tab("DOM.setFileInputFiles", nodeId=node, files=[str(query)])
+    tab.wait("document.body.dataset.state === 'done'")
+    cards = tab.evaluate("[...document.querySelectorAll('.hit')].map(c => ({text: c.innerText, "
+                         "loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}))")
+    assert len(cards) == 10 and all(c["loaded"] for c in cards)
+    assert cards[0]["text"].startswith("#1 score 1.000") and man.df["class_name"][12] in cards[0]["text"]
+    assert f"id 12 · {man.df['image_id'][12]}" in cards[0]["text"]
+    # Click a neighbour: a larger view of it opens (a bigger picture than the 40 x 30 thumbnail allows
+    # would be upscaled: the view shows the image at least 256 px wide), a click closes it.
+    tab.evaluate("document.querySelector('.hit img').click()")
+    tab.wait("document.getElementById('large').classList.contains('open') && "
+             "document.getElementById('large-img').complete && document.getElementById('large-img').naturalWidth > 0")
+    assert tab.evaluate("document.getElementById('large-img').getBoundingClientRect().width") >= 256
+    assert man.df["image_id"][12] in tab.evaluate("document.getElementById('large-caption').textContent")
+    tab.evaluate("document.getElementById('large').click()")
+    assert not tab.evaluate("document.getElementById('large').classList.contains('open')")
+    assert tab.evaluate("document.getElementById('error').textContent") == ""
+    shot = base64.b64decode(tab("Page.captureScreenshot", format="png")["data"])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "serve_page.png").write_bytes(shot)
+    picture = Image.open(io.BytesIO(shot))
+    assert picture.size[0] >= 1000
+    # A bad file through the same page: the message shows, the page stays usable.
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    tab("DOM.setFileInputFiles", nodeId=node, files=[str(bad)])
+    tab.wait("document.body.dataset.state === 'error'")
+    assert "400: " in tab.evaluate("document.getElementById('error').textContent")
+    # Drop another query onto the page: its neighbours replace the old ones.
+    box = tab.evaluate("(({x, y, width, height}) => [x + width / 2, y + height / 2])"
+                       "(document.getElementById('drop').getBoundingClientRect())")
+    dropped = gallery_file(man, 31)
+    data = {"items": [], "files": [str(dropped)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        tab("Input.dispatchDragEvent", type=kind, x=box[0], y=box[1], data=data)
+    tab.wait("document.body.dataset.state === 'done'")
+    first = tab.evaluate("document.querySelector('.hit').innerText")
+    assert first.startswith("#1 score 1.000") and man.df["class_name"][31] in first
+    assert tab.evaluate("document.getElementById('error').textContent") == ""

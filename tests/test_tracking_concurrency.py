@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # whole runs in processes: `make test` starts this module first
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tracking_lineage", Path(__file__).with_name("tracking_lineage.py"))
 _lineage = importlib.util.module_from_spec(_spec)

@@ -26,9 +26,9 @@ from mlflow.tracking import MlflowClient
 
 from dcml import tracking
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="/usr/bin/chromium is absent (`make browser` installs it as root)")
+pytestmark = [pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
+                                 reason="/usr/bin/chromium is absent (`make browser` installs it as root)"),
+              pytest.mark.slow]  # a real server and browser: `make test` starts this module first
 
 _spec = importlib.util.spec_from_file_location("tracking_lineage", Path(__file__).with_name("tracking_lineage.py"))
 _lineage = importlib.util.module_from_spec(_spec)
@@ -79,16 +79,15 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def chromium(url: str, profile: Path, *args: str) -> str:
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--window-size=1400,900", "--virtual-time-budget=15000", *args, url]
+def render(chromium_command, url: str, *args: str) -> str:
+    """Load ``url`` in a fresh headless Chromium; its stdout (the DOM with --dump-dom)."""
+    cmd = chromium_command("--window-size=1400,900", "--virtual-time-budget=15000", *args, url)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def test_the_experiment_link_opens_on_the_training_runs(mlflow_server, tmp_path):
+def test_the_experiment_link_opens_on_the_training_runs(mlflow_server, chromium_command, tmp_path):
     base, experiment_id, names = mlflow_server
     assert names[0] == "fashion-mnist dc-shared K=2 margin seed0"
     with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}") as reply:
@@ -97,10 +96,10 @@ def test_the_experiment_link_opens_on_the_training_runs(mlflow_server, tmp_path)
 
     url = tracking.ui_url(experiment_id, base=base)
     screenshot = tmp_path / "experiment.png"
-    chromium(url, tmp_path / "profile-shot", f"--screenshot={screenshot}")
+    render(chromium_command, url, f"--screenshot={screenshot}")
     print(f"\nscreenshot of {url}: {screenshot}")
     assert screenshot.stat().st_size > 20_000
-    page = chromium(url, tmp_path / "profile-dom", "--dump-dom")
+    page = render(chromium_command, url, "--dump-dom")
     (tmp_path / "experiment.html").write_text(page)
     for name in names:
         assert name in page, f"run {name!r} not on the page (see {tmp_path / 'experiment.html'})"
