@@ -243,7 +243,10 @@ def test_experiments_are_marked_model_training_when_created_and_when_found_unmar
 
 # -- `dcml compare` with no options --------------------------------------------------------------------
 
-def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_path, store):
+def test_compare_without_options_shows_the_experiment_with_the_latest_run(tmp_path, monkeypatch):
+    # A store of its own: runs of the other tests carry pipeline start times of their own lineages.
+    store = f"sqlite:///{tmp_path / 'own' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     metrics_path, _ = fake_lineage(tmp_path)
     tracking.log_pipeline_run(str(metrics_path), experiment="dcml-older", run_name="older run")
     tracking.log_pipeline_run(str(metrics_path), experiment="dcml-demo", run_name="demo run")

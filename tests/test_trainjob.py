@@ -281,7 +281,8 @@ def test_the_training_component_runs_as_a_two_node_trainjob(tmp_path, monkeypatc
     train_shared(
         manifest=artifact("ingest"), clusters=artifact("cluster"), activations=artifact("extract"),
         backbone="small_cnn", weights="none", image_size=28, embedding_dim=8, train_blocks=-1, freeze_bn="true",
-        recluster_every=1, loss="margin", margin=0.0, miner="none", classes_per_batch=4, images_per_class=4,
+        recluster_every=1, whole_embedding_after=1.0, embedding_slices=True, embedding_masks=False,
+        mask_orthogonality=1.0, cluster_grouping="kmeans", loss="margin", margin=0.0, miner="none", classes_per_batch=4, images_per_class=4,
         lr_backbone=1e-3, lr_embedding=1e-3, lr_proxies=0.0, weight_decay=1e-4, epochs=2, batches_per_epoch=0,
         head_init="random", warmup_epochs=0, schedule="constant", select_on="recall@1", patience=0, eval_every=0,
         seed=0, num_workers=0, gpus_per_task=1, model=model, num_nodes=2, workspace_path=str(tmp_path / "ws"),

@@ -244,11 +244,13 @@ def all_reduce_gradients(summed: Sequence[torch.nn.Parameter], replicated: Seque
             offset += n
 
 
-def check_identical(tensors: Iterable[torch.Tensor], what: str = "weights") -> None:
-    """Raise a one-line DcmlError on every process unless all hold the same ``tensors``
-    (a float64 checksum each): the data-parallel processes must end with one model."""
+def check_identical(tensors, what: str = "weights") -> None:
+    """Raise a one-line DcmlError on every process unless all hold the same ``tensors`` (a float64
+    checksum each; a dict names them in the message): the data-parallel processes must end with one model."""
     if not active():
         return
+    names = list(tensors) if isinstance(tensors, dict) else None
+    tensors = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
     sums = [float(t.detach().double().sum()) for t in tensors]
     everyone = [pickle.loads(e) for e in all_gather_object(pickle.dumps(sums))]
     differ = [i for i in range(len(sums)) if any(e[i] != everyone[0][i] for e in everyone)]
@@ -256,6 +258,7 @@ def check_identical(tensors: Iterable[torch.Tensor], what: str = "weights") -> N
         from dcml.contracts.errors import DcmlError
 
         gap = max(abs(e[i] - everyone[0][i]) for e in everyone for i in differ)
+        first = f", e.g. {names[differ[0]]}" if names else ""
         raise DcmlError(f"data-parallel training: the {world_size()} processes ended with different {what} "
-                        f"({len(differ)} of {len(sums)} tensors, checksums up to {gap:.3g} apart), no model written; "
+                        f"({len(differ)} of {len(sums)} tensors{first}, checksums up to {gap:.3g} apart), no model written; "
                         "train with nproc=1 and report this with the command line")

@@ -58,7 +58,8 @@ def latest_experiment(tracking_uri: str | None = None) -> str | None:
     ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:
         return None
-    runs = client.search_runs(ids, filter_string=PIPELINE_RUNS, order_by=["attributes.start_time DESC"],
+    runs = client.search_runs(ids, filter_string=PIPELINE_RUNS, order_by=["attributes.start_time DESC",
+                                                                        "attributes.end_time DESC"],
                               max_results=1)
     return client.get_experiment(runs[0].info.experiment_id).name if runs else None
 

@@ -161,7 +161,7 @@ class Trainer(TrainingHooks):
             self.save_resume()
             for callback in callbacks:
                 callback(self, entry)
-        distributed.check_identical(self.model.state_dict().values())
+        distributed.check_identical(self.model.state_dict())
         self.selector.restore(self.model)
         return self.history
 
