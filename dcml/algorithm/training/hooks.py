@@ -149,7 +149,7 @@ class TrainingHooks:
 
         With K slices and clusters, slice k gets its own cluster's components.
         """
-        if not self.is_main:  # rank 0's head reaches every process with the model state (_share_state)
+        if not self.is_main:  # rank 0's head reaches every process with the model state (resume.share_start)
             return
         features = self.vectors(self.train_rows, "features", f"head init: features of {len(self.train_rows)} images")
         groups = None

@@ -95,6 +95,16 @@ def restore(trainer, state: dict) -> None:
     trainer.resumed_from = trainer.epoch
 
 
+def share_start(trainer) -> None:
+    """Data parallel: every process starts from rank 0's state (its model and head init, its clusters)."""
+    if trainer.world_size == 1:
+        return
+    distributed.broadcast_tensors(list(trainer.model.state_dict().values())
+                                  + list(trainer.losses.state_dict().values()))
+    g = trainer.grouping
+    g.clusters, g.clustered_at = distributed.broadcast_object((g.clusters, g.clustered_at))
+
+
 class ResumeStore:
     """The resume file of one training (None: no resume), shared by its data-parallel processes."""
 

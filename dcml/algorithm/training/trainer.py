@@ -16,8 +16,10 @@ from dcml.algorithm.training import optimisation, resume
 from dcml.algorithm.training.batches import BatchSource, Silent, dense_labels
 from dcml.algorithm.training.grouping import Grouping
 from dcml.algorithm.training.hooks import TrainingHooks
+from dcml.algorithm.training.resume import share_start
 from dcml.algorithm.training.rng import seed_everything
 from dcml.algorithm.training.scoring import Scorer
+from dcml.algorithm.training import selection
 from dcml.algorithm.training.selection import EpochSelector
 from dcml.algorithm.training.settings import TrainSettings, resolved_head_init
 from dcml.contracts.events import progress
@@ -153,7 +155,7 @@ class Trainer(TrainingHooks):
             seed_everything(s.seed)
             self.seed_rank()
             self.start()
-        self._share_state()
+        share_start(self)
         while self.epoch < s.epochs and not self.stopped_early:
             entry = self._run_epoch(self.epoch)
             self.epoch += 1
@@ -169,14 +171,6 @@ class Trainer(TrainingHooks):
         """Processes other than rank 0 continue on their own torch stream (dropout masks)."""
         if self.rank:
             torch.manual_seed(self.settings.seed * 1_000_003 + self.rank)
-
-    def _share_state(self) -> None:
-        """Data parallel: every process starts from rank 0's model (its head init) and clusters."""
-        if self.world_size == 1:
-            return
-        distributed.broadcast_tensors(list(self.model.state_dict().values()) + list(self.losses.state_dict().values()))
-        self.grouping.clusters, self.grouping.clustered_at = distributed.broadcast_object(
-            (self.clusters, self.clustered_at))
 
     def start(self) -> None:
         """Before epoch 1: the initial clustering, the head init, the initial model's scores.
@@ -280,28 +274,5 @@ class Trainer(TrainingHooks):
             "num_slices": int(self.model.num_slices),
         })
         self.epoch_finished(epoch, entry)
-        self._after_epoch(epoch, entry)
+        selection.after_epoch(self, epoch, entry)
         return entry
-
-    def _after_epoch(self, epoch: int, entry: dict) -> None:
-        """Rank 0 validates (the epoch kept, stopping early) and scores the test curve."""
-        s = self.settings
-        if not self.is_main:
-            self.stopped_early = distributed.broadcast_object(None)
-            return
-        if self.val_rows is not None:
-            t1 = time.perf_counter()
-            entry.update(self.validate())
-            entry["val_s"] = round(time.perf_counter() - t1, 3)
-            self.selector.consider(epoch + 1, entry, self.model)
-            entry["best_epoch"] = self.best_epoch
-            if self.selector.out_of_patience(epoch + 1):
-                self.stopped_early = True
-                entry["stopped_early"] = True
-        if s.eval_every and self.eval_rows is not None and (
-                (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs or self.stopped_early):
-            t1 = time.perf_counter()
-            entry.update(self.evaluate())
-            entry["eval_s"] = round(time.perf_counter() - t1, 3)
-        if self.world_size > 1:
-            distributed.broadcast_object(self.stopped_early)
