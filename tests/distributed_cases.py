@@ -146,3 +146,32 @@ def batchnorm_shares(n=10, channels=3, seed=0):
         everyone = distributed.all_gather_object(worst)
     return {"world_size": world, "kinds": worst["kinds"], "batches_tracked": worst["batches_tracked"],
             **{k: max(e[k] for e in everyone) for k in ("output", "input_grad", "param_grad", "running", "param_grad_scale")}}
+
+
+def router_data_init_shares(n=11, features=6, groups=3, seed=0):
+    """A DFML router's data initialisation: N processes on their shares of a batch against one
+    process on the whole batch. Rank 0 returns the largest weight difference over the processes
+    and between them, and how far the initialisation moved the weights."""
+    import copy
+
+    from dcml.algorithm import distributed
+    from dcml.methods.dfml.router import Router
+
+    torch.manual_seed(seed)
+    router = Router(features, groups, data_init=True)
+    x = torch.rand(n, features) * 2 + 1  # all positive with a common component, like pooled ReLU6 activations
+    with stagekit.processes("cpu"):
+        world, rank = distributed.world_size(), distributed.rank()
+        start, stop = distributed.share_bounds(n, world)[rank]
+        one, many = copy.deepcopy(router), copy.deepcopy(router)
+        one._data_init_local(x)
+        many.train()
+        many(x[start:stop])  # the first training forward initialises from the data
+        numbers = {"vs_one": float((many.linear.weight - one.linear.weight).abs().max()),
+                   "moved": float((one.linear.weight - router.linear.weight).abs().max()),
+                   "pending": bool(many.init_pending)}
+        everyone = distributed.all_gather_object({**numbers, "weight": many.linear.weight.tolist()})
+    first = torch.tensor(everyone[0]["weight"])
+    between = max(float((torch.tensor(e["weight"]) - first).abs().max()) for e in everyone)
+    return {"world_size": world, "between": between, "vs_one": max(e["vs_one"] for e in everyone),
+            "moved": everyone[0]["moved"], "pending": any(e["pending"] for e in everyone)}

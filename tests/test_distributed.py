@@ -181,6 +181,22 @@ def test_batchnorm_over_processes_is_batchnorm_over_the_whole_batch(n=11, world=
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n", [11, 1])
+def test_a_dfml_router_initialises_from_the_whole_batch_on_every_process(n, world=2):
+    """DFML's router data initialisation (mean direction removed, unit spread per sub-block) on two
+    processes' shares gives the weights one process computes from the whole batch, the same on both
+    processes (each initialising from its own share started them apart, and all-reduced gradients
+    never brought them together). A batch of one leaves one process an empty share: no deadlock,
+    nothing initialised anywhere (fewer than 2 rows), as in one process."""
+    result = launch.run_processes("tests.distributed_cases:router_data_init_shares", {"n": n}, world)
+    assert result["world_size"] == world and result["between"] == 0.0
+    if n == 1:
+        assert result["pending"] and result["moved"] == 0.0 and result["vs_one"] == 0.0
+    else:
+        assert not result["pending"] and result["moved"] > 0.1 and result["vs_one"] <= 1e-5, result
+
+
+@pytest.mark.slow
 def test_two_processes_fine_tune_like_one_in_fast_mode(manifest, tmp_path):
     """Fine-tuning on cached activations with a proxy loss: the proxies' gradients are
     computed in full by every process and averaged, the model's are summed."""

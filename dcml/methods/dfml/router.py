@@ -48,7 +48,19 @@ class Router(nn.Module):
         each router row removes it: the routing then starts from a random
         projection of how samples differ.
         """
+        from dcml.algorithm import distributed
+
         rows = x.detach().reshape(-1, x.shape[-1]).to(self.linear.weight.dtype)
+        if distributed.active():
+            # Data parallel: every process holds a share of the batch; the statistics must be the
+            # whole batch's, or each process starts its router from different weights (which the
+            # all-reduced gradients then never bring together).
+            self._data_init_global(rows, distributed.all_reduce_sum_)
+        else:
+            self._data_init_local(rows)
+
+    @torch.no_grad()
+    def _data_init_local(self, rows: torch.Tensor) -> None:
         if rows.shape[0] < 2:
             return
         mean = rows.mean(dim=0)
@@ -57,6 +69,25 @@ class Router(nn.Module):
         weight -= (weight @ direction).unsqueeze(1) * direction.unsqueeze(0)
         spread = (rows @ weight.T).std(dim=0).clamp_min(1e-6)
         weight /= spread.unsqueeze(1)
+        self.init_pending.fill_(False)
+
+    @torch.no_grad()
+    def _data_init_global(self, rows: torch.Tensor, all_reduce_sum_) -> None:
+        """:meth:`data_init` with the mean and spread summed over the processes' shares (every
+        process calls it at the same step, also with an empty share)."""
+        head = torch.cat([torch.tensor([float(rows.shape[0])], dtype=rows.dtype, device=rows.device), rows.sum(0)])
+        all_reduce_sum_(head)
+        count = float(head[0])
+        if count < 2:
+            return
+        mean = head[1:] / count
+        direction = mean / mean.norm().clamp_min(1e-12)
+        weight = self.linear.weight
+        weight -= (weight @ direction).unsqueeze(1) * direction.unsqueeze(0)
+        projected = rows @ weight.T
+        centre = all_reduce_sum_(projected.sum(0)) / count
+        squares = all_reduce_sum_(((projected - centre) ** 2).sum(0))
+        weight /= (squares / (count - 1)).sqrt().clamp_min(1e-6).unsqueeze(1)
         self.init_pending.fill_(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,17 +105,15 @@ class DFMLTrainer(Trainer):
             for _, unit in routed_units(self.model):
                 distributed.all_reduce_sum_(unit.route_counts)
                 # A routed unit's BatchNorm saw only the images this process routed to it (no collective
-                # there: a process that routed none would wait forever), and its router's weights drift
-                # apart between processes although their gradients are all-reduced (cause not found yet,
-                # see the session notes); both are averaged over the processes each epoch so they all end
-                # with one model.
+                # there: a process that routed none would wait forever): its running statistics are
+                # averaged over the processes each epoch so they all end with one model.
                 with torch.no_grad():
-                    floats = [p.data for p in unit.parameters()] + [
-                        b for m in unit.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                        for b in (m.running_mean, m.running_var) if b is not None]
-                    for tensor in floats:
-                        distributed.all_reduce_sum_(tensor)
-                        tensor.div_(self.world_size)
+                    for m in unit.modules():
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                            for stat in (m.running_mean, m.running_var):
+                                if stat is not None:
+                                    distributed.all_reduce_sum_(stat)
+                                    stat.div_(self.world_size)
         counts = routing_counts(self.model)
         summary = routing_summary(counts)
         entry.update({"routing": counts, "routing_entropy": summary["mean_normalized_entropy"],
