@@ -135,6 +135,7 @@ def analyse(result: dict) -> dict:
         out[name] = {"merged_val_recall@1": merged, "slowest_worker_s": round(slowest, 1),
                      "cluster_s": run["cluster_s"], "worker_images": worker_images,
                      "reached": tuned is not None,
+                     "spent_s": round(run["cluster_s"] + slowest + sum(p["seconds"] for p in run["finetune"]), 1),
                      "finetune_epochs": tuned["epoch"] if tuned else None,
                      "seconds": round(run["cluster_s"] + slowest + tuned["seconds"], 1) if tuned else None,
                      "images": worker_images + tuned["images"] if tuned else None,
@@ -172,7 +173,8 @@ def plot(result: dict) -> Path | None:
         ax.plot(*zip(*pts), marker=".", color="black", label="K=1, one process")
         ax.plot([x / K for x, _ in pts], [y for _, y in pts], ls=":", color="black",
                 label=f"K=1 data-parallel on {K} machines (linear speed-up, not measured)")
-    for i, (name, run) in enumerate(sorted((n, r) for n, r in result["runs"].items() if n != "k1")):
+    parallel = sorted((r for n, r in result["runs"].items() if n != "k1"), key=lambda r: r["worker_epochs"])
+    for i, run in enumerate(parallel):
         t = run["cluster_s"] + max(sum(p["seconds"] for p in w) for w in run["workers"])
         pts = []
         for p in run["finetune"]:
@@ -251,7 +253,7 @@ def report(results: Results) -> list[str]:
     r = results.load(NAME)
     if not r:
         return lines + [f"Not run yet: `{PY} -m bench.bench_dc_time --budgets 2,4,8,16`.", ""]
-    a, dp = r.get("analysis", {}), r.get("data_parallel") or {}
+    a, dp = analyse(r), r.get("data_parallel") or {}
     lines += [f"Omniglot (bench_dc's spec, seed {r['seed']}). Target: {TARGET_SHARE:.0%} of K=1's converged validation "
               f"R@1 ({r['converged']:.3f}, the 30-epoch K=1 run) = **{r['target']:.3f}**. Seconds: training compute of "
               "each stage (epoch loops; validation and checkpoints not counted), one thread, the other core busy "
@@ -273,7 +275,7 @@ def report(results: Results) -> list[str]:
                             key=lambda item: r["runs"][item[0]]["worker_epochs"]):
         run = r["runs"][name]
         reached = f"fine-tuning epoch {row['finetune_epochs']}" if row["reached"] else "no"
-        seconds = num(row["seconds"], 0) if row["seconds"] is not None else "—"
+        seconds = num(row["seconds"], 0) if row["seconds"] is not None else f"> {num(row['spent_s'], 0)} (not reached)"
         images = f"{row['images']:,}" if row["images"] is not None else "—"
         lines.append(f"| K={K} parallel, workers {run['worker_epochs']} epochs | {pct(row['merged_val_recall@1'])} | "
                      f"{pct(row['best_val_recall@1'])} | {reached} | {seconds} | {images} |")
@@ -283,7 +285,7 @@ def report(results: Results) -> list[str]:
 
 
 def verdict(r: dict) -> str:
-    a, dp = r.get("analysis", {}), r.get("data_parallel") or {}
+    a, dp = analyse(r), r.get("data_parallel") or {}
     k1 = a.get("k1")
     reached = [(v["seconds"], n) for n, v in a.items() if n != "k1" and v and v.get("seconds") is not None]
     if "k1" not in r["runs"]:
@@ -291,8 +293,13 @@ def verdict(r: dict) -> str:
     if not k1:
         return f"K=1 did not reach the target in its {r['runs']['k1']['epochs']} epochs: no time to compare with."
     if not reached:
-        return (f"No K={K} parallel budget reached the target; K=1 reaches it in {k1['seconds']:.0f} s on one process "
-                f"({dp.get('linear_s', 0):.0f} s data-parallel on {K} machines at linear speed-up).")
+        longest = max(v["spent_s"] for n, v in a.items() if n != "k1" and v)
+        beyond = (f" (the longest critical path, {longest:.0f} s, already exceeds K=1's time)"
+                  if longest > k1["seconds"] else "")
+        return (f"**No K={K} parallel budget reached the target** within its workers and {r['finetune_epochs']} "
+                f"fine-tuning epochs{beyond}; K=1 reaches it in {k1['seconds']:.0f} s on one process "
+                f"({dp.get('linear_s', 0):.0f} s data-parallel on {K} machines at linear speed-up). K parallel "
+                "workers did not reach K=1's quality sooner than data parallelism would, nor than one process.")
     seconds, name = min(reached)
     line = (f"Fastest K={K} parallel budget: {name} in {seconds:.0f} s on {K} machines, against K=1's "
             f"{k1['seconds']:.0f} s on one process and {dp['linear_s']:.0f} s data-parallel on {K} machines at "

@@ -18,7 +18,7 @@ def result(worker_seconds, finetune_vals):
     runs = {"k1": {"config": "k1", "epochs": 4, "train": k1},
             "parallel-w2": {"config": "parallel-w2", "worker_epochs": 2, "cluster_s": 1.5, "workers": workers,
                             "finetune": finetune}}
-    r = {"seed": 0, "converged": 1.0, "target": 0.9, "runs": runs, "command": "x"}
+    r = {"seed": 0, "converged": 1.0, "target": 0.9, "runs": runs, "command": "x", "finetune_epochs": 2}
     r["analysis"] = b.analyse(r)
     r["data_parallel"] = {"machines": 4, "linear_s": r["analysis"]["k1"]["seconds"] / 4}
     return r
@@ -52,4 +52,5 @@ def test_a_budget_that_never_reaches_the_target_has_no_time():
     r = result([1.0, 1.0, 1.0, 1.0], [0.5, 0.6])
     row = r["analysis"]["parallel-w2"]
     assert not row["reached"] and row["seconds"] is None and row["images"] is None
-    assert b.verdict(r).startswith("No K=4 parallel budget reached the target")
+    assert row["spent_s"] == 1.5 + 2.0 + 10.0
+    assert b.verdict(r).startswith("**No K=4 parallel budget reached the target**")
