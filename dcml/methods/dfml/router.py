@@ -55,7 +55,7 @@ class Router(nn.Module):
             # Data parallel: every process holds a share of the batch; the statistics must be the
             # whole batch's, or each process starts its router from different weights (which the
             # all-reduced gradients then never bring together).
-            self._data_init_global(rows, distributed.all_reduce_sum_)
+            self._data_init_global(rows)
         else:
             self._data_init_local(rows)
 
@@ -72,9 +72,11 @@ class Router(nn.Module):
         self.init_pending.fill_(False)
 
     @torch.no_grad()
-    def _data_init_global(self, rows: torch.Tensor, all_reduce_sum_) -> None:
+    def _data_init_global(self, rows: torch.Tensor) -> None:
         """:meth:`data_init` with the mean and spread summed over the processes' shares (every
         process calls it at the same step, also with an empty share)."""
+        from dcml.algorithm.distributed import all_reduce_sum_
+
         head = torch.cat([torch.tensor([float(rows.shape[0])], dtype=rows.dtype, device=rows.device), rows.sum(0)])
         all_reduce_sum_(head)
         count = float(head[0])

@@ -107,13 +107,11 @@ class DFMLTrainer(Trainer):
                 # A routed unit's BatchNorm saw only the images this process routed to it (no collective
                 # there: a process that routed none would wait forever): its running statistics are
                 # averaged over the processes each epoch so they all end with one model.
+                stats = [s for m in unit.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                         for s in (m.running_mean, m.running_var) if s is not None]
                 with torch.no_grad():
-                    for m in unit.modules():
-                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                            for stat in (m.running_mean, m.running_var):
-                                if stat is not None:
-                                    distributed.all_reduce_sum_(stat)
-                                    stat.div_(self.world_size)
+                    for stat in stats:
+                        distributed.all_reduce_sum_(stat).div_(self.world_size)
         counts = routing_counts(self.model)
         summary = routing_summary(counts)
         entry.update({"routing": counts, "routing_entropy": summary["mean_normalized_entropy"],
