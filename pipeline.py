@@ -216,7 +216,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
 
         if method == "dfml":
             model = task("train-dfml", manifest=manifest, **{k: v for k, v in model_args.items() if k != "train_blocks"},
-                         **pick(p, "dfml_groups", "lr_router", "epochs", "baseline_candidate"),
+                         **pick(p, "dfml_groups", "lr_router", "epochs", "baseline_candidate", "fusion"),
                          **train_args).outputs["model"]
         else:
             extracted = task("extract", manifest=manifest, **pick(p, "backbone", "weights", "image_size", "train_blocks",
@@ -230,6 +230,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                       "embedding_masks", "mask_orthogonality", "cluster_grouping")).outputs["model"]
                 model = task("finetune", manifest=manifest, checkpoint=trained, activations=activations,
                              finetune_epochs=p["finetune_epochs"], baseline_candidate=p["baseline_candidate"],
+                             fusion=p["fusion"],
                              **train_args).outputs["model"]
             else:
                 model, features = None, extracted.outputs["features"]
@@ -254,6 +255,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                         "cluster_grouping"),
                                  # the pretrained features compete with the last round's model only
                                  baseline_candidate=p["baseline_candidate"] if round_ == rounds - 1 else False,
+                                 fusion=p["fusion"],
                                  **train_args).outputs["model"]
 
         evaluated = task("evaluate", manifest=manifest, model=model, ks=p["ks"], batch_size=p["eval_batch_size"],

@@ -50,6 +50,8 @@ def trainer_metrics(trainer) -> dict:
     entry = next((h for h in trainer.history if h["epoch"] == trainer.best_epoch), {})
     out = {**initial, "best_epoch": trainer.best_epoch, "stopped_early": bool(trainer.stopped_early)}
     out.update({k: entry[k] for k in ("val_recall@1", "val_map@r") if k in entry})
+    # the kept epoch's own test scores (from the curve; the last epoch's are ``recall@1``)
+    out.update({f"kept_test_{k}": entry[k] for k in ("recall@1", "map@r") if k in entry})
     return out
 
 
@@ -211,8 +213,9 @@ def training_summary(record: dict) -> str:
     m = record.get("metrics", {})
     parts = [f"{m.get('epochs', 0)} epochs"]
     if "initial_recall@1" in m and "recall@1" in m:
-        parts.append(f"test R@1 {m['initial_recall@1']:.3f} -> {m['recall@1']:.3f}")
+        parts.append(f"test R@1 {m['initial_recall@1']:.3f} -> {m['recall@1']:.3f} (epoch {m.get('epochs', 0)})")
     if m.get("best_epoch") is not None:
-        parts.append(f"kept epoch {m['best_epoch']} (val R@1 {m.get('val_recall@1', float('nan')):.3f})"
+        test = f", test R@1 {m['kept_test_recall@1']:.3f}" if "kept_test_recall@1" in m else ""
+        parts.append(f"kept epoch {m['best_epoch']} (val R@1 {m.get('val_recall@1', float('nan')):.3f}{test})"
                      + (", stopped early" if m.get("stopped_early") else ""))
     return ", ".join(parts)

@@ -122,7 +122,7 @@ class PipelineConsole:
         stage = {"name": name, "status": status, "seconds": seconds, "summary": self._summary.get(name, ""),
                  "log": str(self._task_path(name)) if status != "cached" else None}
         if status == "failed":
-            stage["error"] = self._error.get(name, "see the log")
+            stage["error"] = as_set_hint(self._error.get(name, "see the log"))
         self.stages.append(stage)
         if self._task_log and status != "cached":
             self._task_log.close()
@@ -166,3 +166,30 @@ def format_stage(stage: dict) -> str:
     when = "cached" if status == "cached" else f"{stage['seconds']:.1f} s"
     mark = "FAILED " if status == "failed" else ""
     return f"  {stage['name']:<18} {mark}{when:>8}  {stage.get('summary', '')}".rstrip()
+
+
+_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(?:[ =]([A-Za-z0-9_./-]+))?")
+_NOT_VALUES = {"is", "or", "and", "to", "with", "for", "has", "needs", "must", "of", "the", "a", "in", "on"}
+
+
+def as_set_hint(message: str) -> str:
+    """A stage's error as `dcml run` users act on it: ``--split-mode X`` (the stage command's option)
+    becomes ``--set split_mode=X`` when the option is a pipeline parameter."""
+    from dcml.contracts import params
+
+    names = {p.name for p in params.pipeline_params()}
+    renamed = {stage: pipeline for renames in params.STAGE_NAMES.values() for pipeline, stage in renames.items()
+               if list(renames.values()).count(stage) == 1 and stage != "epochs"}
+
+    def hint(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        name = renamed.get(name, name)
+        if name not in names:
+            return match.group(0)
+        value = match.group(2)
+        if value is None or value in _NOT_VALUES:
+            return f"--set {name}=..." + (match.group(0)[len(match.group(1)) + 2:] if value else "")
+        return f"--set {name}={value}"
+
+    return _OPTION.sub(hint, message)
+

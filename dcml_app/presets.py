@@ -75,6 +75,21 @@ PRESETS: dict[str, dict] = {
         "experiment": "dcml-cars196",
     },
 }
+# A folder of your own images (one sub-folder per class), usually tens of classes: half the classes
+# train (15 % of those validate), half test, class-disjoint. The cars196 recipe with what won the
+# small-data benchmark (BENCHMARKS.md, "Small data"): the head started from the whitened pretrained
+# features at 512-d, no fine-tuning epochs after training (K=1), and the run's noise-aware choice between
+# the raw features, their whitening and the trained model beside them. The MLflow experiment is named
+# after the folder (dcml-<folder>) unless --set experiment=NAME.
+PRESETS["folder"] = {
+    **{k: v for k, v in PRESETS["cars196"].items() if k not in ("data_root", "experiment", "recluster_every")},
+    "dataset": "folder",
+    "split_mode": "class-disjoint",
+    "embedding_dim": 512,
+    "head_init": "whiten",
+    "finetune_epochs": 0,
+}
+FOLDER_EXPERIMENT = "dcml-{name}"  # the experiment of a run on dataset=folder that names none
 
 
 def load(config: str | None) -> dict:

@@ -41,6 +41,14 @@ def resolve_arguments(config: str | None, overrides: tuple[str, ...]) -> dict:
     values.update(params.validate(sets, "--set"))
     if "dataset" in values:
         registry.canonical(values["dataset"])
+    if values.get("dataset") == "folder" and not values.get("data_root"):
+        raise DcmlError(f"{source}: dataset=folder needs the folder; pass --set data_root=DIR (one sub-folder of "
+                        "images per class)")
+    named = "experiment" in sets or ("experiment" in values and config not in presets.PRESETS)
+    if values.get("dataset") == "folder" and values.get("data_root") and not named:
+        # A user's own folder gets its own experiment, not a built-in preset's.
+        name = Path(values["data_root"]).expanduser().resolve().name or "folder"
+        values["experiment"] = presets.FOLDER_EXPERIMENT.format(name=name)
     return values
 
 
@@ -321,6 +329,9 @@ def training_lines(effect: dict) -> list[str]:
         lines.append(f"training: R@1 {before:.4f} untrained -> {after:.4f} trained ({100 * (after - before):+.1f} points)")
     if "delivered" in effect.get("choice", {}):
         lines.append(baseline.choice_line(effect["choice"]))
+        warning = baseline.noise_warning(effect["choice"])
+        if warning:
+            lines.append(warning)
     return lines
 
 

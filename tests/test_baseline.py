@@ -78,10 +78,10 @@ def test_no_baseline_without_pretrained_weights():
     assert baseline.available({"weights": "imagenet"}) is None
     model = build_model({"backbone": "small_cnn", "embedding_dim": 8})
     rows = pd.DataFrame({"image_id": ["a"], "label": [0], "split": ["val"]})
-    kept, metrics = baseline.select(model, None, rows, "recall@1", 0.5)
+    kept, metrics = baseline.select(model, None, rows, "recall@1")
     assert kept is model and "weights=none" in metrics["baseline_skipped"]
     pretrained = build_model({"backbone": "efficientnet_lite0", "image_size": 32, "embedding_dim": 8})
-    kept, metrics = baseline.select(pretrained, None, rows.iloc[:0], "recall@1", 0.5)
+    kept, metrics = baseline.select(pretrained, None, rows.iloc[:0], "recall@1")
     assert kept is pretrained and "no validation split" in metrics["baseline_skipped"]
 
 
@@ -135,7 +135,9 @@ def test_tiny_training_set_delivers_the_pretrained_features(cars, tmp_path, caps
     out = capsys.readouterr().out
     summary = [json.loads(line.split(" ", 1)[1])["text"] for line in out.splitlines() if '"summary"' in line]
     assert "delivered the pretrained features" in summary[-1]
-    assert f"R@1 {m['pretrained_val_recall@1']:.4f} vs {m['trained_val_recall@1']:.4f}" in summary[-1]
+    # the trained model competes fused with the raw features (the whitening did not win beyond the noise here)
+    assert not m["whitening_adopted"] and m["choice_challenger"] == baseline.FUSED
+    assert f"R@1 {m['pretrained_val_recall@1']:.4f} vs {m['fused_val_recall@1']:.4f}" in summary[-1]
 
 
 def test_the_parameter_turns_the_candidate_off(cars, tmp_path):
@@ -157,11 +159,21 @@ def test_a_model_better_on_validation_is_kept(cars):
     with torch.no_grad():
         model.head.weight.copy_(torch.as_tensor(lda.scalings_[:, :5].T, dtype=torch.float32))
         model.head.bias.copy_(torch.as_tensor(-(lda.xbar_ @ lda.scalings_[:, :5]), dtype=torch.float32))
-    kept, metrics = baseline.select(model, man, val, "recall@1")
+    kept, metrics = baseline.select(model, man, val, "recall@1", fusion=False)
     assert kept is model and metrics["delivered"] == baseline.TRAINED
     assert metrics["trained_val_recall@1"] > metrics["pretrained_val_recall@1"]
     assert metrics["trained_val_recall@1"] == pytest.approx(baseline.score_model(model, man, val)["recall@1"])
-    assert baseline.choice_line(metrics).startswith("delivered the trained model (validation R@1 ")
+    assert baseline.choice_line(metrics).startswith("delivered the trained model: it beats the ")
+    assert metrics["choice_decided"] and metrics["choice_low"] > 0 and baseline.noise_warning(metrics) is None
+    # With fusion (the default) the trained model competes beside the raw features, as one model.
+    fused, metrics = baseline.select(model, man, val, "recall@1")
+    assert metrics["delivered"] == baseline.FUSED and fused.embedding_dim == 5 + 1280
+    own = compute_vectors(model, man, val)
+    raw = compute_vectors(baseline.backbone_model(model.config), man, val)
+    np.testing.assert_allclose(compute_vectors(fused, man, val), baseline.fuse_vectors(own, raw), atol=1e-5)
+    assert metrics["fused_val_recall@1"] == pytest.approx(baseline.score_model(fused, man, val)["recall@1"])
+    assert baseline.choice_line(metrics).startswith("delivered the trained model beside the pretrained features: it "
+                                                    "beats the pretrained features on validation")
 
 
 def test_headline_from_a_runs_lineage():
@@ -222,7 +234,7 @@ def test_headline_reaches_the_console_mlflow_and_compare(tmp_path, monkeypatch):
     won = _lineage_files(tmp_path / "a", 0.40, 0.50, baseline.TRAINED)
     lost = _lineage_files(tmp_path / "b", 0.45, 0.45, baseline.PRETRAINED)
     lines = training_lines(_training_effect(lost))
-    assert lines[0].startswith("pretrained features -> trained: R@1 0.4500 -> 0.4500 (+0.0 points)")
+    assert lines[0].startswith("pretrained features -> delivered (pretrained features): R@1 0.4500 -> 0.4500 (+0.0 points)")
     assert "[untrained head: R@1 0.2000]" in lines[0]
     assert lines[1] == "delivered the pretrained features: they beat the trained model on validation (R@1 0.3000 vs 0.2500)"
     client = MlflowClient(uri)
@@ -247,11 +259,13 @@ def test_dfml_scores_and_weighs_the_pretrained_features_itself(cars, tmp_path):
     record = train_dfml(manifest=cars, out=tmp_path / "dfml.pt", image_size=48, embedding_dim=8, epochs=1,
                         classes_per_batch=3, images_per_class=3, batches_per_epoch=1, eval_every=0, resume=False)
     m = record["metrics"]
-    assert m["delivered"] in (baseline.TRAINED, baseline.PRETRAINED)
+    assert m["delivered"] in (baseline.TRAINED, baseline.PRETRAINED, baseline.WHITENED, baseline.FUSED)
     man = manifest_lib.read(cars)
     pretrained = baseline.backbone_model(load_model(tmp_path / "dfml.pt")[0].config)
     assert m["pretrained_test_recall@1"] == pytest.approx(baseline.score_model(pretrained, man, man.split("test"))["recall@1"])
     delivered = load_model(tmp_path / "dfml.pt")[0]
-    assert delivered.embedding_dim == (1280 if m["delivered"] == baseline.PRETRAINED else 8)
+    beside = m["whitened_width"] if m["whitening_adopted"] else 1280
+    assert delivered.embedding_dim == {baseline.PRETRAINED: 1280, baseline.TRAINED: 8, baseline.FUSED: 8 + beside,
+                                       baseline.WHITENED: m["whitened_width"]}[m["delivered"]]
     effect = baseline.from_lineage([{"stage": "evaluate", "metrics": {"recall@1": 0.5}}, record], {"recall@1": 0.5})
     assert effect["pretrained_recall@1"] == m["pretrained_test_recall@1"] and effect["choice"]["delivered"] == m["delivered"]

@@ -38,6 +38,7 @@ def train_dfml(
     seed: int,
     num_workers: int,
     baseline_candidate: bool,
+    fusion: bool,
     gpus_per_task: int,
     model: Output[Model],
     num_nodes: int = 1,

@@ -37,7 +37,7 @@ from dcml.methods import dfml
 FACTORIZABLE_BACKBONES = ("efficientnet_lite0",)
 # Hyper-parameters this stage takes (dcml.contracts.params); dfml_groups is its --groups.
 PARAMS = tuple(n for n in stagekit.MODEL_PARAMS if n != "train_blocks") + ("dfml_groups", "lr_router") \
-    + stagekit.TRAINING_PARAMS + ("baseline_candidate",)
+    + stagekit.TRAINING_PARAMS + ("baseline_candidate", "fusion")
 RENAME = params.STAGE_NAMES["train-dfml"]
 FIXED_DEFAULTS = {"backbone": "efficientnet_lite0"}  # the only backbone DFML can factorise
 
@@ -94,8 +94,8 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
             metrics["routed_recall@1"] = history[-1]["routed_recall@1"]
     choice = {}
     if hp["baseline_candidate"]:  # the pretrained features: this pipeline's baseline and a candidate
-        best = trainer.best["score"] if trainer.best is not None else None
-        merged, choice = baseline.select(merged, man, val_rows, hp["select_on"], best, test_rows=eval_rows,
+        merged, choice = baseline.select(merged, man, val_rows, hp["select_on"], train_rows=train_rows,
+                                         test_rows=eval_rows, fusion=hp["fusion"],
                                          device=stagekit.device_or_default(device), num_workers=hp["num_workers"])
         metrics.update(choice)
     units = dfml.routed_units(trainer.model)

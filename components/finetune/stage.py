@@ -36,7 +36,7 @@ from dcml.contracts.records import StageTimer
 MERGES = ("average", "first")
 # Hyper-parameters this stage takes (dcml.contracts.params); finetune_epochs is its --epochs.
 PARAMS = ("finetune_epochs", "finetune_cluster_epochs", "recluster_every", "cluster_grouping") + tuple(
-    n for n in stagekit.TRAINING_PARAMS if n != "epochs") + ("baseline_candidate",)
+    n for n in stagekit.TRAINING_PARAMS if n != "epochs") + ("baseline_candidate", "fusion")
 RENAME = params.STAGE_NAMES["finetune"]
 
 
@@ -157,9 +157,9 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
     metrics = {**stagekit.final_metrics(history), **(stagekit.trainer_metrics(trainer) if trainer is not None else {})}
     choice = {}
     if hp["baseline_candidate"]:  # the pretrained features are one more candidate (dcml.algorithm.baseline)
-        best = trainer.best["score"] if trainer is not None and trainer.best is not None else None
-        model, choice = baseline.select(model, man, val_rows, hp["select_on"], best,
-                                        device=stagekit.device_or_default(device), num_workers=hp["num_workers"])
+        model, choice = baseline.select(model, man, val_rows, hp["select_on"], train_rows=train_rows, activations=cache,
+                                        device=stagekit.device_or_default(device), num_workers=hp["num_workers"],
+                                        fusion=hp["fusion"])
         metrics.update(choice)
     record = timer.finish(inputs={"manifest": manifest, "checkpoints": checkpoints, "activations": activations,
                                   "clusters": clusters}, metrics=metrics,
@@ -202,3 +202,6 @@ def cli(**kwargs):
     click.echo(f"wrote {kwargs['out']} ({record['metrics']})")
     if "delivered" in record["metrics"]:
         click.echo(baseline.choice_line(record["metrics"]))
+        warning = baseline.noise_warning(record["metrics"])
+        if warning:
+            click.echo(warning)

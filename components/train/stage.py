@@ -38,7 +38,7 @@ PARAMS = stagekit.MODEL_PARAMS + stagekit.DC_PARAMS + stagekit.TRAINING_PARAMS
 
 def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None, activations=None,
         num_slices=None, dropout=None, cluster_on="features", finetune_epoch=None, freeze_backbone=False,
-        resume=True, work_dir=None, device=None, threads=None, nproc=1, **hyper) -> dict:
+        resume=True, work_dir=None, device=None, threads=None, nproc=1, distill=0.0, **hyper) -> dict:
     """Train and write a checkpoint to ``out``; returns the stage record.
 
     ``hyper``: the hyper-parameters in ``PARAMS`` (unset ones take their
@@ -51,7 +51,8 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     that to the finetune stage). ``activations``: the fast mode's cache
     (``dcml extract --views N``): train the top blocks on the cached
     activations of the frozen lower part instead of on images. ``nproc``:
-    data-parallel processes (the record of rank 0 is returned).
+    data-parallel processes (the record of rank 0 is returned). ``distill``: weight of the similarity
+    distillation to the pretrained features (dcml.algorithm.training.distill; 0 = off; measured, not in presets).
     """
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "train")
@@ -60,13 +61,14 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         return launch.run_processes(f"{__name__}:run", call, nproc)
     check_writable(out)
     from dcml.algorithm.models import build_model
-    from dcml.algorithm.training import MaskedTrainer, Trainer, seed_everything
+    from dcml.algorithm.training import DistillTrainer, MaskedTrainer, Trainer, seed_everything
 
     if mode not in MODES:
         raise DcmlError(f"mode={mode!r}: use one of {', '.join(MODES)}")
     stage_args = {"mode": mode, "cluster_id": cluster_id, "num_slices": num_slices, "dropout": dropout,
                   "cluster_on": cluster_on, "finetune_epoch": finetune_epoch, "freeze_backbone": freeze_backbone,
-                  "resume": resume, "device": device, "threads": threads}
+                  "resume": resume, "device": device, "threads": threads,
+                  **({"distill": float(distill)} if distill else {})}
     stagekit.set_threads(threads)
     man, train_rows, eval_rows, val_rows = stagekit.load_manifest(manifest)
     cache = stagekit.open_activations(activations)
@@ -104,8 +106,10 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
         hp, recluster_every=hp["recluster_every"] if mode == "shared" else 0, cluster_on=cluster_on,
         finetune_epoch=None if finetune_epoch is None else int(finetune_epoch), freeze_backbone=bool(freeze_backbone),
         whole_embedding_after=hp["whole_embedding_after"], grouping=hp["cluster_grouping"], num_groups=k,
-        mask_orthogonality=hp["mask_orthogonality"])
-    trainer_class = MaskedTrainer if hp["embedding_masks"] else Trainer
+        mask_orthogonality=hp["mask_orthogonality"], distill=float(distill))
+    if distill and hp["embedding_masks"]:
+        raise DcmlError("distill and embedding_masks: pick one (the distillation trainer has no masks)")
+    trainer_class = MaskedTrainer if hp["embedding_masks"] else (DistillTrainer if distill else Trainer)
     timer = StageTimer("train", {**hp, **stage_args}, name=f"train-worker-{cluster_id}" if mode == "worker" else "train")
     with stagekit.processes(device) as dev:
         trainer = trainer_class(model, man, train_rows, settings, clusters=assignments,

@@ -61,7 +61,8 @@ def evaluate_embeddings(query, query_labels, reference=None, reference_labels=No
     ``include`` picks metric families from ``METRICS`` (default: all); the
     result has keys ``recall@K`` for each K, ``r_precision``, ``map@r``,
     ``nmi``, ``ami``. ``gpu``: "auto" (use a GPU when faiss sees one), True or
-    False. ``details``, when a dict, receives counts and timings.
+    False. ``details``, when a dict, receives counts and timings (and, when it holds
+    ``per_query=True``, each query's R@1 hit and AP@R under ``per_query``).
     """
     include = check_include(include)
     ks = check_ks(ks)
@@ -154,6 +155,11 @@ def _retrieval_metrics(query, query_codes, reference, reference_codes, ref_inclu
             precision_at_hits = np.where(hits, hit_count / np.arange(1, cols + 1, dtype=np.float64), 0.0)
             average_precision[start:stop] = precision_at_hits.sum(axis=1) / r
     info.update(seconds_knn=time.perf_counter() - t0, cpu_seconds_knn=time.process_time() - c0)
+    # Asked for with details={"per_query": True}: each scored query's own R@1 hit and AP@R (the means
+    # below are their averages), for statistics over queries (dcml.algorithm.choice).
+    if info.get("per_query") is True:
+        info["per_query"] = {"scored": scored, "recall@1": (first_hit < 1).astype(np.float64),
+                             "map@r": average_precision.copy()}
 
     out = {}
     if "recall" in include:

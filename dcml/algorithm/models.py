@@ -52,11 +52,14 @@ _BACKBONE_DEFAULTS = {
 
 CONFIG_KEYS = ("backbone", "weights", "embedding_dim", "num_slices", "freeze_bn",
                "dropout", "image_size", "in_channels", "train_blocks")
+# Keys a config may hold: "fusion" = {"width": W, "weight": a}, a delivered model whose embedding is its own
+# (weight a of the squared norm) beside a frozen pretrained reference branch's (see EmbeddingModel).
+OPTIONAL_KEYS = ("fusion",)
 
 
 def default_config(**overrides) -> dict:
     """A complete model config: ``overrides`` plus defaults for every other key."""
-    unknown = sorted(set(overrides) - set(CONFIG_KEYS))
+    unknown = sorted(set(overrides) - set(CONFIG_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise DcmlError(f"model config: unknown key(s) {unknown}; known keys are {', '.join(CONFIG_KEYS)}")
     backbone = overrides.get("backbone") or "efficientnet_lite0"
@@ -86,7 +89,7 @@ def default_config(**overrides) -> dict:
 
 def _validated(config: dict) -> dict:
     config = dict(config)
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise DcmlError(f"model config: unknown key(s) {unknown}; known keys are {', '.join(CONFIG_KEYS)}")
     config.setdefault("train_blocks", -1)  # checkpoints written before the key existed trained everything
@@ -110,6 +113,13 @@ def _validated(config: dict) -> dict:
                         "grey images are repeated to 3 channels by the transform, so leave in_channels=3")
     if config["in_channels"] not in (1, 3):
         raise DcmlError(f"model config: in_channels must be 1 or 3, got {config['in_channels']}")
+    if config.get("fusion") is not None:
+        fusion = config["fusion"]
+        if not (isinstance(fusion, dict) and int(fusion.get("width", 0)) >= 1 and 0 < float(fusion.get("weight", 0)) < 1):
+            raise DcmlError(f"model config: fusion={fusion!r} must be {{'width': W >= 1, 'weight': a in (0, 1)}}")
+        if config["num_slices"] != 1:
+            raise DcmlError("model config: a fused model has one slice; set num_slices=1 before fusing")
+        config["fusion"] = {"width": int(fusion["width"]), "weight": float(fusion["weight"])}
     if config["backbone"] == "small_cnn" and config["weights"] == "imagenet":
         raise DcmlError("model config: small_cnn has no ImageNet weights; use weights='none' or a local weights file")
     return config
@@ -425,6 +435,14 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Linear(self.backbone.out_features, self.config["embedding_dim"])
         self._bounds = slice_bounds(self.config["embedding_dim"], self.config["num_slices"])
         self.init_head()
+        self.fusion = self.config.get("fusion")
+        if self.fusion is not None:
+            # The reference branch: the pretrained backbone as it was before training, and its own
+            # head (the whitening, or the identity); frozen, in eval mode always.
+            self.reference = build_backbone(self.config, load_weights=load_weights)
+            self.reference_head = nn.Linear(self.reference.out_features, self.fusion["width"])
+            for p in [*self.reference.parameters(), *self.reference_head.parameters()]:
+                p.requires_grad_(False)
         # Units before `split` form the frozen lower part (see train_blocks).
         self.split = self.backbone.first_trainable_unit(self.config["train_blocks"])
         for module in self.frozen_modules():
@@ -443,7 +461,8 @@ class EmbeddingModel(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.config["embedding_dim"]
+        """The width of what the model outputs (with fusion: its head's and the reference branch's)."""
+        return self.config["embedding_dim"] + (self.fusion["width"] if self.fusion is not None else 0)
 
     def slice_bounds(self, k: int) -> tuple[int, int]:
         if not 0 <= k < self.num_slices:
@@ -453,10 +472,12 @@ class EmbeddingModel(nn.Module):
     def set_num_slices(self, num_slices: int) -> None:
         """Regroup the head's outputs into ``num_slices`` slices (weights unchanged)."""
         num_slices = int(num_slices)
-        if not 1 <= num_slices <= self.embedding_dim:
-            raise ValueError(f"num_slices must be in [1, {self.embedding_dim}], got {num_slices}")
+        if not 1 <= num_slices <= self.config["embedding_dim"]:
+            raise ValueError(f"num_slices must be in [1, {self.config['embedding_dim']}], got {num_slices}")
+        if self.fusion is not None and num_slices != 1:
+            raise DcmlError("a fused model has one slice")
         self.config["num_slices"] = num_slices
-        self._bounds = slice_bounds(self.embedding_dim, num_slices)
+        self._bounds = slice_bounds(self.config["embedding_dim"], num_slices)
 
     @torch.no_grad()
     def init_head(self) -> None:
@@ -561,7 +582,22 @@ class EmbeddingModel(nn.Module):
         return torch.cat([F.normalize(x[:, a:b], dim=1) for a, b in self._bounds], dim=1)
 
     def forward(self, x: torch.Tensor, learner: int | None = None) -> torch.Tensor:
-        return self.embed(self.features(x), learner=learner)
+        if self.fusion is None:
+            return self.embed(self.features(x), learner=learner)
+        if learner is not None:
+            raise DcmlError("a fused model embeds as a whole; it has no learner slices")
+        if self.has_frozen_part:  # the frozen lower part is the reference's too: run it once
+            a = self.backbone.run_units(x.contiguous(memory_format=torch.channels_last), 0, self.split)
+            own, ref = self.features_from_lower(a), self.reference.run_units(a, self.split)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            own, ref = self.backbone(x), self.reference(x)
+        return self.fuse(self.embed(own), F.normalize(self.reference_head(ref), dim=1))
+
+    def fuse(self, own: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Both unit-norm parts side by side, ``weight`` of the squared norm on the model's own."""
+        a = self.fusion["weight"]
+        return torch.cat([math.sqrt(a) * F.normalize(own, dim=1), math.sqrt(1 - a) * reference], dim=1)
 
     def forward_from_lower(self, a: torch.Tensor, learner: int | None = None) -> torch.Tensor:
         """The embedding from cached lower-part activations (the fast mode's forward)."""
@@ -579,6 +615,8 @@ class EmbeddingModel(nn.Module):
         if self.config["freeze_bn"]:
             for bn in self._batchnorms():
                 bn.eval()
+        if self.fusion is not None:
+            self.reference.eval()
         return self
 
     def extra_repr(self) -> str:

@@ -179,13 +179,18 @@ _PARAMS = [
        "runs with different K at equal images.", "training", low=0),
     _p("head_init", str, "auto", "Embedding head init: pca (principal components of the pretrained features; "
        "with K slices, each cluster's own), pca-shared (one PCA of all training features, its components dealt "
-       "round-robin to the K slices: each slice keeps a share of every variance level), random, or auto (pca for "
-       "pretrained backbones).", "training", choices=("auto", "pca", "pca-shared", "random")),
+       "round-robin to the K slices: each slice keeps a share of every variance level), whiten (PCA-whitening of "
+       "the training images' pretrained features, shrinkage 0.25, one slice: dcml.algorithm.whitening), random, or "
+       "auto (pca for pretrained backbones).", "training", choices=("auto", "pca", "pca-shared", "whiten", "random")),
     _p("warmup_epochs", int, 0, "First epochs train the head only (backbone frozen).", "training", low=0),
     _p("schedule", str, "constant", "Learning-rate schedule after the warm-up.", "training",
        choices=("constant", "cosine")),
     _p("select_on", str, "recall@1", "Validation metric that picks the epoch kept.", "training",
        choices=("recall@1", "map@r")),
+    _p("fusion", bool, True, "With baseline_candidate: the trained model competes as one model with the no-training "
+       "candidate the choice kept (the raw or whitened features), both embeddings side by side at equal weight "
+       "(measured better than the trained model alone on every small-data draw: BENCHMARKS.md); false: the trained "
+       "model alone.", "training"),
     _p("baseline_candidate", bool, True, "The backbone's pretrained features (L2-normalised, full width) compete "
        "with the trained model on the validation classes (select_on); when they score higher, the run delivers "
        "them as its model (false: always the trained model).", "training"),

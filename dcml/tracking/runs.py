@@ -149,7 +149,12 @@ def baseline_metrics(effect: dict) -> dict:
            if k.startswith("pretrained_") and isinstance(v, (int, float))}
     choice = effect.get("choice", {})
     out.update({f"{k.split('_', 1)[0]}.{k.split('_', 1)[1]}": v for k, v in choice.items()
-                if k.startswith(("trained_val_", "pretrained_val_"))})
+                if k.startswith(("trained_val_", "pretrained_val_", "whitened_val_", "fused_val_"))})
+    out.update({f"choice.{k[len('choice_'):]}": v for k, v in choice.items()
+                if k.startswith("choice_") and isinstance(v, (int, float))})
+    out.update({f"choice.{k}": v for k, v in choice.items() if k in ("val_classes", "whitened_width")})
+    if "kept_test_recall@1" in effect:
+        out["trained.kept_test_recall@1"] = effect["kept_test_recall@1"]
     return {metric_key(k): float(v) for k, v in out.items()}
 
 
@@ -171,6 +176,9 @@ def _log_baseline(lineage: list[dict], final_metrics: dict) -> None:
     if "delivered" in effect.get("choice", {}):
         tags["dcml.delivered"] = effect["choice"]["delivered"]
         tags["dcml.choice"] = baseline.choice_line(effect["choice"])
+        warning = baseline.noise_warning(effect["choice"])
+        if warning:
+            tags["dcml.warning"] = warning
     mlflow.set_tags(tags)
 
 

@@ -95,6 +95,7 @@ from dcml.algorithm.training.rng import item_seed, rng_state, seed_everything, s
 from dcml.algorithm.training.settings import TrainSettings
 from dcml.algorithm.training.trainer import Trainer, default_device
 from dcml.algorithm.training.masks import MaskedTrainer  # noqa: E402 (after the Trainer it extends)
+from dcml.algorithm.training.distill import DistillTrainer  # noqa: E402
 
-__all__ = ["MaskedTrainer", "SeededItems", "ShareSampler", "TrainSettings", "Trainer", "default_device", "dense_labels", "item_seed",
+__all__ = ["DistillTrainer", "MaskedTrainer", "SeededItems", "ShareSampler", "TrainSettings", "Trainer", "default_device", "dense_labels", "item_seed",
            "rng_state", "seed_everything", "set_rng_state"]

@@ -145,13 +145,23 @@ class TrainingHooks:
                 f"lr_embedding={s.lr_embedding}) or check the input images")
 
     def initialise_head(self) -> None:
-        """Head from principal components of the training images' backbone features (``head_init="pca"``).
+        """Head from principal components of the training images' backbone features (``head_init="pca"``),
+        or their whitening (``"whiten"``: dcml.algorithm.whitening, one slice).
 
         With K slices and clusters, slice k gets its own cluster's components.
         """
         if not self.is_main:  # rank 0's head reaches every process with the model state (resume.share_start)
             return
         features = self.vectors(self.train_rows, "features", f"head init: features of {len(self.train_rows)} images")
+        if self.head_init == "whiten":
+            from dcml.algorithm import whitening
+
+            if self.num_learners > 1:
+                raise DcmlError(f"head_init=whiten: the model has {self.num_learners} slices; whitening initialises "
+                                "one embedding (num_clusters=1, or embedding_slices=false); use head_init=pca for slices")
+            whitening.init_head(self.model.head, whitening.fit(features, self.model.embedding_dim,
+                                                               whitening.HEAD_SHRINKAGE))
+            return
         groups = None
         if self.num_learners > 1 and self.clusters is not None and self.head_init == "pca":
             groups = [np.flatnonzero(self.clusters == k) for k in range(self.num_learners)]

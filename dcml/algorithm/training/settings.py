@@ -42,6 +42,7 @@ class TrainSettings:
     whole_embedding_after: float = _default("whole_embedding_after")  # share of the epochs before F: slices alone
     grouping: str = _default("cluster_grouping")  # kmeans clusters, or random class groups (a control)
     mask_orthogonality: float = _default("mask_orthogonality")  # learned masks (MaskedTrainer): penalty weight
+    distill: float = 0.0  # DistillTrainer: weight of the pretrained features' similarity structure (0 = off)
     num_groups: int = 0  # clusters the batches come from; 0 = the model's slices (more: the no-slices control)
     cluster_on: str = "features"  # "features" (the reference code) or "embedding" (the paper text)
     kmeans_niter: int = _default("niter")
@@ -64,7 +65,7 @@ class TrainSettings:
             raise DcmlError(f"epochs={self.epochs}: must be >= 0")
         if self.cluster_on not in CLUSTER_INPUTS:
             raise DcmlError(f"cluster_on={self.cluster_on!r}: use one of {', '.join(CLUSTER_INPUTS)}")
-        for name in ("lr_backbone", "lr_embedding", "weight_decay"):
+        for name in ("lr_backbone", "lr_embedding", "weight_decay", "distill"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise DcmlError(f"{name}={value}: must be a finite number >= 0")

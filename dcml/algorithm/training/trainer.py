@@ -182,7 +182,7 @@ class Trainer(TrainingHooks):
         if self.grouping.clustering and self.clusters is None:
             self.grouping.clusters = self.recluster(0)
             self.grouping.clustered_at = 0
-        if self.head_init in ("pca", "pca-shared"):
+        if self.head_init in ("pca", "pca-shared", "whiten"):
             self.initialise_head()
         if not self.is_main:  # rank 0 alone scores (and keeps the best weights)
             return
