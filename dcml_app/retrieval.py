@@ -230,7 +230,7 @@ def write_embeddings(out: Path, table, embedded, model_file: Path, normalized: b
 
 def real_images(manifest: Path | None, split: str, images: tuple[Path, ...], count: int) -> list:
     """PIL images to check an export on: the first ``count`` images of the manifest's split, and image files."""
-    from dcml.retrieval.search import decode_query, read_query_file
+    from dcml.retrieval.queries import decode_query, read_query_file
 
     out = []
     if manifest is not None:

@@ -43,7 +43,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from dcml.contracts.errors import DcmlError
-from dcml.retrieval.search import MAX_K, MAX_QUERY_BYTES
+from dcml.retrieval.queries import MAX_QUERY_BYTES
+from dcml.retrieval.search import MAX_K
 
 # The query image plus the multipart envelope.
 MAX_REQUEST_BYTES = MAX_QUERY_BYTES + (64 << 10)

@@ -102,10 +102,11 @@ def backbone_model(config: dict):
     return model.eval()
 
 
-def whitened_model(config: dict, w):
+def whitened_model(config: dict, w, pretrained=None):
     """A dcml model that embeds with the whitening ``w`` (dcml.algorithm.whitening) of the pretrained
-    backbone's pooled features: :func:`backbone_model` with the head ``w.weight``, ``w.bias``."""
-    model = backbone_model(config)
+    backbone's pooled features: :func:`backbone_model` (``pretrained``, when already built) with the
+    head ``w.weight``, ``w.bias``."""
+    model = pretrained if pretrained is not None else backbone_model(config)
     from dcml.algorithm.models import build_model
 
     whitened = build_model({**model.config, "embedding_dim": int(w.width), "num_slices": 1}, load_weights=False)
@@ -300,7 +301,8 @@ def select(model, manifest, val_rows: pd.DataFrame, select_on: str, *, train_row
                  "choice_difference": last.difference, "choice_low": last.low, "choice_high": last.high,
                  "choice_lead": last.lead_share, "choice_confidence": last.confidence,
                  "choice_decided": bool(last.decisive)})
-    reference = whitened_model(model.config, white) if WHITENED in (delivered, incumbent.name) else pretrained
+    reference = (whitened_model(model.config, white, pretrained) if WHITENED in (delivered, incumbent.name)
+                 else pretrained)
     chosen = {TRAINED: model, PRETRAINED: pretrained, WHITENED: reference}.get(delivered) or fused_model(model, reference)
     return chosen, {**choice_metrics(select_on, delivered, trained.mean, raw_score, **more), **tested}
 

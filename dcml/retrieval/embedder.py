@@ -1,7 +1,7 @@
 """A model ready to embed images: PIL images, image files (bad ones skipped and reported), manifests.
 
 Every image goes through what the gallery went through: dcml's decoding
-(``dcml.retrieval.search.decode_query``: JPEG draft, colour mode, the same
+(``dcml.retrieval.queries.decode_query``: JPEG draft, colour mode, the same
 size and pixel limits) and the model's eval transform. Embeddings come out
 L2-normalised (unit length, so a dot product is the cosine score search
 reports) unless ``normalize=False`` (then as the model returns them: each
@@ -70,12 +70,12 @@ class Embedder:
         return int(self.net.embedding_dim)
 
     def decode(self, data: bytes, name: str) -> Image.Image:
-        from dcml.retrieval.search import decode_query
+        from dcml.retrieval.queries import decode_query
 
         return decode_query(data, name, self.transform.mode, self.transform.draft_size)
 
     def read(self, path: str | os.PathLike) -> Image.Image:
-        from dcml.retrieval.search import read_query_file
+        from dcml.retrieval.queries import read_query_file
 
         return self.decode(read_query_file(path), str(path))
 
