@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 
-.PHONY: install test test-all browser demo fashion-mnist mlflow-ui images push docker-e2e bench compile clean
+.PHONY: install test test-all browser demo fashion-mnist mlflow-ui images push docker-e2e bench gpu-check compile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ docker-e2e:
 
 bench: install
 	$(BIN)/python -m bench.run_all
+
+# The GPU path in one call (needs CUDA; refuses with exit 2 without it; under 10 minutes): the tests marked
+# `gpu` and a short cars196 fast-mode run printing images/s. Not part of `make test`. See docs/SCALE.md.
+# No install step: GPU machines are often offline; it runs in the .venv as it is.
+gpu-check:
+	@[ -x $(BIN)/python ] || { echo "gpu-check: no $(BIN)/python here; run make install first" >&2; exit 2; }
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

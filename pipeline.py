@@ -167,8 +167,12 @@ def _apply_cluster_settings(task, name: str, settings: ClusterSettings | None, g
 def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, merge: str = "average",
                    freeze_backbone: bool = False, max_parallel_workers: int = 0,
                    image_registry: str = "dcml", image_tag: str = "dev",
-                   cluster: ClusterSettings | None = None):
-    """Return the pipeline function for one structure (see module docstring)."""
+                   cluster: ClusterSettings | None = None, defaults: dict | None = None):
+    """Return the pipeline function for one structure (see module docstring).
+
+    ``defaults``: checked parameter values (dcml.contracts.params.validate) that replace the
+    parameters' own defaults in the compiled YAML (`dcml compile --config/--set`).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if method not in METHODS:
@@ -262,7 +266,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                          num_workers=p["num_workers"])
         tracked = task("track", metrics=evaluated.outputs["metrics"], model=model,
                        embeddings=evaluated.outputs["embeddings"], manifest=manifest,
-                       **pick(p, "experiment", "run_name"))
+                       **pick(p, "experiment", "run_name"), pipeline_params=dict(p))
         tracked.set_caching_options(False)  # a new MLflow run every time, cached stages included
 
         with dsl.If(p["compress_bits"] > 0, name="compress-enabled"):
@@ -273,7 +277,7 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                                batch_size=p["eval_batch_size"], num_workers=p["num_workers"])
             task("track", metrics=evaluated_q.outputs["metrics"], model=compressed,
                  embeddings=evaluated_q.outputs["embeddings"], manifest=manifest,
-                 **pick(p, "experiment", "run_name")).set_caching_options(False)
+                 **pick(p, "experiment", "run_name"), pipeline_params=dict(p)).set_caching_options(False)
 
         with dsl.If(p["index_gallery"] == True, name="index-enabled"):  # noqa: E712 (a pipeline channel)
             indexed = task("index", manifest=manifest, model=model, index_type=p["index_type"],
@@ -281,16 +285,22 @@ def build_pipeline(mode: str = "shared", method: str = "dc", rounds: int = 1, me
                            batch_size=p["eval_batch_size"],
                            num_workers=p["num_workers"], seed=p["seed"])
             task("track", metrics=indexed.outputs["metrics"], model=model, embeddings=evaluated.outputs["embeddings"],
-                 manifest=manifest, **pick(p, "experiment", "run_name")).set_caching_options(False)
+                 manifest=manifest, **pick(p, "experiment", "run_name"),
+                 pipeline_params=dict(p)).set_caching_options(False)
         return evaluated.outputs["metrics"]
 
-    # The parameters, their types and defaults: dcml.contracts.params, nowhere else -- but a
-    # cluster compiled for a fixed GPU count (--gpus N) trains with N processes by default.
+    # The parameters, their types and defaults: dcml.contracts.params, nowhere else -- but values
+    # baked in at compile time (--config/--set) are the YAML's defaults, and a cluster compiled
+    # for a fixed GPU count (--gpus N) trains with N processes by default.
     signature = params.pipeline_signature()
+    baked = dict(defaults or {})
+    unknown = sorted(set(baked) - set(names))
+    if unknown:
+        raise ValueError(f"not pipeline parameters: {', '.join(unknown)}")
     if cluster is not None and cluster.gpus_per_task:
-        signature = signature.replace(parameters=[
-            p.replace(default=cluster.gpus_per_task) if p.name == "gpus_per_task" else p
-            for p in signature.parameters.values()])
+        baked.setdefault("gpus_per_task", cluster.gpus_per_task)
+    signature = signature.replace(parameters=[p.replace(default=baked[p.name]) if p.name in baked else p
+                                              for p in signature.parameters.values()])
     dcml_pipeline.__signature__ = signature.replace(return_annotation=Metrics)
     dcml_pipeline.__name__ = name.replace("-", "_")
     config = None

@@ -18,13 +18,15 @@ reached, queries/s one query at a time (bounded: at most 1,000 queries and
 every setting the calibration tried), the index's size and the peak RSS of the
 process (the vectors are generated once and loaded from disk).
 
-Server: ``dcml serve`` on the cars196 index (its own process, 1 thread);
-1 and 8 concurrent clients on loopback POST a cars196 JPEG to /search (k=10),
-each setting bounded to 400 requests and 60 s; requests/s and p50 / p99
-latency.
+Server: ``dcml serve`` on the cars196 index (its own process, 1 thread),
+with micro-batching (its defaults) and without (``--batch-max 1``);
+1, 8 and 32 concurrent clients on loopback POST a cars196 JPEG to /search
+(k=10), each setting bounded to 400 requests and 60 s; requests/s, p50 / p99
+latency and the mean batch the server embedded (from /healthz).
 
     python -m bench.bench_retrieval                 # writes bench/results/retrieval.json
     python -m bench.bench_retrieval --quick         # 4k cars + 100k only, shorter server runs
+    python -m bench.bench_retrieval --server-only   # only the server rows, into the existing result file
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +54,11 @@ QUICK_SYNTHETIC = (100_000,)
 TYPES = ("flat", "ivf", "hnsw")
 QUERIES = 1000
 SEARCH_SECONDS = 20.0
-CLIENTS = (1, 8)
+CLIENTS = (1, 8, 32)
+# `dcml serve` settings compared: (name, its options).
+SERVER_SETTINGS = (("batched", []), ("unbatched", ["--batch-max", "1"]))
 SERVER_REQUESTS = 400
+SERVER_WARMUP = 10  # requests sent to a fresh server before the measured ones
 SERVER_SECONDS = 60.0
 K = 10
 
@@ -161,12 +167,32 @@ def free_port() -> int:
 
 def server_load(folder: Path, query: Path, clients: tuple[int, ...], requests_per_setting: int,
                 seconds: float) -> list[dict]:
-    """Requests/s and latency percentiles of `dcml serve` for each number of concurrent clients."""
+    """Requests/s and latency percentiles of `dcml serve`, for each server setting and number of clients."""
+    rows = []
+    for name, options in SERVER_SETTINGS:
+        with served(folder, options) as url:
+            _load(url, query.read_bytes(), query.name, 1, SERVER_WARMUP, seconds)  # first requests: not counted
+            for n in clients:
+                before = _batching(url)
+                row = {"server": name, "options": " ".join(options) or "defaults",
+                       **_load(url, query.read_bytes(), query.name, n, requests_per_setting, seconds)}
+                after = _batching(url)
+                batches = after["batches"] - before["batches"]
+                row.update(batch_window_ms=after["window_ms"], batch_max=after["max_batch"],
+                           mean_batch=round((after["queries"] - before["queries"]) / batches, 2) if batches else None)
+                rows.append(row)
+                log(f"  server {name}, {n} client(s): {row}")
+    return rows
+
+
+@contextmanager
+def served(folder: Path, options: list[str]):
+    """The URL of `dcml serve` on ``folder`` (its own process, the benchmark's thread settings)."""
     import requests
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dcml_app.cli", "serve", "--index", str(folder),
-                               "--port", str(port)], cwd=REPO, env=dict(os.environ),
+                               "--port", str(port), "--no-access-log", *options], cwd=REPO, env=dict(os.environ),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -180,45 +206,89 @@ def server_load(folder: Path, query: Path, clients: tuple[int, ...], requests_pe
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("dcml serve did not come up")
             time.sleep(0.5)
-        body = query.read_bytes()
-        rows = []
-        for n in clients:
-            latencies: list[float] = []
-            errors = []
-            lock = threading.Lock()
-            stop_at = time.monotonic() + seconds
-            remaining = [requests_per_setting]
-
-            def client():
-                with requests.Session() as session:
-                    while time.monotonic() < stop_at:
-                        with lock:
-                            if remaining[0] <= 0:
-                                return
-                            remaining[0] -= 1
-                        t0 = time.perf_counter()
-                        r = session.post(f"{url}/search", params={"k": K}, timeout=30,
-                                         files={"image": (query.name, body, "image/jpeg")})
-                        with lock:
-                            (latencies if r.ok else errors).append(time.perf_counter() - t0)
-
-            threads = [threading.Thread(target=client) for _ in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            ms = sorted(1000 * v for v in latencies)
-            rows.append({"clients": n, "requests": len(ms), "errors": len(errors), "wall_s": round(wall, 2),
-                         "requests_per_s": round(len(ms) / wall, 2),
-                         "p50_ms": round(statistics.median(ms), 1),
-                         "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)})
-            log(f"  server, {n} client(s): {rows[-1]}")
-        return rows
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _batching(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/healthz", timeout=10).json()["batching"]
+
+
+def _load(url: str, body: bytes, name: str, n: int, requests_total: int, seconds: float) -> dict:
+    """``n`` client threads, each with its connection, POST ``body`` until ``requests_total`` or ``seconds``."""
+    import requests
+
+    latencies: list[float] = []
+    errors = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+    remaining = [requests_total]
+
+    def client():
+        with requests.Session() as session:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                t0 = time.perf_counter()
+                r = session.post(f"{url}/search", params={"k": K}, timeout=60,
+                                 files={"image": (name, body, "image/jpeg")})
+                with lock:
+                    (latencies if r.ok else errors).append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = sorted(1000 * v for v in latencies)
+    return {"clients": n, "requests": len(ms), "errors": len(errors), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(ms) / wall, 2), "p50_ms": round(statistics.median(ms), 1),
+            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)}
+
+
+def served_cars196(seed: int) -> tuple[Path, Path]:
+    """(index folder, query JPEG) of the cars196 server rows: the index built earlier, else built now."""
+    from dcml.contracts import manifest as manifest_lib
+
+    work = WORK / "retrieval"
+    folder, manifest = work / "cars196-index", work / "cars196-manifest.parquet"
+    if not (folder / "index.json").exists() or not manifest.exists():
+        built = cars196_index(seed)
+        if not built:
+            raise SystemExit("the server rows need the cars196 images (bench.bench_speed.CARS196); install them")
+        return built[0], built[1]
+    man = manifest_lib.read(manifest)
+    return folder, man.root / man.split("train")["path"].iloc[0]
+
+
+def server_only(a, out_path: Path) -> dict:
+    """The server rows alone, written into the existing result file (its index cases kept)."""
+    folder, query = served_cars196(a.seed)
+    report = json.loads(out_path.read_text()) if out_path.exists() else \
+        {**result_header("retrieval: index build, search, server", "bench.bench_retrieval", []), "cases": []}
+    run = result_header("retrieval: server rows", "bench.bench_retrieval", None)
+    t0 = time.perf_counter()
+    requests_per_setting = 100 if a.quick else SERVER_REQUESTS
+    report["server"] = server_load(folder, query, CLIENTS, requests_per_setting, SERVER_SECONDS)
+    report["server_bounds"] = {"requests": requests_per_setting, "seconds": SERVER_SECONDS, "k": K,
+                               "query": query.name}
+    report["server_run"] = {"command": run["command"], "started": run["started"], "machine": run["machine"],
+                            "wall_s": round(time.perf_counter() - t0, 1),
+                            "load_average_end": [round(v, 2) for v in os.getloadavg()],
+                            "dcml_git_commit": run["versions"]["dcml_git_commit"], "note": a.note}
+    from dcml.contracts.io import write_json
+
+    write_json(out_path, report)
+    log(f"wrote the server rows into {out_path}")
+    return report
 
 
 def main(argv=None) -> dict:
@@ -227,6 +297,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--server-only", action="store_true",
+                        help="only the server rows, written into the existing result file (its index cases kept)")
+    parser.add_argument("--note", default="", help="with --server-only: a note kept with the server rows (e.g. what "
+                                                   "else ran on the machine)")
     parser.add_argument("--child-index", nargs=2, metavar=("SOURCE", "TYPE"), help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     threads = set_threads(a.threads or None)
@@ -235,6 +309,8 @@ def main(argv=None) -> dict:
         return {}
 
     out_path = a.out or RESULTS / f"retrieval{'_quick' if a.quick else ''}.json"
+    if a.server_only:
+        return server_only(a, out_path)
     report = result_header("retrieval: index build, search, server", "bench.bench_retrieval", argv)
     report.update(dim=DIM, threads=threads or "default", queries=QUERIES, k=K, search_seconds_bound=SEARCH_SECONDS,
                   quick=a.quick, cases=[], server=[])
@@ -336,15 +412,30 @@ def report(results: Results) -> list[str]:
     server = result.get("server", [])
     if server:
         bounds = result.get("server_bounds", {})
+        run = result.get("server_run") or {}
         lines += ["", f"Server (`dcml serve` on the cars196 index, its own process, 1 thread; clients on loopback "
                       f"POST one cars196 JPEG to /search, k={bounds.get('k')}; at most {bounds.get('requests')} "
                       f"requests or {bounds.get('seconds', 0):.0f} s per setting). Each request decodes, embeds "
-                      "(EfficientNet-Lite0, 128 px) and searches:", "",
-                  "| concurrent clients | requests | errors | requests/s | p50 latency (ms) | p99 latency (ms) |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                      "(EfficientNet-Lite0, 128 px) and searches; batched: concurrent queries embedded together "
+                      "(`dcml serve` defaults), unbatched: `--batch-max 1`; mean batch: queries per forward pass:",
+                  "", "| server | concurrent clients | requests | errors | requests/s | p50 latency (ms) "
+                      "| p99 latency (ms) | mean batch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for s in server:
-            lines.append(f"| {s['clients']} | {s['requests']} | {s['errors']} | {s['requests_per_s']:.1f} "
-                         f"| {s['p50_ms']:.0f} | {s['p99_ms']:.0f} |")
+            lines.append(f"| {s.get('server', 'unbatched')} | {s['clients']} | {s['requests']} | {s['errors']} "
+                         f"| {s['requests_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} "
+                         f"| {num(s.get('mean_batch'), 1)} |")
+        gains = []
+        for kind in dict.fromkeys(s.get("server", "unbatched") for s in server):
+            rate = {s["clients"]: s["requests_per_s"] for s in server if s.get("server", "unbatched") == kind}
+            if rate.get(1):
+                gains.append(f"{kind} " + ", ".join(f"{rate[n] / rate[1]:.2f}x at {n}" for n in sorted(rate) if n > 1))
+        if gains:
+            lines += ["", "Requests/s over those of one client: " + "; ".join(gains) + "."]
+        if run:
+            lines += ["", f"Server rows: `{run['command']}` ({run['started'][:16].replace('T', ' ')} UTC, load "
+                          f"average {run['machine']['load_average'][0]:.1f} at the start on "
+                          f"{run['machine']['cores']} cores{'; ' + run['note'] if run.get('note') else ''})."]
     lines += ["", commands_line(result, results.step_command("retrieval")), ""]
     return lines
 

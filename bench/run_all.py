@@ -39,13 +39,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import (bench_compress, bench_dc, bench_dc_time, bench_dfml, bench_eval, bench_fast, bench_head,
-                   bench_quality, bench_recipe, bench_retrieval, bench_scale, bench_scaling, bench_small, bench_speed)
+                   bench_quality, bench_recipe, bench_rerank, bench_retrieval, bench_scale, bench_scaling, bench_small,
+                   bench_speed)
 from bench.common import REPO, THREAD_VARIABLES, WORK, log, machine_info, versions, write_result
 from bench.report import PY, Results, machine_section
 
 STEPS = {"recipe": bench_recipe, "small": bench_small, "head": bench_head, "fast": bench_fast, "dc": bench_dc, "dc_time": bench_dc_time,
          "quality": bench_quality, "speed": bench_speed, "scaling": bench_scaling, "eval": bench_eval,
-         "compress": bench_compress, "dfml": bench_dfml, "retrieval": bench_retrieval, "scale": bench_scale}
+         "compress": bench_compress, "dfml": bench_dfml, "retrieval": bench_retrieval, "rerank": bench_rerank,
+         "scale": bench_scale}
 # Results whose header gives the machine section when run_all has not run yet, first found wins.
 MACHINE_SOURCES = ("quality_cars196", "quality_fashion-mnist", "speed", "scaling")
 REPORT = REPO / "BENCHMARKS.md"

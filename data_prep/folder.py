@@ -8,6 +8,11 @@ Two layouts:
 Split modes: ``class-disjoint`` (the default) puts the first half of the
 sorted classes in train and the rest in test; ``official`` keeps the split
 folders of the split layout. Labels number the sorted class names from 0.
+
+:func:`unsplit` lists the images of either layout with their class and
+nothing else (no splits, any number of classes, any number of images per
+class; images lying in the root itself take the root's name as their class):
+what ``dcml index --append --folder`` adds to an index.
 """
 
 from __future__ import annotations
@@ -28,17 +33,44 @@ def _subdirs(d: Path) -> list[Path]:
     return [p for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
 
+def _class_folders(root: Path) -> tuple[bool, list[tuple[str | None, Path]]]:
+    """(split layout?, [(split folder or None, class folder)])."""
+    top = _subdirs(root)
+    split_layout = bool(top) and all(d.name in SPLITS for d in top)
+    return split_layout, [(d.name, c) for d in top for c in _subdirs(d)] if split_layout else [(None, c) for c in top]
+
+
+def _loose_images(root: Path) -> list[Path]:
+    """Image files lying in ``root`` itself (not in a class folder)."""
+    return [p for p in sorted(root.iterdir()) if p.suffix.lower() in common.IMAGE_EXTENSIONS and p.is_file()
+            and not p.name.startswith(".")]
+
+
+def unsplit(root) -> pd.DataFrame:
+    """Every image of ``root`` with its class, no split carved and no class size checked: ``path``
+    (absolute) and ``class_name`` (its class folder's name; ``root``'s own name for images lying in it)."""
+    if root is None or not Path(root).is_dir():
+        raise DcmlError(f"{root}: no such folder; pass a folder of images (class folders, or images lying in it)")
+    root = common.require_root(root, NAME)
+    guard = common.RootGuard(root)
+    _, class_dirs = _class_folders(root)
+    rows = [(str(root / rel), d.name) for _, d in class_dirs for rel in guard.walk_images(d)]
+    rows += [(str(p), root.resolve().name) for p in _loose_images(root)]
+    if not rows:
+        raise DcmlError(f"{root}: no image files ({', '.join(sorted(common.IMAGE_EXTENSIONS))}) in it or its class "
+                        "folders; pass a folder of images")
+    return pd.DataFrame(rows, columns=["path", "class_name"])
+
+
 def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None = None):
     """Read class folders -> (manifest rows, metadata)."""
     common.check_split_mode(split_mode, NAME)
     root = common.require_root(root, NAME)
     guard = common.RootGuard(root)
-    top = _subdirs(root)
-    split_layout = bool(top) and all(d.name in SPLITS for d in top)
+    split_layout, class_dirs = _class_folders(root)
     if split_mode == common.OFFICIAL and not split_layout:
         raise DcmlError(f"{root}: has no train/ and test/ split folders, so there is no official split; "
                         "use --split-mode class-disjoint or arrange the classes under train/ and test/")
-    class_dirs = [(d.name, c) for d in top for c in _subdirs(d)] if split_layout else [(None, c) for c in top]
     rows, entries, class_sources = [], [], {}
     for split, d in class_dirs:
         for rel in guard.walk_images(d):
@@ -46,8 +78,8 @@ def read(root, split_mode: str = DEFAULT_SPLIT_MODE, max_per_class: int | None =
             rows.append((rel, rel, d.name, split))
         class_sources.setdefault(d.name, d)
     if not rows:
-        loose = [p for p in sorted(root.iterdir()) if p.suffix.lower() in common.IMAGE_EXTENSIONS]
-        hint = "move each class's images into its own folder" if loose else "point --root at a folder of class folders"
+        hint = ("move each class's images into its own folder" if _loose_images(root)
+                else "point --root at a folder of class folders")
         raise DcmlError(f"{root}: not a recognised folder layout (no images in <class>/ or <split>/<class>/ folders); {hint}")
     df = pd.DataFrame(rows, columns=["image_id", "path", "class_name", "split"])
     names = sorted(df["class_name"].unique())

@@ -4,9 +4,12 @@ __version__ = "0.1.0"
 
 # The Python API (dcml/retrieval/api.py), imported on first use so `import dcml` stays light:
 # dcml.load_model(path) -> Model (.embed), dcml.Index (.build / .open / .add / .remove / .search / .save).
+# Training from Python is the application's: dcml_app.train(...) (dcml_app/python_api.py).
+# `import dcml` changes no process-wide setting; stage processes tune their own (dcml.stagekit.stage_process,
+# components/__init__.py).
 _API = {"load_model": "dcml.retrieval.api", "Model": "dcml.retrieval.api", "Index": "dcml.retrieval.api",
         "MAX_K": "dcml.retrieval.api", "DcmlError": "dcml.contracts.errors"}
-__all__ = ["load_model", "Model", "Index", "DcmlError", "__version__"]
+__all__ = ["load_model", "Model", "Index", "DcmlError", "MAX_K", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,37 +19,10 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'dcml' has no attribute {name!r}")
 
-import logging as _logging
 
-# faiss logs every SIMD variant it fails to load at INFO; stage logs stay readable.
-_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
-
-
-def _keep_large_buffers() -> None:
-    """Stop glibc from returning every large tensor buffer to the kernel.
-
-    glibc serves allocations above its mmap threshold (at most 32 MiB by
-    default) with a fresh mmap and unmaps them on free, so every batch's large
-    activations are page-faulted and zeroed anew: measured here, EfficientNet
-    feature extraction at batch 64 spent more time in the kernel than in
-    PyTorch (sys 4.7 s vs user 4.0 s for 384 images). Raising the mmap and trim
-    thresholds keeps those buffers in the heap for reuse (sys 0.3 s, 2.2x
-    faster overall). A no-op where glibc is not the allocator.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-_keep_large_buffers()
+def __dir__() -> list[str]:
+    """The public API (what tab completion offers); the runner machinery below is internal."""
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})
 
 
 RUNNER: str | None = None  # the `dcml run` this process works for (its runner_token), if any

@@ -33,6 +33,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def run_processes(target: str, kwargs: dict, nproc: int) -> dict:
     """Run ``target(**kwargs)`` in ``nproc`` processes on this node (torchrun standalone);
     returns rank 0's return value. A user error in the processes is re-raised here."""
     nproc = int(nproc)
-    with tempfile.TemporaryDirectory(prefix="dcml-launch-") as tmp:
+    with launch_folder() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "dcml.launch", "--agent", "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "-m", *module_command(target, kwargs, str(result))]
@@ -96,6 +97,31 @@ def run_processes(target: str, kwargs: dict, nproc: int) -> dict:
     if code != 0 or answer is None:
         raise DcmlError(f"{nproc} training processes failed: {failure}; the processes' output above says why")
     return answer["result"]
+
+
+LAUNCH_PREFIX = "dcml-launch-"
+
+
+def launch_folder() -> tempfile.TemporaryDirectory:
+    """The temporary folder of one launch (rank 0's answer, the agent's failure report): named
+    ``dcml-launch-<pid>-*``. A stage command killed with ``kill -9`` cannot remove its own, so every launch
+    first removes those whose process is gone (the ranks and torchrun died with it: nothing writes there)."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{LAUNCH_PREFIX}*-*"):
+        pid = stale.name[len(LAUNCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and stale.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{LAUNCH_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 PARENT_ENV = "DCML_LAUNCH_PARENT"  # the pid a launched process must die with (its parent's)

@@ -116,6 +116,33 @@ def check_nproc(nproc) -> int:
     return nproc
 
 
+def stage_process() -> None:
+    """Process-wide settings of a stage that pushes image batches through a network (called at the
+    start of its ``run``; ``import dcml`` changes nothing of the process).
+
+    glibc serves allocations above its mmap threshold (at most 32 MiB by default)
+    with a fresh mmap and unmaps them on free, so every batch's large activations
+    are page-faulted and zeroed anew. Raising the mmap and trim thresholds keeps
+    those buffers in the heap for reuse. Measured (ResNet-18 forward passes, batch
+    64 at 224 px, 384 images, one thread, a busy 2-core machine): 1,761,764 minor
+    page faults and 5.2 s system time without, 121,617 and 0.33 s with, the same
+    peak RSS (1411 vs 1392 MiB); first measured on EfficientNet feature extraction
+    (sys 4.7 s vs 0.3 s, 2.2x faster overall). A no-op where glibc is not the
+    allocator.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def set_threads(threads) -> None:
     """Pin torch's CPU threads: OpenMP threads that spin on an oversubscribed box
     can make an epoch several times slower than one thread."""
@@ -161,6 +188,44 @@ def final_metrics(history: list[dict]) -> dict:
     if evaluated:
         metrics["recall@1"] = evaluated[-1]["recall@1"]
     return metrics
+
+
+def epoch_line(entry: dict, epochs: int | None = None) -> str:
+    """One stage-log line per epoch of a training history entry: loss, validation and test figures."""
+    epoch = entry.get("epoch", 0)
+    head = "initial model" if epoch == 0 else f"epoch {epoch}" + (f"/{epochs}" if epochs else "")
+    parts = [f"loss {entry['loss']:.4f}"] if epoch and "loss" in entry else []
+    for prefix, name in (("val_", "val"), ("", "test")):
+        if f"{prefix}recall@1" in entry:
+            parts.append(f"{name} R@1 {entry[f'{prefix}recall@1']:.4f}"
+                         + (f" MAP@R {entry[f'{prefix}map@r']:.4f}" if f"{prefix}map@r" in entry else ""))
+    if epoch and entry.get("best_epoch") is not None:
+        parts.append(f"kept epoch {entry['best_epoch']}" + (", stopping early" if entry.get("stopped_early") else ""))
+    if epoch and "seconds" in entry:
+        parts.append(f"{entry['seconds']:.1f} s")
+    return f"{head}: {', '.join(parts) or 'no figures'}"
+
+
+class EpochLog:
+    """A Trainer callback that prints :func:`epoch_line` for every epoch (the initial model's first), on
+    rank 0: in the stage's log, and on the terminal with `dcml run --verbose` or a stage run by hand."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, trainer, entry: dict) -> None:
+        import click
+
+        if not trainer.is_main:
+            return
+        if not self.started:
+            self.started = True
+            initial = next((h for h in trainer.history if h.get("epoch") == 0), None)
+            if initial is None and trainer.initial:
+                initial = {"epoch": 0, **trainer.initial}
+            if initial is not None:
+                click.echo(epoch_line(initial))
+        click.echo(epoch_line(entry, trainer.settings.epochs))
 
 
 def write_output(out, model, record: dict, **extra) -> None:

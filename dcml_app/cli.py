@@ -23,13 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("components.compress.stage:cli", "Optional: k-means weight quantisation of a model."),
     "index": ("components.index.stage:cli", "Optional: gallery embeddings -> a faiss index folder."),
     "search": ("dcml_app.retrieval:search_cli", "Top-k gallery images of query images, from an index folder."),
+    "threshold": ("dcml_app.retrieval:threshold_cli", "Choose an index's match threshold again (no re-embedding)."),
     "embed": ("dcml_app.retrieval:embed_cli", "Images (folder, manifest, list) -> a Parquet file of embeddings."),
     "serve": ("dcml_app.serve:serve_cli", "Serve an index folder: search API, thumbnails, web page."),
     "export": ("dcml_app.retrieval:export_cli", "Export a model to TorchScript or ONNX (checked on real images)."),
     "params": ("dcml_app.params_cli:params_cli", "List the pipeline parameters: defaults, allowed values, meaning."),
     "run": ("dcml_app.runner:run_cli", "Run the whole pipeline locally (KFP SubprocessRunner, cached)."),
-    "compile": ("dcml_app.runner:compile_cli", "Compile the pipeline to Kubeflow YAML."),
-    "submit": ("dcml_app.runner:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
+    "compile": ("dcml_app.kubeflow:compile_cli", "Compile the pipeline to Kubeflow YAML."),
+    "submit": ("dcml_app.kubeflow:submit_cli", "Submit a pipeline run to a Kubeflow cluster."),
     "compare": ("dcml_app.compare:compare_cli", "Compare runs tracked in MLflow (the latest experiment by default)."),
     "study": ("dcml_app.study:study_cli", "Run a hyper-parameter study (embedding size, margin, batch size, loss)."),
 }
@@ -77,6 +78,12 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option value (e.g. `dcml search --k 0`): one line, not the usage block
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # plain `dcml`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        command = f"dcml {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else "dcml"
+        _failed(f"{exc.format_message().rstrip('.')}; see `{command} --help`")
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -18,10 +18,12 @@ def params_cli(fmt, names):
     if unknown:
         raise DcmlError(f"unknown parameter(s) {', '.join(unknown)}; `dcml params` lists them all")
     rows = [p for p in params.pipeline_params() if not names or p.name in names]
+    rules = [c.rule for c in params.CONSTRAINTS if not names or set(c.names) & set(names)]
     if fmt == "markdown":
         click.echo("| parameter | default | allowed | meaning |\n|---|---|---|---|")
         for p in rows:
             click.echo(f"| `{p.name}` | `{p.default!r}` | {p.describe_range()} | {p.help} |")
+        click.echo("".join(f"\nBetween parameters (refused before anything runs): {rule}." for rule in rules))
         return
     width = max(len(p.name) for p in rows)
     dwidth = max(len(repr(p.default)) for p in rows)
@@ -32,3 +34,7 @@ def params_cli(fmt, names):
             click.echo(f"[{group}]")
         allowed = "" if p.type in (str, bool) and not p.choices else f" ({p.describe_range()})"
         click.echo(f"  {p.name.ljust(width)}  {repr(p.default).ljust(dwidth)}  {p.help}{allowed}")
+    if rules:
+        click.echo("[between parameters: refused before anything runs]")
+        for rule in rules:
+            click.echo(f"  {rule}")

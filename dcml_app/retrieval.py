@@ -1,5 +1,6 @@
-"""`dcml search` (query images against an index folder), `dcml embed` (images -> a vectors file) and
-`dcml export` (TorchScript / ONNX). Search and embed are command lines of the Python API (dcml.retrieval.api)."""
+"""`dcml search` (query images against an index folder), `dcml threshold` (choose an index's match threshold
+again), `dcml embed` (images -> a vectors file) and `dcml export` (TorchScript / ONNX). Search, threshold and
+embed are command lines of the Python API (dcml.retrieval.api)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import click
 
 from dcml.contracts.errors import DcmlError
+from dcml.retrieval.rerank import DEFAULT as RERANK_DEFAULT, HELP as RERANK_HELP, QueryExpansion
 from dcml.retrieval.search import MAX_K
 
-RESULT_COLUMNS = ["query", "rank", "id", "image_id", "label", "class_name", "score", "match", "path"]
+RESULT_COLUMNS = ["query", "rank", "id", "image_id", "label", "class_name", "score", "match", "path",
+                  "threshold", "false_match_rate", "true_match_rate"]  # the last three: what match means
 SHOWN_FAILURES = 10
 
 
@@ -53,18 +56,24 @@ def report_failures(failed: list[tuple[str, str]], total: int, verbose: bool, wh
 
 
 def search_files(index_dir: Path, paths: list[Path], k: int, device: str | None = None, strict: bool = True,
-                 progress: bool = False):
-    """(results [{"query": path, "neighbours": [hit, ...]}] in order, failed [(path, reason)])."""
+                 progress: bool = False, rerank: str | None = None):
+    """(results [{"query": path, "decision": what match means, "neighbours": [hit, ...]}] in order,
+    failed [(path, reason)]); decision: threshold and measured rates (dcml.retrieval.verify.decision)."""
     from dcml.retrieval.api import Index
 
     index = Index.open(index_dir, device)
+    index.gallery.rerank = QueryExpansion.parse(rerank)
     done = index.model.embed_files(paths, strict=strict, progress=progress)
     hits = index.gallery.search(done.vectors, k) if len(done.paths) else []
-    return [{"query": path, "neighbours": h} for path, h in zip(done.paths, hits)], done.failed
+    return [{"query": path, "decision": index.decision, "neighbours": h} for path, h in zip(done.paths, hits)], \
+        done.failed
 
 
 def flat_rows(results: list[dict]) -> list[dict]:
-    return [{"query": r["query"], "rank": rank, **{c: h[c] for c in RESULT_COLUMNS[2:]}}
+    def rule(result):
+        return {c: (result["decision"] or {}).get(c) for c in RESULT_COLUMNS[-3:]}
+
+    return [{"query": r["query"], "rank": rank, **{c: h[c] for c in RESULT_COLUMNS[2:-3]}, **rule(r)}
             for r in results for rank, h in enumerate(r["neighbours"], 1)]
 
 
@@ -93,14 +102,20 @@ def format_table(results: list[dict]) -> str:
                  h["path"] or "-") for rank, h in enumerate(result["neighbours"], 1)]
         blocks.append(f"query: {result['query']}\n"
                       + tabulate(rows, headers=["rank", "id", "image_id", "label", "class", "score", "match", "path"]))
+    rule = results[0]["decision"] if results else None
+    if rule:
+        from dcml.retrieval.verify import describe
+
+        blocks.append(describe(rule))
     return "\n\n".join(blocks)
 
 
 @click.command(name="search", help="Top-k gallery images of query images, from an index folder (`dcml index`). "
                f"k is at most {MAX_K}, as in `dcml serve`'s API. A hit's `match` is true when its score reaches the "
                "index's match threshold (chosen on the validation split at a false-match rate; - when the index "
-               "has none). Unreadable query files are skipped and counted on stderr (exit 2 only when all fail, "
-               "or at the first with --strict).")
+               "has none); the answer says the threshold and the false- and true-match rates measured when it was "
+               "chosen (`dcml threshold` changes it). Unreadable query files are skipped and counted on stderr "
+               "(exit 2 only when all fail, or at the first with --strict).")
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index folder written by `dcml index`.")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -115,17 +130,53 @@ def format_table(results: list[dict]) -> str:
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable query file (exit 2).")
 @click.option("--verbose", "-v", is_flag=True, help="List every skipped file.")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
-def search_cli(index_dir, images, folder, recursive, k, fmt, out, strict, verbose, device):
+@click.option("--rerank", default=RERANK_DEFAULT, show_default=True, help=RERANK_HELP)
+def search_cli(index_dir, images, folder, recursive, k, fmt, out, strict, verbose, device, rerank):
     from dcml.algorithm.inference import resolve_device
 
     paths = query_files(images, folder, recursive)
     kind = out_format(out)
     resolve_device(device)
-    results, failed = search_files(index_dir, paths, k, device, strict, progress=len(paths) > 32)
+    QueryExpansion.parse(rerank)  # checked before any work
+    results, failed = search_files(index_dir, paths, k, device, strict, progress=len(paths) > 32, rerank=rerank)
     report_failures(failed, len(paths), verbose, "query files")
     if kind:
         write_results(out, kind, results)
     click.echo(json.dumps(results, indent=2) if fmt == "json" else format_table(results))
+
+
+@click.command(name="threshold", help="Choose an index's match threshold again at another false-match rate, on "
+               "the validation embeddings the index keeps: nothing is embedded, the model is not loaded. With "
+               "--manifest, on that manifest's held-out labelled images instead (only they are embedded).")
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index folder written by `dcml index`.")
+@click.option("--false-match-rate", "rate", required=True, type=float,
+              help="Share of different-item pairs that may match, e.g. 0.01.")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Choose on this manifest's --split (held-out classes, labelled) instead.")
+@click.option("--split", default="val", show_default=True, help="With --manifest: the split of held-out images.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print the threshold at several rates.")
+@click.option("--device", default=None, help="With --manifest: cpu | cuda | cuda:N.")
+def threshold_cli(index_dir, rate, manifest, split, verbose, device):
+    from dcml.retrieval import api, verify
+
+    verify.check_rate(rate)
+    if manifest is None:
+        entry = api.rethreshold(index_dir, rate)
+    else:
+        index = api.Index.open(index_dir, device)
+        entry = index.choose_threshold(manifest=manifest, split=split, false_match_rate=rate)
+        index.save()
+    click.echo(f"{index_dir}: {verify.describe(verify.decision(entry))}")
+    if verbose:
+        from tabulate import tabulate
+
+        click.echo(tabulate([(r["false_match_rate"], f"{r['threshold']:.4f}", f"{r['measured_false_match_rate']:.4f}",
+                              f"{r['true_match_rate']:.3f}") for r in entry["table"]],
+                            headers=["asked", "threshold", "false-match rate", "true-match rate"]))
+    warning = verify.advice(entry, index_dir)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command(name="embed", help="Images -> a Parquet file of id, path, image_id and embedding (L2-normalised, "

@@ -1,4 +1,4 @@
-"""`dcml run` (local pipeline), `dcml compile` and `dcml submit` (Kubeflow)."""
+"""`dcml run`: the whole pipeline on this machine (kfp.local). `dcml compile` / `dcml submit`: dcml_app.kubeflow."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def resolve_arguments(config: str | None, overrides: tuple[str, ...]) -> dict:
         # A user's own folder gets its own experiment, not a built-in preset's.
         name = Path(values["data_root"]).expanduser().resolve().name or "folder"
         values["experiment"] = presets.FOLDER_EXPERIMENT.format(name=name)
-    return values
+    return _passable(values)
 
 
 def _absolute_data_root(args: dict) -> dict:
@@ -59,6 +59,16 @@ def _absolute_data_root(args: dict) -> dict:
         if not path.exists():
             raise DcmlError(f"data_root {root}: no such directory; pass --set data_root=DIR")
         args["data_root"] = str(path.resolve())
+    return args
+
+
+def _passable(args: dict) -> dict:
+    """Values the pipeline can hand over: the track step gets every parameter in one dict (the MLflow run's
+    parameters), and kfp.local writes that dict's text into JSON unescaped."""
+    for name, value in args.items():
+        if isinstance(value, str) and ('"' in value or "\\" in value):
+            raise DcmlError(f"{name}={value!r}: a double quote or backslash cannot pass through the pipeline's "
+                            "parameters; rename it without them")
     return args
 
 
@@ -84,7 +94,7 @@ def structure_options(f):
 
 
 def _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
-           max_parallel_workers=0, cluster=None):
+           max_parallel_workers=0, cluster=None, defaults=None):
     import pipeline
 
     tag = image_tag or records.git_commit()
@@ -94,7 +104,8 @@ def _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_t
         return pipeline.build_pipeline(mode=mode, method=method, rounds=rounds, merge=merge,
                                        freeze_backbone=freeze_backbone,
                                        max_parallel_workers=max_parallel_workers,
-                                       image_registry=image_registry, image_tag=tag, cluster=cluster), tag
+                                       image_registry=image_registry, image_tag=tag, cluster=cluster,
+                                       defaults=defaults), tag
     except ValueError as exc:
         raise DcmlError(str(exc)) from None
 
@@ -133,7 +144,7 @@ def run_local(args: dict, *, mode="shared", method="dc", rounds=1, merge="averag
     from dcml.stagekit import RESUME_ROOT_ENV
     from dcml_app.console import PipelineConsole
 
-    args = _absolute_data_root(params.validate(dict(args), "pipeline parameters"))
+    args = _passable(_absolute_data_root(params.validate(dict(args), "pipeline parameters")))
     output_dir = Path(output_dir).resolve()
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
     preflight.check_places(output_dir, tracking_uri)  # every place the run writes, before the first stage
@@ -427,126 +438,3 @@ def _check_writable(path) -> None:
     from dcml.contracts.io import check_writable
 
     check_writable(path)
-
-
-# -------------------------------------------------------------------- compile
-def cluster_options(f):
-    options = [
-        click.option("--data-pvc", default="dcml-data", show_default=True, help="PVC with the datasets."),
-        click.option("--data-mount", default="/data", show_default=True, help="Mount path of the dataset PVC."),
-        click.option("--mlflow-secret", default="dcml-mlflow", show_default=True,
-                     help="Secret with keys tracking_uri, username, password."),
-        click.option("--gpus", type=int, default=None,
-                     help="GPUs of every GPU stage, and the default of gpus_per_task [default: training stages "
-                          "request gpus_per_task GPUs (a pipeline parameter), the other GPU stages 1]."),
-        click.option("--gpu-memory", default="16Gi", show_default=True),
-        click.option("--gpu-cpu", default="4", show_default=True),
-        click.option("--shm-size", default="8Gi", show_default=True, help="In-memory /dev/shm for data loaders."),
-        click.option("--toleration", "tolerations", multiple=True, metavar="KEY[=VALUE]:EFFECT",
-                     help="Toleration for GPU stages, e.g. nvidia.com/gpu:NoSchedule (repeatable)."),
-        click.option("--node-selector", "node_selectors", multiple=True, metavar="LABEL=VALUE",
-                     help="Node selector for GPU stages (repeatable)."),
-        click.option("--resume-dir", default=".dcml/resume", show_default=True, metavar="DIR",
-                     help="Training stages keep their resume checkpoints here (relative: under --data-mount; "
-                          "every node of a TrainJob mounts the data PVC too), so a retried or re-submitted run "
-                          "continues a killed training."),
-        click.option("--nodes", "num_nodes", type=int, default=1, show_default=True,
-                     help="Nodes per training stage: > 1 runs each as a Kubeflow Trainer TrainJob (runtime "
-                          "--trainjob-runtime) of gpus_per_task processes per node."),
-        click.option("--trainjob-runtime", default="torch-distributed", show_default=True,
-                     help="--nodes > 1: the ClusterTrainingRuntime of the TrainJobs."),
-        click.option("--trainjob-timeout", "trainjob_timeout_s", type=int, default=24 * 3600, show_default=True,
-                     help="--nodes > 1: seconds a TrainJob may take (queueing included) before it is deleted and "
-                          "the task fails."),
-        click.option("--workspace-size", default="100Gi", show_default=True,
-                     help="--nodes > 1: size of the run's shared KFP workspace (staged inputs, outputs)."),
-        click.option("--workspace-storage-class", default="",
-                     help="--nodes > 1: a ReadWriteMany storage class for the workspace [default: the cluster's]."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _cluster_settings(data_pvc, data_mount, mlflow_secret, gpus, gpu_memory, gpu_cpu, shm_size,
-                      tolerations, node_selectors, resume_dir=".dcml/resume", num_nodes=1, trainjob_runtime="torch-distributed",
-                      trainjob_timeout_s=24 * 3600, workspace_size="100Gi", workspace_storage_class=""):
-    import pipeline
-
-    parsed_tolerations = []
-    for item in tolerations:
-        if ":" not in item:
-            raise DcmlError(f"--toleration {item}: expected KEY[=VALUE]:EFFECT, e.g. nvidia.com/gpu:NoSchedule")
-        keyval, effect = item.rsplit(":", 1)
-        key, _, value = keyval.partition("=")
-        parsed_tolerations.append({"key": key, "operator": "Equal" if value else "Exists",
-                                   "value": value or None, "effect": effect})
-    selector = {}
-    for item in node_selectors:
-        if "=" not in item:
-            raise DcmlError(f"--node-selector {item}: expected LABEL=VALUE")
-        key, value = item.split("=", 1)
-        selector[key] = value
-    if gpus is not None and gpus < 1:
-        raise DcmlError(f"--gpus {gpus}: must be >= 1")
-    if num_nodes < 1:
-        raise DcmlError(f"--nodes {num_nodes}: must be >= 1")
-    if trainjob_timeout_s < 1:
-        raise DcmlError(f"--trainjob-timeout {trainjob_timeout_s}: must be >= 1 second")
-    return pipeline.ClusterSettings(data_pvc=data_pvc, data_mount=data_mount, mlflow_secret=mlflow_secret,
-                                    gpus_per_task=gpus, gpu_memory_request=gpu_memory, gpu_cpu_request=gpu_cpu,
-                                    shm_size=shm_size, tolerations=parsed_tolerations, node_selector=selector,
-                                    resume_dir=resume_dir, num_nodes=num_nodes, trainjob_runtime=trainjob_runtime,
-                                    trainjob_timeout_s=trainjob_timeout_s, workspace_size=workspace_size,
-                                    workspace_storage_class=workspace_storage_class)
-
-
-@click.command("compile")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline YAML.")
-@structure_options
-@cluster_options
-def compile_cli(out, mode, method, rounds, merge, freeze_backbone, image_registry, image_tag, **cluster_kwargs):
-    """Compile the pipeline to Kubeflow YAML for a cluster."""
-    from kfp import compiler
-
-    from dcml.contracts.io import atomic_path
-
-    settings = _cluster_settings(**cluster_kwargs)
-    pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
-                              cluster=settings)
-    with atomic_path(out) as tmp:
-        compiler.Compiler().compile(pipeline_fn, package_path=str(tmp.with_suffix(".yaml")))
-        shutil.move(str(tmp.with_suffix(".yaml")), tmp)
-    click.echo(f"wrote {out} (images {image_registry}/dcml-<stage>:{tag})")
-
-
-@click.command("submit")
-@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. https://kfp.example.com")
-@click.option("--experiment", "kfp_experiment", default="dcml", show_default=True, help="KFP experiment name.")
-@click.option("--namespace", default=None, help="Kubernetes namespace (multi-user Kubeflow).")
-@click.option("--run-name", default=None)
-@click.option("--config", default=None, help="Preset or JSON file of pipeline parameters.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline parameter (repeatable).")
-@structure_options
-@cluster_options
-def submit_cli(host, kfp_experiment, namespace, run_name, config, overrides, mode, method, rounds, merge,
-               freeze_backbone, image_registry, image_tag, **cluster_kwargs):
-    """Compile and submit a pipeline run to a Kubeflow cluster (kfp.Client)."""
-    import tempfile
-
-    import kfp
-    from kfp import compiler
-
-    settings = _cluster_settings(**cluster_kwargs)
-    pipeline_fn, tag = _build(mode, method, rounds, merge, freeze_backbone, image_registry, image_tag,
-                              cluster=settings)
-    args = resolve_arguments(config, overrides)
-    if args.get("data_root", "").startswith(("..", "./")) or (args.get("data_root") and not args["data_root"].startswith("/")):
-        raise DcmlError(f"data_root {args['data_root']}: on a cluster give the path inside the dataset PVC, e.g. {settings.data_mount}/cars196")
-    with tempfile.TemporaryDirectory() as tmp:
-        package = os.path.join(tmp, "pipeline.yaml")
-        compiler.Compiler().compile(pipeline_fn, package_path=package)
-        client = kfp.Client(host=host, namespace=namespace)
-        result = client.create_run_from_pipeline_package(package, arguments=args, run_name=run_name,
-                                                         experiment_name=kfp_experiment, namespace=namespace)
-    click.echo(f"submitted run {result.run_id} (images {image_registry}/dcml-<stage>:{tag})")

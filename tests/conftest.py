@@ -83,6 +83,7 @@ class DevTools:
         # No Origin header: Chromium then accepts the connection whatever --remote-allow-origins says.
         self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
         self.next_id = 0
+        self.events: list[dict] = []  # protocol events (of enabled domains) not yet taken by wait_event
 
     def __call__(self, method: str, **params) -> dict:
         self.next_id += 1
@@ -93,6 +94,31 @@ class DevTools:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
+            if "method" in message:
+                self.events.append(message)
+
+    def wait_event(self, method: str, seconds: float = 60, **match) -> dict:
+        """The params of the first ``method`` event whose params include ``match`` (taken off ``events``)."""
+        import websocket
+
+        deadline = time.monotonic() + seconds
+        while True:
+            for event in self.events:
+                if event["method"] == method and all(event["params"].get(k) == v for k, v in match.items()):
+                    self.events.remove(event)
+                    return event["params"]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for the event {method} {match or ''}")
+            self.ws.settimeout(left)
+            try:
+                message = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
+            finally:
+                self.ws.settimeout(60)
+            if "method" in message:
+                self.events.append(message)
 
     def evaluate(self, expression: str):
         return self("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")

@@ -28,9 +28,7 @@ def fit(manifest, resume_path, out, crash_after=None, settings_overrides=None, d
     """
     man = manifest_mod.read(manifest)
     train = man.split("train")
-    seed_everything(3)
-    model = build_model({"backbone": "small_cnn", "weights": "none", "embedding_dim": 16, "num_slices": 2,
-                         "freeze_bn": True, "dropout": dropout})
+    model = initial_model({"num_slices": 2, "freeze_bn": True, "dropout": dropout})
 
     def crash(trainer, entry):
         if crash_after is not None and trainer.epoch == crash_after:
@@ -175,3 +173,31 @@ def router_data_init_shares(n=11, features=6, groups=3, seed=0):
     between = max(float((torch.tensor(e["weight"]) - first).abs().max()) for e in everyone)
     return {"world_size": world, "between": between, "vs_one": max(e["vs_one"] for e in everyone),
             "moved": everyone[0]["moved"], "pending": any(e["pending"] for e in everyone)}
+
+
+def initial_model(overrides=None):
+    """The small CNN :func:`train` starts from (seed 3; dropout at its default unless ``overrides`` say)."""
+    seed_everything(3)
+    return build_model({"backbone": "small_cnn", "weights": "none", "embedding_dim": 16, **(overrides or {})})
+
+
+def train(manifest, out, model=None, settings_overrides=None, threads=1, nudge=False):
+    """One training (the Trainer, as the train stage runs it) on ``threads`` CPU threads; rank 0 saves the
+    final state_dict to ``out``. ``model``: build_model overrides of a small CNN (dropout at its default).
+    ``nudge``: every initial weight moved by one float32 ulp (``torch.nextafter``), a perturbation of the
+    size rounding makes. Returns the epochs' losses, non-zero loss terms and cluster sizes."""
+    man = manifest_mod.read(manifest)
+    torch.set_num_threads(int(threads))
+    net = initial_model(model)
+    if nudge:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    with stagekit.processes("cpu") as device:
+        trainer = Trainer(net, man, man.split("train"), settings(**(settings_overrides or {})), device=device)
+        trainer.fit()
+        if stagekit.is_main():
+            torch.save(net.state_dict(), out)
+    return {"world_size": trainer.world_size, "loss": [h["loss"] for h in trainer.history],
+            "terms": [h["nonzero_terms"] for h in trainer.history],
+            "cluster_sizes": [h.get("cluster_sizes") for h in trainer.history]}

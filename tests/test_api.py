@@ -65,6 +65,81 @@ def test_import_dcml_stays_light():
     assert dcml.DcmlError is DcmlError
     with pytest.raises(AttributeError):
         dcml.nothing_here
+    # dir() (tab completion) offers the public API, every name of it there
+    public = [name for name in dir(dcml) if not name.startswith("_")]
+    assert public == sorted(n for n in dcml.__all__ if not n.startswith("_")), public
+    assert all(getattr(dcml, name) is not None for name in dcml.__all__)
+    import dcml_app
+
+    assert {"train", "Trained"} <= set(dir(dcml_app))
+
+
+# Resident memory after a 64 MiB bytes object is made and freed: glibc hands a buffer that large back to the
+# kernel unless its mmap/trim thresholds were raised (what a stage process does, dcml.stagekit.stage_process).
+_KEPT_AFTER_FREE = """
+import json, logging, os, threading
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def kept():
+    before = rss(); buffer = b"x" * (64 << 20); del buffer
+    return (rss() - before) / (1 << 20)
+threads, faiss_level = threading.active_count(), logging.getLogger("faiss.loader").level
+import dcml
+out = {"import": kept(), "threads": threading.active_count() - threads,
+       "faiss_level": logging.getLogger("faiss.loader").level - faiss_level}
+from dcml import stagekit
+stagekit.stage_process()
+out["stage"] = kept()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_import_dcml_changes_no_process_setting_but_a_stage_process_keeps_its_buffers():
+    done = subprocess.run([sys.executable, "-c", _KEPT_AFTER_FREE], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["threads"] == 0 and out["faiss_level"] == 0  # no watcher thread, no logger touched
+    assert out["import"] < 16, out  # freed: glibc's default thresholds still hold after `import dcml`
+    assert out["stage"] > 48, out  # kept in the heap for the next batch once a stage process asks for it
+
+
+def test_long_embeds_draw_a_progress_bar_on_a_terminal_only(jpegs, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    manifest, model_file, _ = jpegs
+    files = [str(f) for f in files_of(manifest)]  # 40 images: two batches
+    code = ("import sys, dcml; m = dcml.load_model(sys.argv[1]); v = m.embed(sys.argv[2:]); "
+            "m.embed(sys.argv[2:4]); print(v.shape)")
+    command = [sys.executable, "-c", code, str(model_file), *files]
+    piped = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == "(40, 16)" and "embed 40 images" not in piped.stderr  # a pipe: quiet
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        shown = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=side, timeout=300)
+        os.close(side)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(main, 1 << 16)
+            except OSError:  # the terminal's other side is closed and everything read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(main)
+    assert shown.returncode == 0, drawn
+    text = drawn.decode("utf-8", "replace")
+    assert "embed 40 images:" in text and "0/2" in text, text  # a tqdm bar over the 2 batches (cleared after)
+    assert text.count("embed ") == text.count("embed 40 images")  # two images (one batch): no bar
 
 
 def test_model_embeds_images_files_and_folders_like_the_pipeline(jpegs, tmp_path):
@@ -109,7 +184,9 @@ def test_index_build_search_add_remove_save_open(jpegs, tmp_path, capsys):
     assert len(index) == 30 and index.threshold is None  # no 'val' split: no match threshold
     hits = index.search([files[0], files[12]], k=3)
     assert isinstance(hits, pd.DataFrame) and len(hits) == 6
-    assert list(hits.columns) == ["query", "rank", "id", "image_id", "label", "class_name", "score", "match", "path"]
+    assert list(hits.columns) == ["query", "rank", "id", "image_id", "label", "class_name", "score", "match", "path",
+                                  "threshold", "false_match_rate", "true_match_rate"]
+    assert hits[["threshold", "false_match_rate", "true_match_rate"]].isna().all().all()  # no threshold, no rates
     top = hits[hits["rank"] == 1]
     assert list(top["id"]) == [0, 12] and np.allclose(top["score"], 1.0, atol=1e-5)
     assert list(top["query"]) == [str(files[0]), str(files[12])] and top["match"].isna().all()
@@ -241,7 +318,8 @@ def test_index_out_existing_needs_append_or_overwrite_and_remove_persists(jpegs,
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and "\n" not in err and err == (
         f"error: {out}: already exists; pass --append to add images to it, --remove ID to take items out, "
-        "or --overwrite to replace it")
+        f"or --overwrite to replace it (`dcml threshold --index {out} --false-match-rate RATE` changes only the "
+        "match threshold, nothing re-embedded)")
     assert (out / "index.json").read_text() == before
     dcml_main(args + ["--overwrite"])
     assert "40 images (40 added)" in capsys.readouterr().out
@@ -319,3 +397,30 @@ def test_index_of_image_files_with_labels_and_a_threshold_from_labelled_images(j
     assert (hits["match"] == (hits["score"] >= entry["threshold"] - 1e-6)).all()
     saved = index.save(tmp_path / "from-files")
     assert dcml.Index.open(saved).threshold == entry["threshold"]
+
+
+@pytest.mark.slow
+def test_train_from_python_returns_the_delivered_model_and_its_metrics(tiny_pipeline, tmp_path, capsys):
+    import dcml_app
+    from dcml.contracts import records
+
+    # The shared run's cache serves every stage but tracking: the same run, from Python.
+    shutil.copytree(tiny_pipeline.output_dir / "cache", tmp_path / "runs" / "cache")
+    trained = dcml_app.train(dict(tiny_pipeline.args), output_dir=tmp_path / "runs",
+                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert trained.metrics == tiny_pipeline.result["metrics"]
+    assert "evaluate" in capsys.readouterr().out  # one line per stage, as `dcml run` prints
+    # the delivered model is the one the final evaluation scored (shared mode: the fine-tuned one)
+    evaluated = records.read(trained.summary["metrics_file"])["inputs"]["model"]
+    delivered = records.read(trained.model_path)
+    assert delivered["exec_id"] == evaluated["exec_id"] and delivered["stage"] == "finetune"
+    assert trained.model_path.is_relative_to(trained.run_dir)
+    assert trained.model.dim == tiny_pipeline.args["embedding_dim"]
+    assert trained.mlflow["mlflow_run_id"] and trained.mlflow["tracking_uri"].endswith("mlflow.db")
+    # bad parameters: one line before any stage runs, nothing written
+    with pytest.raises(DcmlError, match=r"epochs"):
+        dcml_app.train("demo", epochs=-1, output_dir=tmp_path / "bad")
+    with pytest.raises(DcmlError, match=r"unknown parameter\(s\) epoch\b"):
+        dcml_app.train({"epoch": 3}, output_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+

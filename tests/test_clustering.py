@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from dcml.algorithm.clustering import cluster_sizes, drop_singletons, kmeans, match_to_previous
+from dcml.algorithm.clustering import TOL, cluster_sizes, drop_singletons, kmeans, l2_normalize, match_to_previous
 from dcml.contracts.errors import DcmlError
 
 
@@ -36,7 +36,7 @@ def test_all_points_are_used_not_faiss_default_subsample():
     # 20000 points > 256 * 4: faiss's default trains on a 1024-point sample,
     # so its centroids are means of the sample, not of all assigned points.
     x, _ = blobs()
-    ours = kmeans(x, 4, niter=100, seed=0, normalize=False)
+    ours = kmeans(x, 4, niter=100, seed=0, normalize=False, tol=0)  # tol=0: until the objective stops changing
     assert centroid_gap(x, ours) < 1e-4
 
     plain = faiss.Kmeans(x.shape[1], 4, niter=100, seed=0)
@@ -68,6 +68,59 @@ def test_normalize_and_spherical():
     assert sph.inertia == pytest.approx(direct, rel=1e-3)
 
 
+def fashion_mnist_pixels(limit):
+    from bench.bench_speed import fashion_mnist_pixels as load
+
+    x = load(limit)
+    if x is None:
+        pytest.skip("Fashion-MNIST not installed (make fashion-mnist)")
+    return x
+
+
+def test_convergence_stop_is_faiss_own_run_stopped_early():
+    """Warm-started single iterations follow faiss's own continuous run and stop where its rule stops."""
+    x = l2_normalize(fashion_mnist_pixels(6000))
+    ours = kmeans(x, 10, niter=100, seed=1, normalize=False, gpu=False)  # default tol 1e-4
+    assert 2 < ours.iterations < 100
+    if not hasattr(faiss.ClusteringParameters(), "early_stop_threshold"):
+        pytest.skip("this faiss build has no early_stop_threshold to compare with")
+    seeding = {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS} if hasattr(
+        faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS") else {}
+    native = faiss.Kmeans(x.shape[1], 10, niter=100, seed=1, max_points_per_centroid=600, min_points_per_centroid=1,
+                          early_stop_threshold=TOL, **seeding)
+    native.train(x)
+    assert len(native.obj) == ours.iterations
+    np.testing.assert_allclose(ours.centroids, native.centroids, atol=1e-5)
+    # Running on changes the objective by less than tol per iteration; it never gets worse.
+    longer = kmeans(x, 10, niter=100, seed=1, normalize=False, tol=0, gpu=False)
+    assert longer.iterations > ours.iterations
+    assert longer.inertia <= ours.inertia * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("k", [10, 40])
+def test_stopped_early_inertia_within_1pct_of_sklearn_on_real_data(k):
+    """Fashion-MNIST pixels, as bench_speed compares: scikit-learn run until no label changes."""
+    x = l2_normalize(fashion_mnist_pixels(12000))
+    ours = kmeans(x, k, seed=0, normalize=False, gpu=False)
+    assert ours.iterations < 100
+    theirs = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=100, tol=0.0, algorithm="lloyd",
+                    random_state=0).fit(x)
+    sk_inertia = float(((x - theirs.cluster_centers_[theirs.labels_]) ** 2).sum())
+    assert ours.inertia <= sk_inertia * 1.01
+    direct = ((x.astype(np.float64) - ours.centroids[ours.assignments]) ** 2).sum()
+    assert ours.inertia == pytest.approx(direct, rel=1e-4)
+
+
+def test_restarts_keep_the_best_and_are_reproducible():
+    x = l2_normalize(fashion_mnist_pixels(4000))
+    singles = [kmeans(x, 8, seed=5 + r, normalize=False, gpu=False).inertia for r in range(3)]
+    best = kmeans(x, 8, nredo=3, seed=5, normalize=False, gpu=False)
+    assert best.inertia == pytest.approx(min(singles), rel=1e-6)
+    again = kmeans(x, 8, nredo=3, seed=5, normalize=False, gpu=False)
+    np.testing.assert_array_equal(best.assignments, again.assignments)
+    np.testing.assert_array_equal(best.centroids, again.centroids)
+
+
 def test_k_equals_one_and_bad_k():
     x = np.random.default_rng(0).random((10, 3), dtype=np.float32)
     one = kmeans(x, 1, normalize=False)
@@ -77,6 +130,8 @@ def test_k_equals_one_and_bad_k():
         kmeans(x, 11)
     with pytest.raises(DcmlError, match="NaN"):
         kmeans(np.full((10, 3), np.nan, dtype=np.float32), 2)
+    with pytest.raises(DcmlError, match="tol=1.5"):
+        kmeans(x, 2, tol=1.5)
 
 
 def test_hungarian_recovers_a_permuted_labelling():

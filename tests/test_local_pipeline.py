@@ -227,6 +227,6 @@ def test_dfml_method_trains_through_the_same_pipeline(tiny_args, tmp_path):
     assert 0.0 < result["metrics"]["recall@1"] <= 1.0
     client = MlflowClient(tracking_uri)
     run = client.get_run(result["mlflow"]["mlflow_run_id"])
-    assert run.data.params["method"] == "dfml"
+    assert run.data.tags["dcml.method"] == "dfml"  # the structure is a tag; the parameters are the pipeline's
     # How samples spread over the sub-blocks, as a plot in the run.
     assert "plots/routing_train-dfml.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -211,6 +211,22 @@ def test_a_fixed_gpu_count_is_also_the_default_process_count(tmp_path):
     assert executors(spec)["exec-train-shared"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
 
 
+def test_build_pipeline_bakes_given_values_into_the_defaults_and_refuses_unknown_names(tmp_path):
+    import pipeline
+    from dcml.contracts import params
+
+    out = tmp_path / "p.yaml"
+    values = params.validate({"epochs": "9", "loss": "multi_similarity", "gpus_per_task": "2"})
+    pipeline.compile_pipeline(str(out), image_tag="t1", cluster=pipeline.ClusterSettings(gpus_per_task=4),
+                              defaults=values)
+    defaults = next(yaml.safe_load_all(out.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert defaults["epochs"]["defaultValue"] == 9 and defaults["loss"]["defaultValue"] == "multi_similarity"
+    assert defaults["gpus_per_task"]["defaultValue"] == 2  # a value given wins over --gpus's default
+    assert defaults["seed"]["defaultValue"] == params.PARAMS["seed"].default
+    with pytest.raises(ValueError, match="not pipeline parameters: epoch"):
+        pipeline.build_pipeline(image_tag="t1", defaults={"epoch": 3})
+
+
 @pytest.mark.parametrize("mode", ["shared", "parallel", "dfml"])
 def test_several_nodes_compile_the_training_stages_as_trainjob_launchers(tmp_path, mode):
     structure = ["--method", "dfml"] if mode == "dfml" else ["--mode", mode]

@@ -1,9 +1,11 @@
-"""dcml.retrieval and its commands: approximate recall, `dcml search`, `dcml export`, retrieval pictures."""
+"""dcml.retrieval and its commands: approximate recall, `dcml search`, `dcml index --folder`, `dcml export`,
+retrieval pictures."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dcml
 from components.evaluate.stage import run as evaluate
 from dcml.algorithm.data import ManifestImageDataset, build_transform
 from dcml.algorithm.inference import compute_vectors
@@ -122,6 +125,82 @@ def test_bad_query_is_a_one_line_error(jpegs, tmp_path, capsys, case, message):
         dcml_main(args)
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def _index_cli(capsys, *args) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `dcml index ARGS`."""
+    try:
+        dcml_main(["index", *map(str, args)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    said = capsys.readouterr()
+    return code, said.out, said.err
+
+
+def test_append_a_folder_of_one_class_or_of_loose_images_without_a_manifest(jpegs, tmp_path, capsys):
+    manifest, _, built = jpegs
+    index_dir = tmp_path / "index"
+    shutil.copytree(built, index_dir)  # classes class0, class1, class7, class8 (labels 0, 1, 7, 8), ids 0..39
+    # New images, never indexed: Fashion-MNIST classes 2 and 3 as JPEG files.
+    new = Path(gallery_data.jpeg_manifest(tmp_path / "new", classes=(2, 3), per_class=3)).parent / "images"
+    one_class = tmp_path / "one-class"
+    shutil.copytree(new / "class2", one_class / "pullover")          # ONE class folder
+    loose = tmp_path / "sneakers"
+    loose.mkdir()
+    for f in sorted((new / "class3").glob("*.jpg")):                  # images lying in the folder itself
+        shutil.copy(f, loose / f.name)
+    (loose / "notes.txt").write_text("not an image")
+    # An image of a class the index holds, under that class's folder name: it keeps the class's label.
+    known_class = tmp_path / "more" / "class7"
+    known_class.mkdir(parents=True)
+    shutil.copy(sorted((new / "class2").glob("*.jpg"))[0], known_class / "extra.jpg")
+
+    code, out, err = _index_cli(capsys, "--append", "--folder", one_class, "--out", index_dir)
+    assert code == 0 and out.startswith(f"{index_dir}: 43 images (3 added)"), err
+    code, out, err = _index_cli(capsys, "--append", "--folder", loose, "--out", index_dir)
+    assert code == 0 and out.startswith(f"{index_dir}: 46 images (3 added)"), err
+    code, out, err = _index_cli(capsys, "--append", "--folder", tmp_path / "more", "--out", index_dir)
+    assert code == 0 and out.startswith(f"{index_dir}: 47 images (1 added)"), err
+    # Again: nothing new, nothing embedded twice.
+    code, out, err = _index_cli(capsys, "--append", "--folder", loose, "--out", index_dir)
+    assert code == 0 and out.startswith(f"{index_dir}: 47 images (0 added, 3 already indexed)"), err
+
+    items = dcml.Index.open(index_dir).items.set_index("id")
+    added = items.loc[40:]
+    assert list(added.index) == list(range(40, 47))
+    assert list(added["class_name"]) == ["pullover"] * 3 + ["sneakers"] * 3 + ["class7"]
+    assert list(added["label"]) == [9] * 3 + [10] * 3 + [7]  # new classes after the largest label; class7 keeps 7
+    assert list(added["path"][:3]) == [str(f.resolve()) for f in sorted((one_class / "pullover").glob("*.jpg"))]
+    sources = json.loads((index_dir / "index.json").read_text())["sources"]
+    assert sources[1]["folder"] == str(one_class) and sources[1]["ids"] == [40, 42] and sources[1]["manifest"] is None
+    # Each appended image is found first, with the class it was given.
+    dcml_main(["search", "--index", str(index_dir), "--format", "json", "--k", "2", "--image", added.loc[43, "path"]])
+    first = json.loads(capsys.readouterr().out)[0]["neighbours"][0]
+    assert first["class_name"] == "sneakers" and first["label"] == 10 and first["score"] == pytest.approx(1, abs=1e-5)
+
+    # A new index straight from a folder of class folders: labels number the sorted class names.
+    code, out, err = _index_cli(capsys, "--model", built / "model.pt", "--folder", new, "--out", tmp_path / "fresh")
+    fresh = dcml.Index.open(tmp_path / "fresh").items
+    assert code == 0 and sorted(zip(fresh["class_name"], fresh["label"])) == [("class2", 0)] * 3 + [("class3", 1)] * 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("both", "pass the images with --manifest M or --folder DIR, not both"),
+    ("missing", "photos: no such folder; pass a folder of images"),
+    ("empty", "no image files"),
+])
+def test_bad_append_folder_is_one_line_and_leaves_the_index_as_it_was(jpegs, tmp_path, capsys, case, message):
+    manifest, _, built = jpegs
+    folder = tmp_path / "photos"
+    if case != "missing":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+    before = (built / "index.json").read_bytes()
+    code, _, err = _index_cli(capsys, "--append", "--folder", folder, "--out", built,
+                              *(["--manifest", manifest] if case == "both" else []))
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert (built / "index.json").read_bytes() == before
 
 
 # A consumer of the exported file: no dcml on its path, only torch / onnxruntime / numpy.

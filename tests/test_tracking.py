@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from dcml.contracts import records
+from dcml.contracts import params, records
 from dcml.contracts.errors import DcmlError
 from dcml import tracking
 from dcml_app.cli import cli
@@ -50,10 +50,18 @@ def test_run_tree_params_metrics_history_and_plots(tmp_path, store):
     assert parent.data.params["margin"] == "0.2"
     assert parent.data.params["finetune_epochs"] == "2"
     assert parent.data.params["epochs"] == "4"
-    assert parent.data.params["git_commit"]
+    # only pipeline parameters on the parent run: the stages' internals are on their own runs
+    assert set(parent.data.params) <= {p.name for p in params.pipeline_params()}
+    assert not set(parent.data.params) & {"num_slices", "mode", "k", "git_commit"}
+    assert parent.data.tags["dcml.git_commit"] and parent.data.tags["dcml.method"] == "dc"
+    assert parent.data.tags["dcml.mode"] == "shared"
     assert parent.data.metrics["recall_at_1"] == pytest.approx(0.71)
     assert parent.data.metrics["map_at_r"] == pytest.approx(0.3)
-    assert "seconds.train" in parent.data.metrics
+    # bookkeeping under system/ (MLflow's System metrics tab); the training curves on the parent too
+    assert "system/seconds.train" in parent.data.metrics and "seconds.train" not in parent.data.metrics
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert not any(k.startswith("train/seconds") for k in parent.data.metrics)
+    assert "R@1 0.7100" in parent.data.tags["mlflow.note.content"]  # the description
 
     children = child_runs(client, parent.info.experiment_id, run_id)
     by_stage = {c.data.tags["dcml.stage"]: c for c in children}
@@ -64,7 +72,9 @@ def test_run_tree_params_metrics_history_and_plots(tmp_path, store):
     assert [m.step for m in loss_history] == [0, 1, 2, 3]
     assert [m.value for m in loss_history] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert [m.step for m in client.get_metric_history(train.info.run_id, "epoch.recall_at_1")] == [1, 3]
-    assert "duration_s" in train.data.metrics
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "system/epoch.seconds")] == [0, 1, 2, 3]
+    assert "system/duration_s" in train.data.metrics and "epoch.seconds" not in train.data.metrics
+    assert by_stage["cluster"].data.params["k"] == "2"  # a stage's own names and internals on its run
 
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert artifacts == {"plots/training_curves.png", "plots/recall_at_k.png", "plots/cluster_sizes.png",
@@ -135,7 +145,8 @@ def test_compare_metric_names_narrow_table_and_zoomed_plot(tmp_path, store, caps
     dcml_main(["compare", "--experiment", "narrow", "--metric", "recall_at_1", "--plot", str(plot)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("experiment: narrow (sorted by recall@1")
-    assert lines[1].split() == ["run", "K", "mode", "method", "recall@1", "map@r", "r_precision", "nmi", "duration"]
+    # the two runs differ in no parameter: only names, metrics and durations
+    assert lines[1].split() == ["run", "recall@1", "map@r", "r_precision", "nmi", "duration"]
     assert [line.split()[0] for line in lines[2:4]] == ["close-b", "close-a"]
     assert max(len(line) for line in lines[1:4]) <= 100
     dcml_main(["compare", "--experiment", "narrow", "--wide"])
@@ -285,36 +296,59 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-def test_model_is_logged_as_a_checkpoint_that_loads_without_unpickling(tmp_path, store):
+def test_model_is_a_registered_logged_model_that_loads_without_unpickling(tmp_path, store):
     model_file = tmp_path / "model.pt"
     metrics_path, _ = fake_lineage(tmp_path, model=model_file)
     run_id = tracking.log_pipeline_run(str(metrics_path), model=str(model_file), experiment="model")
     client = MlflowClient(store)
-    tags = client.get_run(run_id).data.tags
-    assert tags["dcml.model_uri"] == f"runs:/{run_id}/dcml-model/model.pt"
-    assert tags["dcml.model_format"] == "dcml.checkpoint" and tags["dcml.model_logged"] == "true"
-    logged = {a.path for a in client.list_artifacts(run_id, "dcml-model")}
-    assert logged == {"dcml-model/model.pt", "dcml-model/model_config.json"}  # no MLmodel, no pickle
-    config = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/dcml-model/model_config.json"))
-    assert config["model_config"] == TINY_MODEL.config
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    # an MLflow 3 logged model of the run, flavor dcml: the checkpoint and MLmodel, nothing pickled
+    [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.source_run_id == run_id and tags["dcml.model_uri"] == f"models:/{logged.model_id}"
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    assert tags["dcml.model_format"] == "mlflow.logged_model" and tags["dcml.model_logged"] == "true"
+    files = sorted(a.path for a in client.list_logged_model_artifacts(logged.model_id))
+    assert "model.pt" in files and "MLmodel" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))]
+    from mlflow.models import Model
 
-    model, ckpt = tracking.load_logged_model(tags["dcml.model_uri"])
-    assert torch.allclose(_embed(model), _embed(TINY_MODEL.eval()), atol=1e-6)
+    flavor = Model.load(f"models:/{logged.model_id}").flavors["dcml"]
+    assert flavor["model_config"] == TINY_MODEL.config and flavor["loader"] == "dcml.tracking.load_logged_model"
+    assert logged.params["dataset"] == "fashion-mnist"  # the run's parameters travel with it
+    # registered under the experiment's name, the alias candidate on the newest version
+    version = client.get_model_version_by_alias("model", "candidate")
+    assert (str(version.version), version.source) == ("1", f"models:/{logged.model_id}")
+    assert tags["dcml.registered_model"] == "model" and tags["dcml.registered_version"] == "1"
+    assert "models:/model/1" in tags["mlflow.note.content"]
 
-    # The same model served from the cache: the next run points at the logged file.
-    again = tracking.log_pipeline_run(str(metrics_path), model=str(model_file), experiment="model")
-    assert client.get_run(again).data.tags["dcml.model_uri"] == tags["dcml.model_uri"]
-    assert "dcml.model_logged" not in client.get_run(again).data.tags
+    for uri in ("models:/model@candidate", "models:/model/1", tags["dcml.model_uri"]):
+        model, _ = tracking.load_logged_model(uri)
+        assert torch.allclose(_embed(model), _embed(TINY_MODEL.eval()), atol=1e-6)
+    file = tracking.download_model("models:/model@candidate", tmp_path / "mine")
+    assert file == tmp_path / "mine" / "model.pt" and file.read_bytes() == model_file.read_bytes()
+
+    # The same model served from the cache: the next run links the logged model, registers nothing new.
+    again = client.get_run(tracking.log_pipeline_run(str(metrics_path), model=str(model_file), experiment="model"))
+    assert again.data.tags["dcml.model_uri"] == tags["dcml.model_uri"] and "dcml.model_logged" not in again.data.tags
+    assert [o.model_id for o in again.outputs.model_outputs] == [logged.model_id]
+    assert [str(v.version) for v in client.search_model_versions("name = 'model'")] == ["1"]
+    # Another model: version 2 gets the alias.
+    other = tmp_path / "other" / "model.pt"
+    other.parent.mkdir()
+    other_metrics, _ = fake_lineage(other.parent, model=other)
+    third = client.get_run(tracking.log_pipeline_run(str(other_metrics), model=str(other), experiment="model"))
+    assert third.data.tags["dcml.registered_version"] == "2"
+    assert str(client.get_model_version_by_alias("model", "candidate").version) == "2"
 
     # A tampered copy of the artifact that carries pickled code is refused, and the code never runs.
     marker = tmp_path / "pwned.txt"
     evil = tmp_path / "evil" / "model.pt"
     evil.parent.mkdir()
-    torch.save({**ckpt, "model": {"weight": _Payload(marker)}}, evil)
-    experiment_id = client.get_run(run_id).info.experiment_id
+    torch.save({**torch.load(model_file, weights_only=True), "model": {"weight": _Payload(marker)}}, evil)
+    experiment_id = run.info.experiment_id
     with mlflow.start_run(experiment_id=experiment_id, run_name="tampered") as tampered:
         mlflow.log_artifact(str(evil), artifact_path="dcml-model")
-    uri = f"runs:/{tampered.info.run_id}/dcml-model/model.pt"
+    uri = f"runs:/{tampered.info.run_id}/dcml-model/model.pt"  # the layout of runs logged before logged models
     with pytest.raises(DcmlError) as refused:
         tracking.load_logged_model(uri)
     message = str(refused.value)
@@ -326,9 +360,18 @@ def test_model_is_logged_as_a_checkpoint_that_loads_without_unpickling(tmp_path,
     assert marker.read_text() == "pwned"
 
 
-def test_a_model_uri_from_mlflow_pytorch_is_refused(store):
+def test_a_model_logged_with_mlflow_pytorch_is_refused_unread(tmp_path, store):
+    import mlflow.pytorch
+
     with pytest.raises(DcmlError, match="not a dcml model URI"):
-        tracking.load_logged_model("models:/m-0123456789abcdef")
+        tracking.load_logged_model("runs:/0123/model/data/model.pth")
+    with mlflow.start_run(experiment_id=tracking.setup("pickled", store)):
+        info = mlflow.pytorch.log_model(TINY_MODEL, name="pickled", pip_requirements=[], serialization_format="pickle")
+    with pytest.raises(DcmlError) as refused:
+        tracking.load_logged_model(info.model_uri)
+    assert "not a dcml model (its MLmodel has flavors" in str(refused.value) and "pytorch" in str(refused.value)
+    with pytest.raises(DcmlError, match="cannot download the model"):
+        tracking.load_logged_model("models:/no-such-model@candidate")
 
 
 # -- the parent run spans the pipeline; the UI command works from any folder -------------------------------

@@ -25,6 +25,7 @@ from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import check_writable
 from dcml.contracts.params import PARAMS as _P
 from dcml.contracts.records import StageTimer
+from dcml import stagekit
 
 STAGE = "compress"
 # The checkpoint does not carry a proxy loss's trained proxies, so only
@@ -99,6 +100,7 @@ def run(model, manifest, out, bits: int = 4, method: str = _P["compress_method"]
         seed: int = _P["seed"].default, num_workers: int = _P["num_workers"].default, device=None) -> dict:
     """Quantise ``model``'s conv/linear weights to ``bits`` bits with ``method``,
     write the compressed checkpoint ``out``, and return the stage record."""
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     import copy
 
     import torch

@@ -52,6 +52,7 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
     ``routed_scale=None`` is G (see dcml.methods.dfml.factorize). ``nproc``:
     data-parallel processes.
     """
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "train-dfml", rename=RENAME, fixed_defaults=FIXED_DEFAULTS)
     check_writable(out)
@@ -80,7 +81,7 @@ def run(manifest, out, routed_weight=0.5, distill_weight=0.5, temperature=0.1, b
                                    temperature=float(temperature), balance_weight=float(balance_weight),
                                    eval_routed=bool(eval_routed), eval_rows=eval_rows, val_rows=val_rows,
                                    fresh_head=True, **stagekit.resume_location(out, work_dir), device=dev)
-        history = trainer.fit(resume=resume)
+        history = trainer.fit(callbacks=[stagekit.EpochLog()], resume=resume)
         if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
             return {}
         processes = trainer.world_size

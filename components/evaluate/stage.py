@@ -25,22 +25,28 @@ from dcml.contracts import params
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.io import read_vectors, write_json, write_vectors
 from dcml.contracts.records import StageTimer
+from dcml.retrieval.rerank import DEFAULT as RERANK_DEFAULT, HELP as RERANK_HELP, QueryExpansion
+from dcml import stagekit
 
 STAGE = "evaluate"
 
 
 def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks=params.PARAMS["ks"].default,
         embeddings_out=None, batch_size: int = params.PARAMS["eval_batch_size"].default,
-        num_workers: int = params.PARAMS["num_workers"].default, include=None, device=None) -> dict:
+        num_workers: int = params.PARAMS["num_workers"].default, include=None, device=None,
+        rerank: str | None = None) -> dict:
     """Write ``out`` ({"metrics": {...}, "record": {...}}) and return the stage record."""
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     ks = metrics_lib.check_ks(params.check_ks(ks, "--ks") if isinstance(ks, str) else ks)
     include = metrics_lib.check_include(include)
+    expansion = QueryExpansion.parse(rerank)  # dcml.retrieval.rerank: None = plain search
     check_writable(out)
     if embeddings_out is not None:
         check_writable(embeddings_out)
     record_params = {"embeddings": _str(embeddings), "model": _str(model), "manifest": _str(manifest), "split": split,
               "ks": ks, "include": list(include), "embeddings_out": _str(embeddings_out),
-              "batch_size": int(batch_size), "num_workers": int(num_workers)}
+              "batch_size": int(batch_size), "num_workers": int(num_workers),
+              **({"rerank": expansion.describe()} if expansion else {})}
     timer = StageTimer(STAGE, record_params)
     if (embeddings is None) == (model is None):
         raise DcmlError("evaluate: pass either --embeddings FILE.parquet or --model CKPT with --manifest M")
@@ -81,11 +87,15 @@ def run(out, embeddings=None, model=None, manifest=None, split: str = "test", ks
     labels = table["label"].to_numpy()
     details: dict = {}
     query = vectors[query_rows]
+    reference = None if reference_rows is None else vectors[reference_rows]
+    # Re-ranked: the expanded queries are searched (each query's own row still left out).
+    searched = None if expansion is None else expansion.expand_in_set(query, reference)
     if reference_rows is None:
-        metrics = metrics_lib.evaluate_embeddings(query, labels[query_rows], ks=ks, include=include, details=details)
+        metrics = metrics_lib.evaluate_embeddings(query, labels[query_rows], ks=ks, include=include, details=details,
+                                                  search_query=searched)
     else:
-        metrics = metrics_lib.evaluate_embeddings(query, labels[query_rows], vectors[reference_rows],
-                                                  labels[reference_rows], ks=ks, include=include, details=details)
+        metrics = metrics_lib.evaluate_embeddings(query, labels[query_rows], reference, labels[reference_rows],
+                                                  ks=ks, include=include, details=details, search_query=searched)
     extra.update(mode=mode, dim=int(vectors.shape[1]),
                  splits=["query", "gallery"] if mode == "query_vs_gallery" else ([split] if "split" in table.columns else None),
                  **{key: (round(value, 3) if isinstance(value, float) else value) for key, value in details.items()})
@@ -175,11 +185,12 @@ def format_table(metrics: dict, record: dict) -> str:
 @click.option("--num-workers", default=params.PARAMS["num_workers"].default, show_default=True, type=int,
               help=params.PARAMS["num_workers"].help)
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
+@click.option("--rerank", default=RERANK_DEFAULT, show_default=True, help=RERANK_HELP)
 def cli(embeddings, model, manifest, out, split, k_values, ks_text, include, embeddings_out, batch_size,
-        num_workers, device):
+        num_workers, device, rerank):
     include_list = [part.strip() for part in include.split(",") if part.strip()] if include else None
     record = run(out=out, embeddings=embeddings, model=model, manifest=manifest, split=split,
                  ks=_parse_ks(k_values, ks_text), embeddings_out=embeddings_out, batch_size=batch_size,
-                 num_workers=num_workers, include=include_list, device=device)
+                 num_workers=num_workers, include=include_list, device=device, rerank=rerank)
     click.echo(format_table(record["metrics"], record))
     click.echo(f"wrote {out}")

@@ -51,6 +51,7 @@ def run(manifest, out, model=None, splits=("train",), device=None, activations_o
     backbone to use instead of a fresh one. ``score``: also score the
     backbone's features on the validation and test splits (not with ``model``).
     """
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     import torch
 
     from dcml.algorithm.inference import compute_vectors, resolve_device

@@ -100,6 +100,7 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
     backbone's pretrained features (dcml.algorithm.baseline): when they score
     higher on validation, ``out`` is the model that embeds with them.
     ``nproc``: data-parallel processes."""
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "finetune", rename=RENAME)
     check_writable(out)
@@ -148,7 +149,7 @@ def run(manifest, checkpoints, out, merge="average", activations=None, clusters=
             trainer = Trainer(model, man, train_rows, settings, clusters=assignments, eval_rows=eval_rows,
                               val_rows=val_rows, activations=cache, **stagekit.resume_location(out, work_dir),
                               device=dev)
-            history = trainer.fit(resume=resume)
+            history = trainer.fit(callbacks=[stagekit.EpochLog()], resume=resume)
             if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
                 return {}
             processes = trainer.world_size

@@ -15,8 +15,11 @@ def track(
     manifest: Input[Dataset],
     experiment: str,
     run_name: str,
+    pipeline_params: dict,
     mlflow_run: Output[Artifact],
 ):
+    # pipeline_params: every pipeline parameter as the run got it (kfp hands them over as text);
+    # they are the parent run's MLflow parameters.
     import os
     import tempfile
 
@@ -36,6 +39,7 @@ def track(
             embeddings=vectors,
             experiment=experiment,
             run_name=run_name or None,
+            pipeline_params=pipeline_params,
             out=os.path.join(mlflow_run.path, "record.json"),
             pictures=pictures,
         )

@@ -54,6 +54,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
     data-parallel processes (the record of rank 0 is returned). ``distill``: weight of the similarity
     distillation to the pretrained features (dcml.algorithm.training.distill; 0 = off; measured, not in presets).
     """
+    stagekit.stage_process()  # this process: glibc keeps large batch buffers for reuse
     call = {k: v for k, v in locals().items() if k != "hyper"} | hyper
     hp = params.resolve(PARAMS, hyper, "train")
     if launch.needed(stagekit.check_nproc(nproc)):
@@ -116,7 +117,7 @@ def run(manifest, out, clusters=None, mode="shared", cluster_id=None, init=None,
                           only_learner=cluster_id if mode == "worker" else None,
                           eval_rows=eval_rows, val_rows=val_rows, activations=cache, fresh_head=init is None,
                           **stagekit.resume_location(out, work_dir), device=dev)
-        history = trainer.fit(resume=resume)
+        history = trainer.fit(callbacks=[stagekit.EpochLog()], resume=resume)
         if not stagekit.is_main():  # rank 0 writes the checkpoint and the record
             return {}
         processes = trainer.world_size

@@ -165,6 +165,17 @@ def decode_image(src, mode: str | None = None, draft_size: int | None = None) ->
     return img
 
 
+def inside_root(path: Path, root: Path) -> Path:
+    """``path`` when it still lies inside the dataset ``root`` once links are followed, as ingestion checked
+    (data_prep.common.RootGuard); checked again at every read, so a symlink to a file outside the root
+    swapped in after ingestion is refused instead of followed. A few stat calls per image."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise DcmlError(f"{path}: resolves to {real}, outside the dataset root {root} (a link changed since "
+                        "ingestion?); put the file itself in the root and re-run `dcml ingest`")
+    return path
+
+
 class ManifestImageDataset(Dataset):
     """Items ``(image_tensor, label, row_index)`` for ``rows`` of a manifest.
 
@@ -201,7 +212,7 @@ class ManifestImageDataset(Dataset):
         path = self.paths[i]
         if _is_set(path):
             where = self.root / path
-            src = where
+            src = inside_root(where, self.root)
         elif _is_set(self.blobs[i]):
             where = f"{self.source}: image_bytes of {self.image_ids[i]!r}"
             src = io.BytesIO(self.blobs[i])

@@ -53,7 +53,7 @@ _GPU_MAX_K = 2048
 
 def evaluate_embeddings(query, query_labels, reference=None, reference_labels=None,
                         ks: Iterable[int] = (1, 2, 4, 8), include: Iterable[str] | None = None,
-                        gpu: bool | str = "auto", *, details: dict | None = None) -> dict:
+                        gpu: bool | str = "auto", *, details: dict | None = None, search_query=None) -> dict:
     """Metrics of ``query`` embeddings retrieved from ``reference`` embeddings.
 
     ``reference=None``: the query set is its own reference (every dataset but
@@ -63,6 +63,8 @@ def evaluate_embeddings(query, query_labels, reference=None, reference_labels=No
     ``nmi``, ``ami``. ``gpu``: "auto" (use a GPU when faiss sees one), True or
     False. ``details``, when a dict, receives counts and timings (and, when it holds
     ``per_query=True``, each query's R@1 hit and AP@R under ``per_query``).
+    ``search_query``: vectors searched in place of ``query`` row for row (e.g. re-ranked by query
+    expansion, dcml.retrieval.rerank); labels, the reference and the own-row exclusion stay ``query``'s.
     """
     include = check_include(include)
     ks = check_ks(ks)
@@ -97,7 +99,10 @@ def evaluate_embeddings(query, query_labels, reference=None, reference_labels=No
     metrics: dict[str, float] = {}
 
     if any(m in include for m in RETRIEVAL_METRICS):
-        metrics.update(_retrieval_metrics(query, query_codes, reference, reference_codes, ref_includes_query,
+        searched = query if search_query is None else _as_matrix(search_query, "search_query")
+        if searched.shape != query.shape:
+            raise DcmlError(f"search_query: shape {searched.shape} differs from the query's {query.shape}; one row per query")
+        metrics.update(_retrieval_metrics(searched, query_codes, reference, reference_codes, ref_includes_query,
                                           ks, include, gpu, info))
     if any(m in include for m in CLUSTERING_METRICS):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -136,7 +141,8 @@ def _retrieval_metrics(query, query_codes, reference, reference_codes, ref_inclu
     r_precision = np.empty(len(query), dtype=np.float64)
     average_precision = np.empty(len(query), dtype=np.float64)
     t0, c0 = time.perf_counter(), time.process_time()
-    for start, indices in iter_nearest_neighbors(query, k, None if ref_includes_query else reference, gpu=gpu):
+    # (with ref_includes_query, ``reference`` holds the query rows as given, ``query`` may be their expansion)
+    for start, indices in iter_nearest_neighbors(query, k, reference, gpu=gpu, reference_is_query=ref_includes_query):
         stop = start + len(indices)
         same = reference_codes[indices] == query_codes[start:stop, None]
         any_hit = same.any(axis=1)
@@ -172,19 +178,21 @@ def _retrieval_metrics(query, query_codes, reference, reference_codes, ref_inclu
     return out
 
 
-def iter_nearest_neighbors(query, k: int, reference=None,
-                           gpu: bool | str = "auto") -> Iterator[tuple[int, np.ndarray]]:
+def iter_nearest_neighbors(query, k: int, reference=None, gpu: bool | str = "auto",
+                           reference_is_query: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, indices[rows, k])``: the k nearest references (L2) of
     successive chunks of queries, nearest first.
 
     ``reference=None`` searches the query set itself and drops each query's own
-    index (by index, so exact duplicates are handled as PML does).
+    index (by index, so exact duplicates are handled as PML does);
+    ``reference_is_query``: ``reference`` holds the query rows (row i is query i's
+    own, e.g. before query expansion): own rows are dropped the same way.
     Chunks are multiples of faiss's BLAS query block, and the last chunk takes
     the remainder, so the distances are bit-identical to one big search.
     """
     query = _as_matrix(query, "query")
-    exclude_self = reference is None
-    reference = query if exclude_self else _as_matrix(reference, "reference")
+    exclude_self = reference is None or reference_is_query
+    reference = query if reference is None else _as_matrix(reference, "reference")
     search_k = k + int(exclude_self)
     if search_k > len(reference):
         raise DcmlError(f"cannot return {k} neighbours from {len(reference) - int(exclude_self)} references; lower k")

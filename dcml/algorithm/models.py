@@ -1,7 +1,8 @@
 """Backbones and the sliced embedding head (K subspaces, one per learner).
 
 ``build_model(config)`` returns an :class:`EmbeddingModel`: a backbone that maps
-images to pooled features [N, F], dropout, and a Linear(F -> embedding_dim)
+images to pooled features [N, F], dropout (masks per sample of the global batch:
+:mod:`dcml.algorithm.noise`), and a Linear(F -> embedding_dim)
 head whose output is split into K contiguous slices, each L2-normalised on its
 own. Learner k trains slice k only; K=1 is the plain metric-learning baseline.
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcml.algorithm import noise
 from dcml.contracts.errors import DcmlError
 from dcml.contracts.params import BACKBONES
 
@@ -299,7 +301,8 @@ class EfficientNetLite0Backbone(Backbone):
 
     Blocks are its 16 MBConv blocks; the tail is the 1x1 head conv (320 ->
     1280) with its BatchNorm, then the pool. Stochastic depth (drop-connect
-    rate 0.2 x block index / 16) applies in training mode, as in the package.
+    rate 0.2 x block index / 16) applies in training mode, as in the package,
+    drawn per sample of the global batch (:mod:`dcml.algorithm.noise`).
     """
 
     classifier_prefix = "_fc."
@@ -335,15 +338,39 @@ class EfficientNetLite0Backbone(Backbone):
         return n._swish(n._bn0(n._conv_stem(x)))
 
     def _block(self, i, x):
+        from efficientnet_lite_pytorch.model import MBConvBlock
+
         rate = self.net._global_params.drop_connect_rate
         if rate:
             rate *= float(i) / self.num_blocks
-        return self.net._blocks[i](x, drop_connect_rate=rate)
+        block = self.net._blocks[i]
+        if isinstance(block, MBConvBlock):
+            return _mbconv(block, x, rate)
+        return block(x, drop_connect_rate=rate)  # a block of another kind (DFML's) draws its own
 
     def _tail(self, x):
         n = self.net
         x = n._swish(n._bn1(n._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _mbconv(block, inputs: torch.Tensor, drop_connect_rate: float | None) -> torch.Tensor:
+    """``MBConvBlock.forward`` of efficientnet-lite-pytorch (the same operations in the same order), its
+    stochastic depth drawn per sample of the global batch (:func:`dcml.algorithm.noise.drop_connect`)."""
+    x = inputs
+    if block._block_args.expand_ratio != 1:
+        x = block._swish(block._bn0(block._expand_conv(inputs)))
+    x = block._swish(block._bn1(block._depthwise_conv(x)))
+    if block.has_se:
+        squeezed = block._se_expand(block._swish(block._se_reduce(F.adaptive_avg_pool2d(x, 1))))
+        x = torch.sigmoid(squeezed) * x
+    x = block._bn2(block._project_conv(x))
+    args = block._block_args
+    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        if drop_connect_rate:
+            x = noise.drop_connect(x, drop_connect_rate, block.training)
+        x = x + inputs
+    return x
 
 
 class SmallCNN(Backbone):
@@ -431,7 +458,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.config = _validated(config)
         self.backbone = build_backbone(self.config, load_weights=load_weights)
-        self.dropout = nn.Dropout(self.config["dropout"])
+        self.dropout = noise.Dropout(self.config["dropout"])  # masks per sample of the global batch
         self.head = nn.Linear(self.backbone.out_features, self.config["embedding_dim"])
         self._bounds = slice_bounds(self.config["embedding_dim"], self.config["num_slices"])
         self.init_head()

@@ -59,17 +59,44 @@ def save(path: str | os.PathLike, ckpt: dict) -> None:
 
 
 def pickled_refusal(path, exc: BaseException) -> str | None:
-    """The one line for a file that ``torch.load(weights_only=True)`` refused because it holds
-    pickled Python objects (None for other failures): what the file is, and the safe way on
-    (re-create it, or re-save only its tensors -- never load it with weights_only=False here)."""
+    """dcml's one line for a file ``torch.load(weights_only=True)`` refused (None for other failures, such
+    as a truncated file): one that holds pickled Python objects -- any kind of global, ``os.system`` as
+    much as a class -- is refused with the safe way on (re-save the weights as a plain state_dict); one
+    that is no PyTorch file at all says what it is. Never torch's own text, which suggests
+    ``weights_only=False``: exactly what must not be done with such a file."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    if "Unsupported global" not in text and "Unsupported class" not in text:
-        return None  # a damaged file, not a pickled object
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    what = f"pickled Python objects ({found.group(1)})" if found else "pickled Python objects"
-    return (f"{path}: refused: it holds {what}, not only tensors, and loading it could run code; re-create it "
-            "with the dcml stage that writes it, or, only if you trust its source, in a separate throw-away "
-            "environment load it and torch.save() just its state_dict (a dict of tensors), then use that file")
+    names = _pickled_globals(path) or list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", text)))
+    if names or "Unsupported global" in text or "Unsupported class" in text:
+        what = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        return (f"{path}: refused: it holds pickled Python objects{what}, not only tensors, and loading it could "
+                "run code; re-save the weights as a plain state_dict (a dict of tensors) -- only if you trust "
+                "its source, and in a separate throw-away environment -- or re-create it with the dcml stage "
+                "that writes it")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return f"{path}: not a readable checkpoint ({_file_kind(path)}); pass a model file written by dcml"
+    return None
+
+
+def _pickled_globals(path) -> list[str]:
+    """The globals (functions, classes) a checkpoint's pickle names that weights_only loading does not
+    allow, read without unpickling anything ([] when they cannot be listed)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint, damaged: nothing to list
+        return []
+
+
+def _file_kind(path) -> str:
+    """What a file that is no checkpoint looks like, from its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return "unreadable"
+    kinds = {b"PAR1": "a Parquet table", b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image",
+             b"{": "a JSON or text file", b"PK": "a zip archive"}
+    kind = next((kind for magic, kind in kinds.items() if head.startswith(magic)), None)
+    return f"{kind}, not a PyTorch file" if kind else "not a PyTorch file of tensors"
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -77,7 +77,7 @@ class _Events:
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
              stage: str | None = None, leave: bool = False):
-    """tqdm on a terminal; progress events under a runner; silent otherwise.
+    """tqdm on a terminal (or in Jupyter); progress events under a runner; silent otherwise.
 
     Either way ``iterable`` is iterated once, lazily, so what is displayed never
     changes what is computed. (tqdm.auto's asyncio class calls ``iter()`` in its
@@ -89,4 +89,6 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", unit:
         return _Events(iterable, total, desc, stage or os.environ.get("DCML_STAGE"))
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=leave)
+    # disable=None: a bar on a terminal only; Jupyter shows stderr without it being a terminal.
+    disable = False if "ipykernel" in sys.modules else None
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave)

@@ -138,7 +138,7 @@ _PARAMS = [
        "training image and train the top on them (0 = train on images).", "model", low=0),
     # -- clustering ------------------------------------------------------------
     _p("num_clusters", int, 4, "K: clusters, learners and embedding slices.", "cluster", low=1),
-    _p("niter", int, 100, "k-means iterations.", "cluster", low=1),
+    _p("niter", int, 100, "k-means iterations at most (it stops earlier once converged).", "cluster", low=1),
     _p("nredo", int, 1, "k-means restarts (the best is kept).", "cluster", low=1),
     _p("cluster_grouping", str, "kmeans", "How the training images are split into K groups: kmeans (clusters of "
        "the backbone features, re-clustered every R epochs) or random (K random groups of whole classes, equal in "
@@ -234,6 +234,68 @@ _PARAMS = [
 
 PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
 
+# The blocks ``train_blocks`` counts, per backbone (dcml.algorithm.models; the tests check them against the models).
+BACKBONE_BLOCKS = {"small_cnn": 2, "resnet18": 8, "resnet50": 16, "efficientnet_lite0": 16}
+
+
+def _masks_need_clusters(v: dict, n) -> str | None:
+    if v["embedding_masks"] and v["num_clusters"] < 2:
+        return (f"{n('embedding_masks')}=true learns a mask per cluster's learner, so it needs {n('num_clusters')} "
+                f">= 2 (got {v['num_clusters']}); raise {n('num_clusters')} or set {n('embedding_masks')}=false")
+    return None
+
+
+def _fast_mode_needs_a_frozen_part(v: dict, n) -> str | None:
+    if v["fast_views"] > 0 and v["train_blocks"] < 0:
+        return (f"{n('fast_views')}={v['fast_views']} caches the frozen lower part of the backbone, but "
+                f"{n('train_blocks')}=-1 trains all of it; set {n('train_blocks')} to the number of top blocks "
+                "that train (e.g. 5)")
+    return None
+
+
+def _blocks_of_the_backbone(v: dict, n) -> str | None:
+    blocks = BACKBONE_BLOCKS.get(v["backbone"])
+    if blocks is not None and v["train_blocks"] > blocks:
+        return (f"{n('train_blocks')}={v['train_blocks']}: {v['backbone']} has {blocks} blocks; use -1 (all) "
+                f"or 0..{blocks}")
+    return None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A rule between parameters: ``problem(values, name)`` says what is wrong with ``values`` (None:
+    nothing), ``name(parameter)`` giving each parameter's name as the caller knows it."""
+
+    names: tuple[str, ...]
+    rule: str  # what `dcml params` shows
+    problem: Any
+
+
+CONSTRAINTS = (
+    Constraint(("embedding_masks", "num_clusters"), "embedding_masks=true needs num_clusters >= 2 (a mask per "
+               "learner)", _masks_need_clusters),
+    Constraint(("fast_views", "train_blocks"), "fast_views > 0 needs train_blocks >= 0 (a frozen lower part to "
+               "cache)", _fast_mode_needs_a_frozen_part),
+    Constraint(("backbone", "train_blocks"), "train_blocks is at most the backbone's blocks ("
+               + ", ".join(f"{b} {n}" for b, n in BACKBONE_BLOCKS.items()) + ")", _blocks_of_the_backbone),
+)
+
+
+def check_constraints(values: dict, source: str, known: Iterable[str] | None = None,
+                      labels: dict | None = None) -> None:
+    """Refuse values that break a rule between parameters (:data:`CONSTRAINTS`), in one line. ``values``: the
+    checked values given (the others at their defaults); a rule is checked only where every parameter it
+    names is ``known`` to the caller (a stage checks the rules among its own parameters)."""
+    known = set(PARAMS if known is None else known)
+    labels = labels or {}
+    for constraint in CONSTRAINTS:
+        if not set(constraint.names) <= known:
+            continue
+        full = {name: values.get(name, PARAMS[name].default) for name in constraint.names}
+        problem = constraint.problem(full, lambda name: labels.get(name, name))
+        if problem:
+            raise DcmlError(f"{source}: {problem}")
+
 # Pipeline parameter -> its name inside a stage, where they differ.
 STAGE_NAMES: dict[str, dict[str, str]] = {
     "ingest": {"data_root": "root"},
@@ -271,6 +333,7 @@ def validate(values: dict, source: str = "parameters", known: Iterable[str] | No
     labels = labels or {}
     out = {name: PARAMS[name].check(value, source, labels.get(name)) for name, value in values.items()}
     check_ks(out.get("ks", PARAMS["ks"].default), source)
+    check_constraints(out, source, allowed, labels)
     if not (out.get("experiment", "x") or "").strip():
         raise DcmlError(f"{source}: experiment='': name the MLflow experiment")
     return out

@@ -85,12 +85,17 @@ class Embedder:
 
         if not images:
             return np.empty((0, self.dim), dtype=np.float32)
-        out = []
-        for start in range(0, len(images), BATCH):
-            batch = torch.stack([self.transform(img) for img in images[start:start + BATCH]]).to(self.device)
-            with torch.inference_mode():
-                out.append(self.net(batch).float().cpu().numpy())
-        vectors = np.concatenate(out)
+        chunks = (images[start:start + BATCH] for start in range(0, len(images), BATCH))
+        vectors = np.concatenate([self.embed_pixels(torch.stack([self.transform(img) for img in chunk]), False)
+                                  for chunk in chunks])
+        return normalized(vectors, "embeddings") if normalize else vectors
+
+    def embed_pixels(self, pixels, normalize: bool = True) -> np.ndarray:
+        """Embeddings [N, dim] of images already through ``transform`` (stacked: [N, C, S, S]), in one pass."""
+        import torch
+
+        with torch.inference_mode():
+            vectors = self.net(pixels.to(self.device)).float().cpu().numpy()
         return normalized(vectors, "embeddings") if normalize else vectors
 
     def embed_files(self, paths, strict: bool = False, normalize: bool = True, desc: str | None = None) -> Embedded:

@@ -34,12 +34,15 @@ An index folder (:class:`GalleryIndex`) holds ``index.faiss``,
 class_name, split), ``model.pt`` (the model that embedded the gallery:
 queries go through it and its preprocessing) and ``index.json`` (format,
 type, knobs, recall, dimension, the match threshold, lineage and the stage
-record). Folders of the first format (``dcml.index/1``, ids 0..n-1 in faiss's
+record), and, when a match threshold was chosen, ``validation.parquet`` (the
+labelled embeddings it was chosen on: ``dcml threshold`` chooses again from
+them). Folders of the first format (``dcml.index/1``, ids 0..n-1 in faiss's
 order) open as well and are written in the current one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -56,12 +59,14 @@ import pandas as pd
 import pyarrow as pa
 
 from dcml.contracts.errors import DcmlError
-from dcml.contracts.io import atomic_dir, write_json, write_parquet
+from dcml.contracts.io import atomic_dir, read_vectors, write_json, write_parquet, write_vectors
 from dcml.contracts.params import INDEX_TYPES, PARAMS
+from dcml.retrieval import index_lock
 
 FORMAT = "dcml.index/2"
 FORMATS = ("dcml.index/1", FORMAT)  # what opens
 INDEX_FILE, ITEMS_FILE, MODEL_FILE, META_FILE = "index.faiss", "items.parquet", "model.pt", "index.json"
+VALIDATION_FILE = "validation.parquet"  # the labelled embeddings the match threshold was chosen on (optional)
 AUTO_APPROXIMATE_FROM = 100_000
 RECALL_K = 10
 RECALL_QUERIES = 1000
@@ -345,6 +350,7 @@ class GalleryIndex:
     index: faiss.Index
     items: pd.DataFrame
     meta: dict
+    rerank: object = None  # a dcml.retrieval.rerank.QueryExpansion that search applies (None: plain search)
 
     def __post_init__(self):
         self.items = self.items.reset_index(drop=True)
@@ -409,9 +415,16 @@ class GalleryIndex:
     def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
         """Top-k hits per normalised query vector: id, image_id, path, label, class_name, score, match
         (score >= the stored threshold; None when the index has none)."""
+        width = np.shape(vectors)[1] if np.ndim(vectors) == 2 else None
+        if width != int(self.index.d):
+            raise DcmlError(f"{self.path}: the index holds {self.index.d}-d vectors, the queries are "
+                            f"{'shaped ' + str(np.shape(vectors)) if width is None else str(width) + '-d'}; "
+                            "embed them with the index's model")
         if self.size == 0:
             return [[] for _ in range(len(vectors))]
         k = max(1, min(int(k), self.size))
+        if self.rerank is not None:
+            vectors = self.rerank.expand_with_index(self.index, vectors)
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         threshold = self.threshold
         out = []
@@ -477,13 +490,52 @@ def stored_vectors(index: faiss.Index) -> np.ndarray:
     return vectors[np.argsort(ids, kind="stable")]
 
 
-def write(dest: str | os.PathLike, index: faiss.Index, items: pd.DataFrame, meta: dict, model_file) -> None:
-    """Write an index folder atomically (a reader sees the old folder or the new one, never a mix)."""
+def read_validation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(vectors, labels, metadata) of an index folder's :data:`VALIDATION_FILE`, or None when it has none."""
+    if not (Path(path) / VALIDATION_FILE).is_file():
+        return None
+    rows, vectors, meta = read_vectors(Path(path) / VALIDATION_FILE, "embedding")
+    return vectors, rows["label"].to_numpy(dtype=np.int64), meta
+
+
+def write(dest: str | os.PathLike, index: faiss.Index, items: pd.DataFrame, meta: dict, model_file,
+          validation: tuple[np.ndarray, np.ndarray, dict] | None = None) -> dict:
+    """Write an index folder atomically (a reader sees the old folder or the new one, never a mix; the caller
+    holds its write lock, :mod:`dcml.retrieval.index_lock`) and return the metadata written;
+    ``validation`` = (vectors, labels, metadata) the match threshold was chosen on (:data:`VALIDATION_FILE`)."""
     table = pa.Table.from_pandas(items[list(ITEM_COLUMNS)], schema=ITEMS_SCHEMA, preserve_index=False)
     next_id = max(int(meta.get("next_id", 0)), int(items["id"].max()) + 1 if len(items) else 0)
-    meta = {**meta, "format": FORMAT, "count": int(index.ntotal), "next_id": next_id}
-    with atomic_dir(dest) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+    meta = {**meta, "format": FORMAT, "count": int(index.ntotal), "next_id": next_id,
+            "write_id": index_lock.new_write_id()}  # tells a writer that opened it earlier to read it again
+    with _no_traceback_on_full_disk(dest), atomic_dir(dest) as tmp:
+        _write_faiss(index, tmp / INDEX_FILE)
         write_parquet(tmp / ITEMS_FILE, table, {"format": FORMAT})
         shutil.copyfile(model_file, tmp / MODEL_FILE)
+        if validation is not None:
+            vectors, labels, about = validation
+            write_vectors(tmp / VALIDATION_FILE, pd.DataFrame({"label": np.asarray(labels, dtype=np.int64)}),
+                          np.asarray(vectors, dtype=np.float32), "embedding", about)
         write_json(tmp / META_FILE, meta)
+    return meta
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index`` streamed through Python's file object, so a full disk is an OSError (ENOSPC)
+    and not faiss's 30-line RuntimeError."""
+    with open(path, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+
+
+@contextlib.contextmanager
+def _no_traceback_on_full_disk(dest: str | os.PathLike):
+    """A failed index write (full disk, quota, permissions) as one DcmlError naming the folder and the fix;
+    the folder there before (if any) is unchanged (the write is atomic)."""
+    from dcml.contracts.io import os_error_line
+
+    existed = Path(dest).is_dir()
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = str(dest)
+        kept = "the index there is unchanged" if existed else "nothing was written"
+        raise DcmlError(f"{os_error_line(exc)} ({kept})") from None

@@ -10,8 +10,9 @@ KEY_PARAMS = (
     "dataset", "method", "mode", "backbone", "num_clusters", "embedding_dim", "loss", "margin",
     "classes_per_batch", "images_per_class", "epochs", "finetune_epochs", "seed",
 )
+STRUCTURE = ("method", "mode")  # tags dcml.method / dcml.mode of a pipeline run
 PIPELINE_RUNS = "tags.`dcml.kind` = 'pipeline'"
-# The narrow table (`dcml compare` without --wide): these columns when present, then the duration.
+# The default table of a single run (of several: the parameters that differ).
 NARROW_PARAMS = ("num_clusters", "mode", "method")
 NARROW_METRICS = ("recall@1", "map@r", "r_precision", "nmi")
 
@@ -32,14 +33,29 @@ def resolve_metric(metric: str, available: list[str], experiment: str) -> str:
 
 
 def narrow(table, metric: str):
-    """Run name, K, mode, method, the key metrics (and the one sorted by) and the duration."""
+    """What differs: run name, the parameters that vary across these runs (K, mode and method when there
+    is one run), the key metrics (and the one sorted by) and the duration."""
     metrics = [m for m in dict.fromkeys((metric,) + NARROW_METRICS) if m in table.columns]
     cols = ["run"] + (["status"] if "status" in table.columns else [])
     cols += [c for c in (HEADLINE, "delivered") if c in table.columns and table[c].astype(bool).any()]
-    cols += [p for p in NARROW_PARAMS if p in table.columns] + metrics + ["duration"]
+    params = table.attrs.get("params", [])
+    shown = varying(table, params) if len(table) > 1 else [p for p in NARROW_PARAMS if p in params]
+    cols += shown + metrics + ["duration"]
     out = table[cols].rename(columns={"num_clusters": "K"})
     out.attrs = dict(table.attrs)
     return out
+
+
+def varying(table, columns) -> list[str]:
+    """The columns whose values are not the same in every row (a missing value counts as one)."""
+    return [c for c in columns if table[c].astype(str).nunique(dropna=False) > 1]
+
+
+def plot_labels(table) -> list[str]:
+    """The runs' names, with the start of the run id where two runs share a name."""
+    names = table["run"].astype(str)
+    twice = set(names[names.duplicated(keep=False)])
+    return [f"{name} ({run_id[:7]})" if name in twice else name for name, run_id in zip(names, table["run_id"])]
 
 
 def _duration(seconds) -> str:
@@ -66,7 +82,8 @@ def latest_experiment(tracking_uri: str | None = None) -> str | None:
 
 def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracking_uri: str | None = None,
                  include_all: bool = False):
-    """A DataFrame of an experiment's pipeline runs: key parameters next to final metrics, best first.
+    """A DataFrame of an experiment's pipeline runs: name, run id, every parameter (key ones first) and
+    every final metric, best first (``attrs["params"]``: the parameter columns).
 
     ``experiment`` None: the experiment with the most recent pipeline run. Only
     FINISHED runs unless ``include_all`` (then with a ``status`` column); runs
@@ -96,20 +113,27 @@ def compare_runs(experiment: str | None = None, metric: str = "recall@1", tracki
     if df.empty:
         return df
     store.mark_training(MlflowClient(uri), exp)  # an experiment of dcml runs made by an older dcml
-    metric_cols = sorted(c for c in df.columns if c.startswith("metrics.") and not c.startswith("metrics.seconds."))
+    metric_cols = sorted(c for c in df.columns if c.startswith("metrics.")
+                         and not c.startswith(("metrics.seconds.", "metrics.system/")))
     available = [dcml_metric_name(c) for c in metric_cols]
     key = resolve_metric(metric, available, name)  # before anything is printed
-    cols = ["tags.mlflow.runName", "start_time"] + (["status"] if include_all else [])
-    cols += [f"params.{p}" for p in KEY_PARAMS if f"params.{p}" in df.columns]
-    table = df[cols + metric_cols].copy()
-    table.columns = [c.split(".", 1)[1] if "." in c else c for c in cols] + available
-    table = table.rename(columns={"mlflow.runName": "run"})
+    for part in STRUCTURE:  # what the pipeline was: a tag of the run (a parameter in runs of an older dcml)
+        tag = df[f"tags.dcml.{part}"] if f"tags.dcml.{part}" in df.columns else None
+        if f"params.{part}" in df.columns:
+            tag = df[f"params.{part}"] if tag is None else tag.fillna(df[f"params.{part}"])
+        if tag is not None:
+            df[f"params.{part}"] = tag
+    logged = [c[len("params."):] for c in df.columns if c.startswith("params.")]
+    params = [p for p in KEY_PARAMS if p in logged] + sorted(p for p in logged if p not in KEY_PARAMS)
+    cols = ["tags.mlflow.runName", "run_id", "start_time"] + (["status"] if include_all else [])
+    table = df[cols + [f"params.{p}" for p in params] + metric_cols].copy()
+    table.columns = ["run"] + cols[1:] + params + available
     seconds = (df["end_time"] - df["start_time"]).dt.total_seconds() if "end_time" in df.columns else float("nan")
     table["duration_s"] = seconds
     table["duration"] = [_duration(v) for v in table["duration_s"]]
     _add_headline(table, df)
     table = table.sort_values(key, ascending=False).reset_index(drop=True)
-    table.attrs.update(experiment=name, metric=key, metrics=available)
+    table.attrs.update(experiment=name, metric=key, metrics=available, params=params)
     return table
 
 

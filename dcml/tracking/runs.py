@@ -2,96 +2,50 @@
 
 One parent run (``dcml.kind=pipeline``) per pipeline run, one nested run per
 stage record in the lineage. A stage whose execution id MLflow has seen
-before was served from the cache and is tagged ``dcml.cached=true``. The
-final model is logged as the dcml checkpoint file itself (``dcml-model/``):
-it loads with ``torch.load(weights_only=True)``, never by unpickling code.
+before was served from the cache and is tagged ``dcml.cached=true``.
+
+The parent run's parameters are the pipeline's parameters (dcml.tracking.naming);
+its description (``mlflow.note.content``) is the run's headline; its name says
+what the run is and what sets it apart in its experiment. Metrics that are
+bookkeeping (seconds, images and batches per epoch, ...) go under ``system/``,
+MLflow's System metrics tab, so the model-metric charts show the training
+curves (``<stage>/loss``, ``<stage>/val_recall_at_1`` on the parent, ``epoch.*``
+on the stage runs) and the scores. The final model is an MLflow logged model of
+flavor ``dcml`` (the checkpoint itself, no pickle), registered under the
+experiment's name with the alias ``candidate`` (dcml.tracking.models).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from dcml.contracts import records
 from dcml.contracts.errors import DcmlError
-from dcml.tracking import liveness, store
+from dcml.tracking import liveness, models, naming, store
+from dcml.tracking.naming import flat_params, metric_key
 from dcml.tracking.plots import make_plots
 
-MODEL_DIR = "dcml-model"        # artifact folder of the logged model
-MODEL_FILE = "model.pt"         # the dcml checkpoint (dcml.contracts.checkpoint)
-MODEL_FORMAT = "dcml.checkpoint"  # tag dcml.model_format: how dcml.model_uri loads
 PARENT_RUN_ENV = "DCML_MLFLOW_PARENT_RUN"  # set by `dcml study`: its grid runs nest under this MLflow run
-_PATH_KEYS = ("manifest", "out", "features", "clusters", "model", "checkpoints", "init",
-              "embeddings", "embeddings_out", "root")
-
-
-def metric_key(name: str) -> str:
-    """A name MLflow accepts (alphanumerics, _ - . / : and spaces): recall@1 -> recall_at_1."""
-    return re.sub(r"[^\w.\-/ :]", "_", name.replace("@", "_at_"))
-
-
-def _flat_params(params: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in params.items():
-        name = f"{prefix}{metric_key(str(key))}"
-        if isinstance(value, dict):
-            out.update(_flat_params(value, f"{name}."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-            out[name] = text[:6000]
-    return out
-
-
-def run_settings(lineage: list[dict]) -> dict:
-    """The run-level settings: each stage's parameters, later stages winning, plus
-    what the pipeline was (method, mode, K, epochs) and where the code came from."""
-    merged: dict = {}
-    for rec in lineage:
-        for key, value in rec.get("params", {}).items():
-            if key in _PATH_KEYS:
-                continue  # paths differ per run; they are not settings
-            merged[key] = value
-    train = [r for r in lineage if r.get("stage") in ("train", "train-dfml")]
-    if train:
-        merged["num_clusters"] = train[0].get("params", {}).get("num_slices") or merged.get("k")
-        merged["mode"] = train[0].get("params", {}).get("mode", "dfml")
-        merged["method"] = "dfml" if train[0]["stage"] == "train-dfml" else "dc"
-    finetunes = [r for r in lineage if r.get("stage") == "finetune"]
-    if finetunes:
-        merged["finetune_epochs"] = finetunes[-1].get("params", {}).get("epochs")
-    if train:
-        merged["epochs"] = train[0].get("params", {}).get("epochs")
-    commits = {r.get("git_commit") for r in lineage if r.get("git_commit")}
-    tags = {r.get("image_tag") for r in lineage if r.get("image_tag")}
-    merged["git_commit"] = ",".join(sorted(commits)) or "unknown"
-    merged["image_tag"] = ",".join(sorted(tags)) or "local (no image)"
-    return merged
+SYSTEM = "system/"  # MLflow's prefix of the System metrics tab: bookkeeping, not model quality
+# Per-epoch values that are training curves (logged as epoch.<key>, and <stage>/<key> on the parent);
+# every other number of a history row is bookkeeping (system/epoch.<key>).
+CURVES = ("loss", "val_", "recall", "map", "r_precision", "nmi", "ami", "lr", "best_epoch")
+PARENT_CURVES = ("loss", "val_recall", "val_map", "recall", "map")
 
 
 def run_parameters(lineage: list[dict]) -> dict[str, str]:
-    """The run-level parameters logged on the parent run (flattened settings)."""
-    return _flat_params(run_settings(lineage))
+    """The parameters of a run logged from bare artifacts: those its stage records name."""
+    return naming.lineage_parameters(lineage)
 
 
 def run_name_for(lineage: list[dict]) -> str:
     """A name that says what the run is, e.g. ``cars196 dc-shared K=4 margin seed0``
     (dataset, method-mode, K, loss, seed); ``dfml`` for the DFML method."""
-    s = run_settings(lineage)
-    if s.get("method") == "dfml":
-        what = "dfml" + (f" G={s['groups']}" if s.get("groups") is not None else "")
-    elif s.get("method") == "dc":
-        mode = "parallel" if s.get("mode") == "worker" else s.get("mode", "shared")
-        what = f"dc-{mode}" + (f" K={s['num_clusters']}" if s.get("num_clusters") is not None else "")
-    else:
-        what = "eval"
-    parts = [str(s.get("dataset") or "data"), what, str(s["loss"]) if s.get("loss") else "",
-             f"seed{s['seed']}" if s.get("seed") is not None else ""]
-    return " ".join(p for p in parts if p)
+    return naming.base_name(lineage, naming.lineage_parameters(lineage))
 
 
 def cached_exec_ids(client, experiment_id: str, lineage: list[dict]) -> set[str]:
@@ -127,9 +81,11 @@ def _numbers(row: dict, prefix: str = ""):
             yield f"{prefix}{key}", float(value)
 
 
-def _log_history(client, run_id: str, history: list[dict]) -> None:
-    """Per-epoch step metrics ``epoch.<key>`` (loss, val_recall_at_1, val_map_at_r,
-    recall_at_1, best_epoch, lr.<group>, ...); epoch 0 is the initial model."""
+def history_metrics(history: list[dict], curve: str = "epoch.", bookkeeping: str | None = SYSTEM + "epoch.",
+                    only: tuple = CURVES) -> list:
+    """Per-epoch step metrics of a training history (epoch 0 is the initial model): the curves
+    (loss, val_recall_at_1, recall_at_1, lr.<group>, ...) as ``<curve><key>``, the rest as
+    ``<bookkeeping><key>`` (None: left out)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -137,7 +93,13 @@ def _log_history(client, run_id: str, history: list[dict]) -> None:
     for step, row in enumerate(history):
         epoch = int(row.get("epoch", step))
         for key, value in _numbers({k: v for k, v in row.items() if k != "epoch"}):
-            batch.append(Metric(key=metric_key(f"epoch.{key}"), value=value, timestamp=now, step=epoch))
+            prefix = curve if key.startswith(only) else bookkeeping
+            if prefix is not None:
+                batch.append(Metric(key=metric_key(f"{prefix}{key}"), value=value, timestamp=now, step=epoch))
+    return batch
+
+
+def _log_batches(client, run_id: str, batch: list) -> None:
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i:i + 900])
 
@@ -158,16 +120,16 @@ def baseline_metrics(effect: dict) -> dict:
     return {metric_key(k): float(v) for k, v in out.items()}
 
 
-def _log_baseline(lineage: list[dict], final_metrics: dict) -> None:
+def _log_baseline(lineage: list[dict], final_metrics: dict) -> dict:
     """The run's headline (dcml.algorithm.baseline): metrics, the ``dcml.headline`` and
-    ``dcml.delivered`` tags (``trained`` or ``pretrained features``)."""
+    ``dcml.delivered`` tags (``trained`` or ``pretrained features``); returns the tags."""
     import mlflow
 
     from dcml.algorithm import baseline
 
     effect = baseline.from_lineage(lineage, final_metrics)
     if not effect:
-        return
+        return {}
     mlflow.log_metrics(baseline_metrics(effect))
     tags = {}
     head = baseline.headline(effect)
@@ -180,14 +142,33 @@ def _log_baseline(lineage: list[dict], final_metrics: dict) -> None:
         if warning:
             tags["dcml.warning"] = warning
     mlflow.set_tags(tags)
+    return tags
+
+
+def description(tags: dict, final_metrics: dict, model: dict | None) -> str:
+    """The run's description (MLflow's ``mlflow.note.content``, markdown): the headline, the
+    choice and its warning, the test scores, and where the delivered model is registered."""
+    lines = [tags[k] for k in ("dcml.headline", "dcml.choice", "dcml.warning") if tags.get(k)]
+    scores = [f"{name} {final_metrics[key]:.4f}" for key, name in (("recall@1", "R@1"), ("map@r", "MAP@R"), ("nmi", "NMI"))
+              if isinstance(final_metrics.get(key), (int, float))]
+    if scores:
+        lines.append("test: " + ", ".join(scores))
+    if model and model.get("registered"):
+        uri = f"models:/{model['registered']}/{model['version']}"
+        lines.append(f"model: registered as {model['registered']} version {model['version']} (the newest version "
+                     f"has the alias {models.ALIAS}); load it with `dcml.tracking.load_logged_model(\"{uri}\")`")
+    return "\n\n".join(lines)
 
 
 def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | None = None,
                      experiment: str | None = None, run_name: str | None = None,
                      tracking_uri: str | None = None, out: str | None = None,
-                     pictures: dict | None = None) -> str:
+                     pictures: dict | None = None, pipeline_params: dict | None = None) -> str:
     """Log a finished pipeline run from its final artifacts; returns the parent run id.
 
+    ``pipeline_params``: the pipeline's parameters as the run got them (the
+    track step's); they are the parent run's parameters. Without them (a run
+    logged from bare artifacts) the parameters the stage records name.
     ``pictures``: files shown with the run under ``retrieval/`` (the retrieval
     grid, the per-class Recall@1 table and histogram of dcml.retrieval.pictures).
 
@@ -202,21 +183,27 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
         raise DcmlError(f"{metrics}: no dcml record inside; pass the metrics.json written by `dcml evaluate`")
     lineage = list(records.walk(final))
     experiment_id = store.setup(experiment, tracking_uri)
+    experiment_name = experiment or store.DEFAULT_EXPERIMENT
     client = MlflowClient()
     liveness.reap_dead_runs(client)
     cached = cached_exec_ids(client, experiment_id, lineage)
     final_metrics = json.loads(Path(metrics).read_text())["metrics"]
+    values = naming.pipeline_parameters(pipeline_params) if pipeline_params else run_parameters(lineage)
+    shape = naming.structure(lineage)
 
-    tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"], **liveness.owner_tags()}
+    tags = {"dcml.kind": "pipeline", "dcml.final_exec_id": final["exec_id"], **liveness.owner_tags(),
+            **{f"dcml.{k}": str(shape[k]) for k in ("method", "mode", "git_commit", "image_tag") if k in shape}}
     if os.environ.get(PARENT_RUN_ENV):  # a grid point of `dcml study`: nested under the study's run
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
-    run_name = run_name or run_name_for(lineage)
+    base = naming.base_name(lineage, values)
     compress = [r for r in lineage if r.get("stage") == "compress"]
     if compress:
         # The pipeline's optional branch: the same run, evaluated after quantisation.
-        params = compress[-1].get("params", {})
-        tags["dcml.compressed"] = f"{params.get('method')}-{params.get('bits')}bit"
-        run_name = f"{run_name} [{tags['dcml.compressed']}]"
+        settings = compress[-1].get("params", {})
+        tags["dcml.compressed"] = f"{settings.get('method')}-{settings.get('bits')}bit"
+        base = f"{base} [{tags['dcml.compressed']}]"
+    tags[naming.BASE_NAME_TAG] = base
+    run_name = run_name or naming.distinct_name(client, experiment_id, base, values)
     # The parent run spans the pipeline: from the first stage this run executed (not served from the cache)
     # to the end of tracking, not only the track step.
     started = pipeline_started_ms([r for r in lineage if r["exec_id"] not in cached])
@@ -224,45 +211,27 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
     with (mlflow.start_run(run_id=opened.info.run_id) if opened else
           mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)) as parent, \
             liveness.Heartbeat(client, parent.info.run_id):
-        mlflow.log_params(run_parameters(lineage))
+        mlflow.log_params(values)
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final_metrics.items()})
-        _log_baseline(lineage, final_metrics)
+        headline = _log_baseline(lineage, final_metrics)
+        curves = []
         for rec in lineage:
-            with mlflow.start_run(experiment_id=experiment_id, run_name=rec.get("name") or rec["stage"], nested=True,
-                                  tags={"dcml.kind": "stage", "dcml.stage": rec["stage"],
-                                        "dcml.exec_id": rec["exec_id"],
-                                        "dcml.cached": str(rec["exec_id"] in cached).lower(),
-                                        "dcml.host": rec.get("host", ""),
-                                        "dcml.git_commit": rec.get("git_commit", "")}) as child:
-                mlflow.log_params(_flat_params(rec.get("params", {})))
-                stage_metrics = {metric_key(k): float(v) for k, v in rec.get("metrics", {}).items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                stage_metrics["duration_s"] = float(rec.get("duration_s", 0.0))
-                mlflow.log_metrics(stage_metrics)
-                _log_history(client, child.info.run_id, rec.get("history", []))
-                if rec.get("extra", {}).get("threshold_table"):  # the index's match threshold: its ROC points
-                    mlflow.log_dict({"verification": rec["extra"].get("verification", {}),
-                                     "table": rec["extra"]["threshold_table"]}, "verification/threshold_table.json")
-            mlflow.log_metric(metric_key(f"seconds.{rec.get('name') or rec['stage']}"), float(rec.get("duration_s", 0.0)))
+            _log_stage_run(client, experiment_id, rec, cached)
+            stage = rec.get("name") or rec["stage"]
+            if rec.get("history"):  # the training curves, first among the parent's charts
+                curves += history_metrics(rec["history"], curve=f"{metric_key(stage)}/", bookkeeping=None,
+                                          only=PARENT_CURVES)
+            mlflow.log_metric(metric_key(f"{SYSTEM}seconds.{stage}"), float(rec.get("duration_s", 0.0)))
+        _log_batches(client, parent.info.run_id, curves)
         with tempfile.TemporaryDirectory() as tmp:
             for path in make_plots(lineage, final_metrics, embeddings, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="plots")
             mlflow.log_dict(final, "lineage.json")
         for path in (pictures or {}).values():
             mlflow.log_artifact(str(path), artifact_path="retrieval")
-        model_exec_id = records.read(model).get("exec_id") if model and Path(model).is_file() else None
-        if model_exec_id:
-            # A model served from the cache was logged by an earlier run: point at it.
-            earlier = client.search_runs([experiment_id], filter_string=(
-                f"tags.`dcml.model_exec_id` = '{model_exec_id}' and tags.`dcml.model_logged` = 'true' "
-                f"and tags.`dcml.model_format` = '{MODEL_FORMAT}'"), max_results=1)
-            mlflow.set_tag("dcml.model_exec_id", model_exec_id)
-            if earlier:
-                mlflow.set_tags({"dcml.model_uri": earlier[0].data.tags.get("dcml.model_uri", ""),
-                                 "dcml.model_format": MODEL_FORMAT})
-            else:
-                mlflow.set_tags({"dcml.model_uri": log_model(model, parent.info.run_id),
-                                 "dcml.model_format": MODEL_FORMAT, "dcml.model_logged": "true"})
+        delivered = _log_delivered_model(client, experiment_id, experiment_name, parent.info.run_id, model,
+                                         tags.get("dcml.compressed"), headline.get("dcml.headline", ""))
+        mlflow.set_tag("mlflow.note.content", description(headline, final_metrics, delivered))
         run_id = parent.info.run_id
 
     if out:
@@ -271,8 +240,57 @@ def log_pipeline_run(metrics: str, model: str | None = None, embeddings: str | N
         write_json(out, {"mlflow_run_id": run_id, "experiment_id": experiment_id,
                          "tracking_uri": mlflow.get_tracking_uri(),
                          "ui_url": store.ui_url(experiment_id, run_id, store.ui_base(mlflow.get_tracking_uri())),
+                         "model": delivered or {},
                          "cached_stages": sorted(r.get("name", r["stage"]) for r in lineage if r["exec_id"] in cached)})
     return run_id
+
+
+def _log_stage_run(client, experiment_id: str, rec: dict, cached: set) -> None:
+    """The nested run of one stage: its own parameters (internals included), metrics and curves."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=rec.get("name") or rec["stage"], nested=True,
+                          tags={"dcml.kind": "stage", "dcml.stage": rec["stage"], "dcml.exec_id": rec["exec_id"],
+                                "dcml.cached": str(rec["exec_id"] in cached).lower(),
+                                "dcml.host": rec.get("host", ""),
+                                "dcml.git_commit": rec.get("git_commit", "")}) as child:
+        mlflow.log_params(flat_params(rec.get("params", {})))
+        stage_metrics = {metric_key(k): float(v) for k, v in rec.get("metrics", {}).items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        stage_metrics[f"{SYSTEM}duration_s"] = float(rec.get("duration_s", 0.0))
+        mlflow.log_metrics(stage_metrics)
+        _log_batches(client, child.info.run_id, history_metrics(rec.get("history", [])))
+        if rec.get("extra", {}).get("threshold_table"):  # the index's match threshold: its ROC points
+            mlflow.log_dict({"verification": rec["extra"].get("verification", {}),
+                             "table": rec["extra"]["threshold_table"]}, "verification/threshold_table.json")
+
+
+def _log_delivered_model(client, experiment_id: str, experiment: str, run_id: str, model: str | None,
+                         variant: str | None, headline: str) -> dict | None:
+    """Log and register the delivered model, or, when an earlier run of the experiment logged this very
+    model (served from the cache), link that logged model to this run; the tags say which."""
+    import mlflow
+
+    model_exec_id = records.read(model).get("exec_id") if model and Path(model).is_file() else None
+    if not model_exec_id:
+        return None
+    mlflow.set_tag("dcml.model_exec_id", model_exec_id)
+    earlier = client.search_runs([experiment_id], filter_string=(
+        f"tags.`dcml.model_exec_id` = '{model_exec_id}' and tags.`dcml.model_logged` = 'true' "
+        f"and tags.`dcml.model_format` = '{models.MODEL_FORMAT}'"), max_results=1)
+    if earlier:
+        uri = earlier[0].data.tags.get("dcml.model_uri", "")
+        models.link_model(run_id, uri.removeprefix("models:/"))
+        mlflow.set_tags({"dcml.model_uri": uri, "dcml.model_format": models.MODEL_FORMAT,
+                         **{k: earlier[0].data.tags[k] for k in ("dcml.registered_model", "dcml.registered_version")
+                            if k in earlier[0].data.tags}})
+        return {"model_uri": uri, "registered": earlier[0].data.tags.get("dcml.registered_model", ""),
+                "version": earlier[0].data.tags.get("dcml.registered_version", "")}
+    delivered = models.log_model(model, run_id, experiment, variant, description=headline)
+    mlflow.set_tags({"dcml.model_uri": delivered["model_uri"], "dcml.model_format": models.MODEL_FORMAT,
+                     "dcml.model_logged": "true", "dcml.registered_model": delivered["registered"],
+                     "dcml.registered_version": delivered["version"]})
+    return delivered
 
 
 def pipeline_started_ms(executed: list[dict]) -> int | None:
@@ -288,56 +306,5 @@ def pipeline_started_ms(executed: list[dict]) -> int | None:
     return int(min(times) * 1000) if times else None
 
 
-def log_model(model_path: str, run_id: str) -> str:
-    """Log a dcml checkpoint into the active run as ``dcml-model/model.pt`` plus
-    ``dcml-model/model_config.json``; returns its URI (``runs:/<id>/dcml-model/model.pt``).
-
-    The checkpoint is checked first with the loader that will read it back
-    (``torch.load(weights_only=True)``); nothing is pickled.
-    """
-    import mlflow
-
-    from dcml.contracts import checkpoint
-
-    ckpt = checkpoint.load(model_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(model_path, Path(tmp) / MODEL_FILE)
-        mlflow.log_artifact(str(Path(tmp) / MODEL_FILE), artifact_path=MODEL_DIR)
-    mlflow.log_dict({"format": ckpt["format"], "model_config": ckpt["model_config"],
-                     "load": "dcml.tracking.load_logged_model(uri) or dcml.model_files.load_model(file): "
-                             "torch.load(weights_only=True), no pickled code"},
-                    f"{MODEL_DIR}/model_config.json")
-    return f"runs:/{run_id}/{MODEL_DIR}/{MODEL_FILE}"
-
-
-def load_logged_model(model_uri: str, device="cpu", tracking_uri: str | None = None):
-    """(EmbeddingModel in eval mode, checkpoint dict) from a ``dcml.model_uri``.
-
-    Reads the checkpoint with ``torch.load(weights_only=True)``: a file holding
-    pickled code (anything but tensors and plain containers) is refused with a
-    one-line DcmlError instead of being run.
-    """
-    import mlflow
-
-    from dcml.model_files import load_model
-
-    if not model_uri.endswith(f"/{MODEL_FILE}"):
-        raise DcmlError(f"{model_uri}: not a dcml model URI (expected runs:/<run>/{MODEL_DIR}/{MODEL_FILE}); "
-                        "models logged with mlflow.pytorch (pickle) are not loaded by dcml")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError: one line either way
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DcmlError(f"{model_uri}: cannot download the model ({first[:200]}); check the run id and the store") from None
-        try:
-            return load_model(local, device=device)
-        except DcmlError as exc:
-            message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).replace(str(local), model_uri)
-            if "Weights only load failed" in message or "pickled Python objects" in message:
-                message = (f"{model_uri}: refused: the file holds pickled objects, not only tensors and plain "
-                           "containers (torch.load weights_only=True rejected it), so loading it could run code; "
-                           "do not load it, log the model again with `dcml run`")
-            raise DcmlError(message) from None
+# The delivered model: dcml.tracking.models (kept importable from here).
+log_model, load_logged_model = models.log_model, models.load_logged_model

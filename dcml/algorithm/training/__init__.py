@@ -42,14 +42,16 @@ gradients are summed over the processes before the (identical) optimiser
 step: up to float summation order, N processes compute what one process
 computes on the same batches. An image's augmentation is drawn from a seed
 fixed by its place in the epoch (seed, epoch, batch, position), not from a
-process's RNG stream, and a random miner draws from a per-batch seed, so both
-are the same whatever N. Rank 0 alone re-clusters (then broadcasts the
-clusters), initialises the head, validates, evaluates and writes the resume
-checkpoint (with every process's RNG state); all processes resume from it.
+process's RNG stream, a random miner draws from a per-batch seed, and the
+dropout and stochastic-depth masks are drawn for the whole global batch from
+a seed of (seed, epoch, batch), each process keeping its share's rows
+(:mod:`dcml.algorithm.noise`), so all are the same whatever N. Rank 0 alone
+re-clusters (then broadcasts the clusters), initialises the head, validates,
+evaluates and writes the resume checkpoint (with every process's RNG state); all processes resume from it.
 BatchNorm layers that train use the whole global batch's statistics
 (:mod:`dcml.algorithm.batchnorm`: SyncBatchNorm on GPUs, an all-reduce of the
-shares' sums on CPU). What still differs with N: dropout and drop-connect
-masks (each process draws its own).
+shares' sums on CPU). What still differs with N: the order of float sums
+(docs/SCALE.md gives the measured gaps).
 
 The pieces (each its own module, one job each)::
 
@@ -64,7 +66,7 @@ The pieces (each its own module, one job each)::
       ├─ ResumeStore (resume.py)       fingerprint, state snapshot/restore, the file (resume_lock.py:
       │                                one live holder, no lock file left behind)
       ├─ optimisation.py               losses and miner, learning rate per step
-      └─ rng.py                        seeding, RNG states as tensors, per-item seeds
+      └─ rng.py                        seeding, RNG states as tensors, per-item and per-batch seeds
 
 Trainer(model, manifest, train_rows, settings, ...) keyword arguments:
 

@@ -18,6 +18,7 @@ import torch
 
 from dcml.algorithm import distributed
 from dcml.algorithm.training import optimisation
+from dcml.algorithm.training.rng import MINER_STREAM, batch_seed
 from dcml.contracts.errors import DcmlError
 
 
@@ -132,8 +133,7 @@ class TrainingHooks:
             return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(np.random.SeedSequence([self.settings.seed, self._epoch_now, self._batch_now, 17])
-                                  .generate_state(1)[0]))
+            torch.manual_seed(batch_seed(self.settings.seed, self._epoch_now, self._batch_now, MINER_STREAM))
             yield
 
     def check_finite(self, loss: torch.Tensor, detail: str = "") -> None:

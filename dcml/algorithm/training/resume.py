@@ -89,9 +89,8 @@ def restore(trainer, state: dict) -> None:
     by_rank = state.get("rng_by_rank")
     if by_rank and len(by_rank) == trainer.world_size:
         set_rng_state(by_rank[trainer.rank])
-    else:  # another number of processes than the run that wrote it: rank 0's stream, then each its own
+    else:  # another number of processes than the run that wrote it: rank 0's stream
         set_rng_state(state["rng"])
-        trainer.seed_rank()
     trainer.resumed_from = trainer.epoch
 
 

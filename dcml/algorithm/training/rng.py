@@ -1,4 +1,4 @@
-"""Random state: seeding, the RNG states as tensors and primitives (weights_only-loadable), item seeds."""
+"""Random state: seeding, the RNG states as tensors and primitives (weights_only-loadable), item and batch seeds."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def seed_worker(worker_id: int) -> None:
 def item_seed(seed: int, epoch: int, batch: int, position: int) -> int:
     """The augmentation seed of the image at ``position`` of ``batch`` in ``epoch``."""
     return int(np.random.SeedSequence([int(seed), int(epoch), int(batch), int(position)]).generate_state(1)[0])
+
+
+# What draws from a batch's seed (:func:`batch_seed`'s ``stream``).
+MINER_STREAM, NOISE_STREAM = 1, 2
+
+
+def batch_seed(seed: int, epoch: int, batch: int, stream: int) -> int:
+    """The seed of one random ``stream`` of ``batch`` in ``epoch`` (a random miner's choices, the dropout and
+    stochastic-depth masks): a pure function of the batch's place, the same on every process."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(batch)], spawn_key=(int(stream),))
+               .generate_state(1)[0])

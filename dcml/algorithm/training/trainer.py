@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcml.algorithm import batchnorm, distributed
+from dcml.algorithm import batchnorm, distributed, noise
 from dcml.algorithm.clustering import cluster_sizes
 from dcml.algorithm.training import optimisation, resume
 from dcml.algorithm.training.batches import BatchSource, Silent, dense_labels
 from dcml.algorithm.training.grouping import Grouping
 from dcml.algorithm.training.hooks import TrainingHooks
 from dcml.algorithm.training.resume import share_start
-from dcml.algorithm.training.rng import seed_everything
+from dcml.algorithm.training.rng import NOISE_STREAM, batch_seed, seed_everything
 from dcml.algorithm.training.scoring import Scorer
 from dcml.algorithm.training import selection
 from dcml.algorithm.training.selection import EpochSelector
@@ -153,7 +153,6 @@ class Trainer(TrainingHooks):
             torch.backends.cudnn.benchmark = False
         if not (resume and self.try_resume()):
             seed_everything(s.seed)
-            self.seed_rank()
             self.start()
         share_start(self)
         while self.epoch < s.epochs and not self.stopped_early:
@@ -166,11 +165,6 @@ class Trainer(TrainingHooks):
         distributed.check_identical(self.model.state_dict())
         self.selector.restore(self.model)
         return self.history
-
-    def seed_rank(self) -> None:
-        """Processes other than rank 0 continue on their own torch stream (dropout masks)."""
-        if self.rank:
-            torch.manual_seed(self.settings.seed * 1_000_003 + self.rank)
 
     def start(self) -> None:
         """Before epoch 1: the initial clustering, the head init, the initial model's scores.
@@ -242,13 +236,16 @@ class Trainer(TrainingHooks):
             for inputs, _, _ in bar:
                 batch = global_batches[batches]
                 self._batch_now = batches
-                self._share_sizes = [b - a for a, b in distributed.share_bounds(len(batch), self.world_size)]
+                shares = distributed.share_bounds(len(batch), self.world_size)
+                self._share_sizes = [b - a for a, b in shares]
                 optimisation.set_learning_rates(self.optimizer, self._base_lrs, s, epoch, batches, steps,
                                                 self.warming_up(epoch))
                 inputs = inputs.to(self.device, non_blocking=True)
                 labels = torch.from_numpy(self.labels[batch]).to(self.device)  # the whole batch's
                 learner = None if whole else int(self.clusters[batch[0]])
-                numbers = self.train_step(inputs, labels, learner)
+                seed = batch_seed(s.seed, epoch, batches, NOISE_STREAM)
+                with noise.global_batch(seed, len(batch), shares[self.rank]):  # dropout masks per global sample
+                    numbers = self.train_step(inputs, labels, learner)
                 if self.only_learner is not None:
                     with torch.no_grad():
                         self.model.head.weight[self._keep_rows] = self._kept_weight

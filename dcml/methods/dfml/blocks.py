@@ -198,7 +198,7 @@ class FactorizedMBConv(RoutedUnit):
             x = self.project_bn(sum(sub(inputs) for sub in self.sub_blocks))
         if self.has_skip:
             if drop_connect_rate:
-                from efficientnet_lite_pytorch.utils import drop_connect
+                from dcml.algorithm.noise import drop_connect  # per sample of the global batch
 
                 x = drop_connect(x, p=drop_connect_rate, training=self.training)
             x = x + inputs
