@@ -141,3 +141,24 @@ def test_bad_values_are_one_line_errors(values, fragment):
 def test_text_from_the_command_line_is_coerced():
     assert params.validate({"epochs": "6", "lr_backbone": "3e-4", "check_images": "yes", "freeze_bn": True},
                            "--set") == {"epochs": 6, "lr_backbone": 3e-4, "check_images": True, "freeze_bn": "true"}
+
+
+def test_dcml_params_shows_what_a_run_of_a_preset_with_sets_would_use():
+    """`dcml params --config P --set k=v`: every parameter's value as `dcml run` resolves it (default, preset,
+    --set); a bad --set is the run's own one-line error."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dcml_app.params_cli import params_cli
+
+    shown = CliRunner().invoke(params_cli, ["--config", "cars196", "--set", "epochs=7", "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    values = json.loads(shown.output)
+    assert set(values) == {p.name for p in params.pipeline_params()}
+    assert values["epochs"] == 7 and values["schedule"] == "cosine" and values["embedding_dim"] == 512
+    assert values["eval_batch_size"] == params.defaults(["eval_batch_size"])["eval_batch_size"]
+    table = CliRunner().invoke(params_cli, ["--config", "cars196", "head_init", "epochs"])
+    assert table.exit_code == 0 and table.output.split() == ["epochs", "20", "head_init", "'whiten'"]
+    bad = CliRunner().invoke(params_cli, ["--set", "epochs=-1"])
+    assert bad.exit_code != 0 and "epochs" in str(bad.exception or bad.output)

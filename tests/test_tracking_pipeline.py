@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from dcml import tracking
 from dcml.contracts import params
+from dcml_app.params_cli import params_cli
 from dcml_app.runner import resolve_arguments
 
 pytestmark = pytest.mark.slow  # a whole run in processes
@@ -42,9 +44,15 @@ def test_a_run_shows_its_resolved_parameters_its_folders_experiment_and_a_regist
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow"]["mlflow_run_id"])
 
-    # The parent run's parameters are the pipeline's, exactly as `dcml run` resolved them: every parameter's
-    # default, then the preset, then --set (data_version: the folder's fingerprint, computed by the run).
-    resolved = {**params.defaults([p.name for p in params.pipeline_params()]), **resolve_arguments("demo", sets)}
+    # The parent run's parameters are the pipeline's, exactly as `dcml params --config demo --set ...` resolves
+    # them: every parameter's default, then the preset, then --set (data_version: the folder's fingerprint,
+    # computed by the run).
+    shown = CliRunner().invoke(params_cli, ["--config", "demo", *[a for s in sets for a in ("--set", s)],
+                                            "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    resolved = json.loads(shown.output)
+    assert resolved == {**params.defaults([p.name for p in params.pipeline_params()]),
+                        **resolve_arguments("demo", sets)}
     children = {c.data.tags["dcml.stage"]: c for c in client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     resolved["data_version"] = children["ingest"].data.params["data_version"]
