@@ -60,7 +60,8 @@ def train(config: str | os.PathLike | dict | None = None, *, mode: str = "shared
     from dcml.contracts import params
 
     # Python values checked as they are, then handed on as --set text (which reads back the same values)
-    values = params.validate({**(config if isinstance(config, dict) else {}), **parameters}, "dcml_app.train")
+    values = params.validate({**(config if isinstance(config, dict) else {}), **parameters}, "dcml_app.train",
+                             between=False)  # the rules between parameters: on the merge, in resolve_arguments
     sets = tuple(f"{name}={value}" for name, value in values.items())
     args = resolve_arguments(None if isinstance(config, dict) or config is None else str(config), sets)
     summary = run_local(args, mode=mode, method=method, rounds=rounds, output_dir=output_dir, cache=cache,

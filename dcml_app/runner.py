@@ -31,14 +31,16 @@ def resolve_arguments(config: str | None, overrides: tuple[str, ...]) -> dict:
     from data_prep import registry
 
     source = f"--config {config}" if config else "--config"
-    values = params.validate(presets.load(config), source)
+    values = params.validate(presets.load(config), source, between=False)
     sets = {}
     for item in overrides:
         if "=" not in item:
             raise DcmlError(f"--set {item}: expected key=value, e.g. --set epochs=6")
         key, value = item.split("=", 1)
         sets[key.strip().replace("-", "_")] = value
-    values.update(params.validate(sets, "--set"))
+    values.update(params.validate(sets, "--set", between=False))
+    # the rules between parameters on the preset and --set together
+    params.check_constraints(values, (f"{source} with --set" if config else "--set") if sets else source)
     if "dataset" in values:
         registry.canonical(values["dataset"])
     if values.get("dataset") == "folder" and not values.get("data_root"):

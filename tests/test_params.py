@@ -162,3 +162,17 @@ def test_dcml_params_shows_what_a_run_of_a_preset_with_sets_would_use():
     assert table.exit_code == 0 and table.output.split() == ["epochs", "20", "head_init", "'whiten'"]
     bad = CliRunner().invoke(params_cli, ["--set", "epochs=-1"])
     assert bad.exit_code != 0 and "epochs" in str(bad.exception or bad.output)
+
+
+def test_rules_between_parameters_see_the_preset_and_the_sets_together():
+    """A --set is checked against the preset it changes, not against the defaults: the folder preset's top 5
+    blocks make fast_views=1 fine, and train_blocks=-1 on the cars196 preset's cache is refused."""
+    from dcml.contracts.errors import DcmlError
+    from dcml_app.runner import resolve_arguments
+
+    values = resolve_arguments("folder", ("data_root=/tmp", "fast_views=1"))
+    assert values["fast_views"] == 1 and values["train_blocks"] == 5
+    with pytest.raises(DcmlError, match=r"^--config cars196 with --set: fast_views=4 caches .* train_blocks=-1"):
+        resolve_arguments("cars196", ("train_blocks=-1",))
+    with pytest.raises(DcmlError, match=r"^--set: fast_views=1 caches"):
+        resolve_arguments(None, ("fast_views=1",))

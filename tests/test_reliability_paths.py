@@ -192,7 +192,7 @@ def test_dcml_run_from_a_3000_character_folder_is_refused_before_the_first_stage
 
 @pytest.mark.parametrize("sets, fragments", [
     (["embedding_masks=true", "num_clusters=1"], ["embedding_masks=true", "num_clusters >= 2"]),
-    (["fast_views=2", "train_blocks=99"], ["train_blocks=99", "has 16 blocks", "0..16"]),
+    (["backbone=efficientnet_lite0", "fast_views=2", "train_blocks=99"], ["train_blocks=99", "has 16 blocks", "0..16"]),
     (["fast_views=2"], ["fast_views=2", "train_blocks=-1", "set train_blocks"]),
     (["backbone=small_cnn", "train_blocks=3"], ["train_blocks=3", "small_cnn has 2 blocks"])])
 def test_parameter_combinations_are_refused_before_any_stage_runs(capsys, tmp_path, sets, fragments):

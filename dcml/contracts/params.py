@@ -321,10 +321,12 @@ def defaults(names: Iterable[str] | None = None) -> dict:
 
 
 def validate(values: dict, source: str = "parameters", known: Iterable[str] | None = None,
-             labels: dict | None = None) -> dict:
+             labels: dict | None = None, between: bool = True) -> dict:
     """Check and coerce ``values`` (name -> value or text); unknown names and bad values are one-line errors.
 
-    ``labels``: the names to show for parameters a stage calls otherwise.
+    ``labels``: the names to show for parameters a stage calls otherwise. ``between``: also the rules between
+    parameters (:func:`check_constraints`, the ones not given at their defaults); False for a part of the values
+    that is merged with others later (a preset and its --set), whose merge the caller checks.
     """
     allowed = set(PARAMS if known is None else known)
     unknown = sorted(set(values) - allowed)
@@ -333,7 +335,8 @@ def validate(values: dict, source: str = "parameters", known: Iterable[str] | No
     labels = labels or {}
     out = {name: PARAMS[name].check(value, source, labels.get(name)) for name, value in values.items()}
     check_ks(out.get("ks", PARAMS["ks"].default), source)
-    check_constraints(out, source, allowed, labels)
+    if between:
+        check_constraints(out, source, allowed, labels)
     if not (out.get("experiment", "x") or "").strip():
         raise DcmlError(f"{source}: experiment='': name the MLflow experiment")
     return out

@@ -143,6 +143,9 @@ def distinct_name(client, experiment_id: str, base: str, values: dict[str, str])
     earlier = client.search_runs([experiment_id], filter_string="tags.`dcml.kind` = 'pipeline'",
                                  order_by=["attributes.start_time ASC"], max_results=5000)
     same = [r for r in earlier if r.data.tags.get(BASE_NAME_TAG) == base]
+    # The first run of that kind carries the bare base name; start times alone can tie (runs logged in the
+    # same millisecond, or with the stages' recorded times), so they only decide when no run has it.
+    same.sort(key=lambda r: r.info.run_name != base)
     name = base
     if same:
         name = " ".join([base] + differences(values, same[0].data.params))
