@@ -484,6 +484,11 @@ def test_page_reruns_on_k_and_shows_only_the_newest_query(server, devtools_page)
     tab.wait("document.body.dataset.state === 'done' && document.querySelectorAll('.hit').length === 5")
     assert f"id 31 · {man.df['image_id'][31]}" in tab.evaluate("document.querySelector('.hit').innerText")
     assert tab.evaluate("document.getElementById('error').textContent") == ""
+    # Under the results, what "match" means: the threshold and its measured rates, as `dcml search` prints them.
+    rule = requests.get(f"{url}/healthz", timeout=30).json().get("match_threshold")
+    shown = tab.evaluate("document.getElementById('decision').textContent")
+    assert (shown.startswith(f"match = score >= {rule:.4f} (false-match rate ") and "impostor and" in shown
+            if rule is not None else shown == ""), shown
 
 
 def test_answers_on_kept_alive_connections_are_sent_at_once():
