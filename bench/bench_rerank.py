@@ -54,25 +54,32 @@ def cars196_embeddings() -> dict | None:
             "test": (z["test_embedding"], labels(z["test_image_id"]))}
 
 
-def omniglot_embeddings(epochs: int, seed: int) -> dict | None:
-    """Val/test embeddings of a small CNN trained on Omniglot's training classes (cached)."""
+def omniglot_manifest() -> Path | None:
+    """Omniglot's background set as a class-disjoint manifest (train / val / test), written once."""
     if not (SHARED / "omniglot").is_dir():
         return None
-    dest = CACHE / f"omniglot-small_cnn-e{epochs}-s{seed}.npz"
-    if not dest.exists():
-        import torch
-
+    manifest_path = CACHE / "omniglot-manifest.parquet"
+    if not manifest_path.exists():
         from components.ingest.stage import run as ingest
-        from dcml.algorithm.inference import compute_vectors
-        from dcml.algorithm.models import build_model
-        from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
-        from dcml.contracts import manifest as manifest_lib
 
         CACHE.mkdir(parents=True, exist_ok=True)
-        manifest_path = CACHE / "omniglot-manifest.parquet"
-        if not manifest_path.exists():
-            ingest(dataset="folder", out=str(manifest_path), root=str(SHARED / "omniglot"),
-                   split_mode="class-disjoint", val_fraction=0.15)
+        ingest(dataset="folder", out=str(manifest_path), root=str(SHARED / "omniglot"),
+               split_mode="class-disjoint", val_fraction=0.15)
+    return manifest_path
+
+
+def omniglot_model(epochs: int, seed: int) -> Path | None:
+    """A dcml checkpoint of the small CNN trained ``epochs`` epochs on Omniglot's training classes (cached)."""
+    manifest_path = omniglot_manifest()
+    if manifest_path is None:
+        return None
+    dest = CACHE / f"omniglot-small_cnn-e{epochs}-s{seed}.pt"
+    if not dest.exists():
+        from dcml.algorithm.models import build_model
+        from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
+        from dcml.contracts import checkpoint
+        from dcml.contracts import manifest as manifest_lib
+
         man = manifest_lib.read(manifest_path)
         seed_everything(seed)
         model = build_model(OMNIGLOT_MODEL)
@@ -80,6 +87,25 @@ def omniglot_embeddings(epochs: int, seed: int) -> dict | None:
         t0 = time.perf_counter()
         Trainer(model, man, man.split("train"), settings, device="cpu").fit(resume=False)
         log(f"  omniglot: trained {epochs} epochs in {time.perf_counter() - t0:.0f} s")
+        checkpoint.save(dest, {"model_config": model.config, "model": model.state_dict(), "record": "{}"})
+    return dest
+
+
+def omniglot_embeddings(epochs: int, seed: int) -> dict | None:
+    """Val/test embeddings of a small CNN trained on Omniglot's training classes (cached)."""
+    model_path = omniglot_model(epochs, seed)
+    if model_path is None:
+        return None
+    dest = CACHE / f"omniglot-small_cnn-e{epochs}-s{seed}.npz"
+    if not dest.exists():
+        import torch
+
+        from dcml.algorithm.inference import compute_vectors
+        from dcml.contracts import manifest as manifest_lib
+        from dcml.retrieval.api import load_model
+
+        man = manifest_lib.read(omniglot_manifest())
+        model = load_model(model_path, "cpu").embedder.net
         out = {}
         with torch.inference_mode():
             for split in ("val", "test"):

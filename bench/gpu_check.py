@@ -6,7 +6,11 @@
    data-parallel on NCCL with 2+ GPUs);
 3. trains EfficientNet-Lite0's top blocks in the fast mode (cached activations,
    dcml.algorithm.activations) on a cars196 class subset on cuda, and the whole network on
-   the same batches, printing images/s for both.
+   the same batches, printing images/s for both;
+4. serves an index of cars196 images with `dcml serve --device cuda` and prints requests/s
+   with 1 and 8 concurrent clients, with micro-batching and without (``--batch-max 1``): on
+   a GPU a batch costs little more than one query, where the 8-client goal (1.5x one
+   client) can be met (on the 2-core CPU it is not: BENCHMARKS.md, retrieval).
 
 Exit status: 0 all passed, 1 a test or the run failed, 2 no CUDA or a bad argument (one line,
 nothing run). The whole check stays under ``--budget-s`` (default 540 s): the tests get what
@@ -30,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CARS196 = next((p for p in (ROOT.parent / "shared" / "data" / "cars196", ROOT / "shared" / "data" / "cars196")
                 if p.is_dir()), ROOT.parent / "shared" / "data" / "cars196")
 CARS_RESERVE_S = 180  # kept for the cars196 run out of the budget
+SERVE_RESERVE_S = 90  # kept for the served-search step
+SERVE_CLIENTS = (1, 8)
 
 
 class Refusal(Exception):
@@ -42,12 +48,15 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=CARS196, help="cars196 folder (class-folder layout)")
     parser.add_argument("--classes", type=int, default=16, help="cars196 training classes in the fast-mode run")
     parser.add_argument("--batches", type=int, default=40, help="batches of 8 x 4 images per timed pass")
+    parser.add_argument("--serve-requests", type=int, default=200, help="requests per setting of the served-search "
+                        "step (1 and 8 clients, batched and not)")
     parser.add_argument("--skip-cars196", action="store_true", help="only the GPU tests")
     a = parser.parse_args(argv)
     if a.budget_s < 60:
         raise Refusal(f"--budget-s {a.budget_s}: the check needs at least 60 s; pass e.g. --budget-s 540")
-    if a.classes < 2 or a.batches < 1:
-        raise Refusal(f"--classes {a.classes} / --batches {a.batches}: need at least 2 classes and 1 batch")
+    if a.classes < 2 or a.batches < 1 or a.serve_requests < 1:
+        raise Refusal(f"--classes {a.classes} / --batches {a.batches} / --serve-requests {a.serve_requests}: need at "
+                      "least 2 classes, 1 batch and 1 request")
     if not a.skip_cars196 and not a.data_root.is_dir():
         raise Refusal(f"--data-root {a.data_root}: no such folder; point it at cars196 or pass --skip-cars196")
     return a
@@ -77,28 +86,34 @@ def run_tests(timeout_s: float) -> int:
         return 1
 
 
+def cars196_subset(work: Path, data_root: Path, classes: int):
+    """(manifest, its train rows) of cars196's first ``classes`` training classes, written in ``work``."""
+    from components.ingest.stage import run as ingest
+    from dcml.contracts import manifest as manifest_lib
+
+    ingest(out=work / "cars196.parquet", dataset="cars196", root=str(data_root), val_fraction=0.0)
+    man = manifest_lib.read(work / "cars196.parquet")
+    train = man.split("train")
+    train = train[train["label"].isin(sorted(train["label"].unique())[:classes])].reset_index(drop=True)
+    manifest_lib.write(work / "subset.parquet", man.df[man.df["image_id"].isin(train["image_id"])].reset_index(drop=True),
+                       {k: v for k, v in man.meta.items() if k != "schema_version"})
+    return manifest_lib.read(work / "subset.parquet"), train
+
+
 def cars196_fast_mode(data_root: Path, classes: int, batches: int, device: str = "cuda") -> dict:
     """images/s of the fast mode and of whole-network training on ``device``, same batches."""
     import torch
 
     from components.extract.stage import run as extract
-    from components.ingest.stage import run as ingest
     from dcml.algorithm.activations import ActivationCache
     from dcml.algorithm.models import build_model
     from dcml.algorithm.training import Trainer, TrainSettings, seed_everything
-    from dcml.contracts import manifest as manifest_lib
 
     config = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 160, "embedding_dim": 128,
               "freeze_bn": True}
     with tempfile.TemporaryDirectory(prefix="dcml-gpu-check-") as tmp:
         work = Path(tmp)
-        ingest(out=work / "cars196.parquet", dataset="cars196", root=str(data_root), val_fraction=0.0)
-        man = manifest_lib.read(work / "cars196.parquet")
-        train = man.split("train")
-        train = train[train["label"].isin(sorted(train["label"].unique())[:classes])].reset_index(drop=True)
-        manifest_lib.write(work / "subset.parquet", man.df[man.df["image_id"].isin(train["image_id"])].reset_index(drop=True),
-                           {k: v for k, v in man.meta.items() if k != "schema_version"})
-        man = manifest_lib.read(work / "subset.parquet")
+        man, train = cars196_subset(work, data_root, classes)
         t0 = time.perf_counter()
         extract(manifest=work / "subset.parquet", out=work / "features.parquet", backbone="efficientnet_lite0",
                 weights="imagenet", image_size=160, train_blocks=5, views=2, batch_size=128, device=device,
@@ -120,6 +135,49 @@ def cars196_fast_mode(data_root: Path, classes: int, batches: int, device: str =
     return {"train_images": len(train), "cache_s": cache_s, **speeds}
 
 
+def served_search(data_root: Path, classes: int, requests: int, device: str = "cuda") -> list[dict]:
+    """Requests/s and p99 of `dcml serve --device DEVICE` over an index of cars196's first ``classes`` training
+    classes (EfficientNet-Lite0, ImageNet weights, 128 px, a seeded random 128-d head: bench_retrieval's server
+    set-up), 1 and 8 concurrent clients, batched (serve's defaults) and not (``--batch-max 1``)."""
+    import torch
+
+    from bench.bench_retrieval import SERVER_SETTINGS, SERVER_WARMUP, _load, served
+    from components.index.stage import run as index_stage
+    from dcml.algorithm.models import build_model, default_config
+    from dcml.contracts import checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dcml-gpu-check-serve-") as tmp:
+        work = Path(tmp)
+        man, train = cars196_subset(work, data_root, classes)
+        torch.manual_seed(0)
+        net = build_model(default_config(backbone="efficientnet_lite0", weights="imagenet", image_size=128,
+                                         embedding_dim=128))
+        checkpoint.save(work / "model.pt", {"model_config": net.config, "model": net.state_dict(), "record": "{}"})
+        index_stage(out=work / "index", manifest=work / "subset.parquet", model=work / "model.pt", split="train",
+                    batch_size=64, device=device)
+        query = man.root / train["path"].iloc[0]
+        body = query.read_bytes()
+        for name, options in SERVER_SETTINGS:
+            with served(work / "index", [*options, "--device", device]) as url:
+                _load(url, body, query.name, 1, SERVER_WARMUP, 60.0)
+                for clients in SERVE_CLIENTS:
+                    rows.append({"server": name, **_load(url, body, query.name, clients, requests, 60.0)})
+    return rows
+
+
+def serve_line(rows: list[dict], device: str) -> str:
+    """One line: requests/s and p99 per setting and number of clients, and 8 clients over 1."""
+    parts = []
+    for name in dict.fromkeys(r["server"] for r in rows):
+        rate = {r["clients"]: r for r in rows if r["server"] == name}
+        gain = rate[8]["requests_per_s"] / rate[1]["requests_per_s"] if 1 in rate and 8 in rate else None
+        parts.append(f"{name} " + ", ".join(f"{n} client(s) {r['requests_per_s']:.1f} req/s (p99 {r['p99_ms']:.0f} ms)"
+                                           for n, r in sorted(rate.items()))
+                     + (f" = {gain:.2f}x at 8 (goal 1.5x)" if gain else ""))
+    return f"dcml serve on {device}: " + "; ".join(parts)
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     try:
@@ -129,7 +187,7 @@ def main(argv=None) -> int:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2
     print(f"gpu-check: {device}", flush=True)
-    reserve = 0 if a.skip_cars196 else CARS_RESERVE_S
+    reserve = 0 if a.skip_cars196 else CARS_RESERVE_S + SERVE_RESERVE_S
     status = run_tests(max(30.0, a.budget_s - reserve - (time.perf_counter() - started)))
     if not a.skip_cars196:
         os.environ.setdefault("OMP_NUM_THREADS", "4")
@@ -140,6 +198,11 @@ def main(argv=None) -> int:
                   f"{r['whole']:.1f} images/s (activation cache built in {r['cache_s']:.1f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - reported as a failed check, the tests' result stays shown
             print(f"cars196 fast-mode run FAILED: {type(exc).__name__}: {exc}", flush=True)
+            status = status or 1
+        try:
+            print(serve_line(served_search(a.data_root, a.classes, a.serve_requests), "cuda"), flush=True)
+        except Exception as exc:  # noqa: BLE001 - as above
+            print(f"served search FAILED: {type(exc).__name__}: {exc}", flush=True)
             status = status or 1
     print(f"gpu-check: {'passed' if status == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s", flush=True)
     return 0 if status == 0 else 1

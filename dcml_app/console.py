@@ -6,7 +6,8 @@ stages print (executor JSON, warnings, tracebacks) goes through
 log file per task, and shows on the terminal only:
 
 - one line per stage when it ends: its name, "cached" or its seconds, and the
-  key figure the stage reported (a ``summary`` event, dcml.contracts.events);
+  key figure the stage reported (a ``summary`` event, dcml.contracts.events),
+  and under it each ``warning`` event of the stage (``    warning: ...``);
 - while a stage runs, a progress bar drawn from its ``progress`` events (on a
   terminal only; a pipe or file gets no bar);
 - for a failed stage, its error (the last exception line of its log) and the
@@ -48,9 +49,10 @@ class PipelineConsole:
         self._task_log: TextIO | None = None
         self._started = 0.0
         self._summary: dict[str, str] = {}
+        self._warnings: dict[str, list[str]] = {}
         self._error: dict[str, str] = {}
         self._bar = False
-        self.stages: list[dict] = []  # {"name", "status", "seconds", "summary", "log"}
+        self.stages: list[dict] = []  # {"name", "status", "seconds", "summary", "warnings", "log"}
 
     # -- the stream protocol -------------------------------------------------------
     def write(self, text: str) -> int:
@@ -108,6 +110,8 @@ class PipelineConsole:
     def _event(self, event: dict) -> None:
         if event["event"] == "summary" and self._task:
             self._summary[self._task] = str(event.get("text", ""))
+        elif event["event"] == "warning" and self._task:
+            self._warnings.setdefault(self._task, []).append(str(event.get("text", "")))
         elif event["event"] == "progress" and self._task and self.tty and not self.verbose:
             self._draw(event)
 
@@ -120,7 +124,7 @@ class PipelineConsole:
     def _end(self, name: str, status: str) -> None:
         seconds = time.perf_counter() - self._started if status != "cached" else None
         stage = {"name": name, "status": status, "seconds": seconds, "summary": self._summary.get(name, ""),
-                 "log": str(self._task_path(name)) if status != "cached" else None}
+                 "warnings": self._warnings.get(name, []), "log": str(self._task_path(name)) if status != "cached" else None}
         if status == "failed":
             stage["error"] = as_set_hint(self._error.get(name, "see the log"))
         self.stages.append(stage)
@@ -131,6 +135,8 @@ class PipelineConsole:
         self._clear_bar()
         if not self.verbose:
             self._echo(format_stage(stage))
+            for warning in stage["warnings"]:
+                self._echo(f"    warning: {warning}")
             if status == "failed":
                 self._echo(f"    error: {stage['error']}")
                 self._echo(f"    log:   {stage['log']}")

@@ -187,10 +187,12 @@ def _hits_for_the_web(hits: list[dict]) -> list[dict]:
 
 
 def _decision(searcher) -> dict | None:
-    """What ``match`` means in an answer: threshold and measured rates (dcml.retrieval.verify.decision)."""
-    from dcml.retrieval.verify import decision
+    """What ``match`` means in an answer: threshold and measured rates (dcml.retrieval.verify.decision), and
+    ``text``, the line `dcml search` prints (the page shows it as it is)."""
+    from dcml.retrieval.verify import decision, describe
 
-    return decision(searcher.gallery.meta.get("verification"))
+    rule = decision(searcher.gallery.meta.get("verification"))
+    return {**rule, "text": describe(rule)} if rule else None
 
 
 def create_app(index_dir, device: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,

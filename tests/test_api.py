@@ -214,7 +214,7 @@ def test_index_build_search_add_remove_save_open(jpegs, tmp_path, capsys):
         api_index.search(files[7], k=0)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
 def test_removed_ids_are_gone_for_every_index_type_and_stay_gone_on_disk(tmp_path, kind, jpegs):
     _, model_file, _ = jpegs
     rng = np.random.default_rng(0)
@@ -231,6 +231,7 @@ def test_removed_ids_are_gone_for_every_index_type_and_stay_gone_on_disk(tmp_pat
     assert gallery.remove(gone) == len(gone) and gallery.size == 2000 - len(gone)
     index_lib.write(tmp_path / "g", gallery.index, gallery.items, gallery.meta, model_file)
     opened = index_lib.GalleryIndex.open(tmp_path / "g")
+    assert opened.mapped == (kind == "ivfpq")  # the compressed index reads its exact vectors from the file
     ids, vectors = index_lib.contents(opened.index)
     assert opened.size == 2000 - len(gone) and not np.isin(ids, gone).any()
     np.testing.assert_allclose(vectors, x[ids], atol=1e-6)  # each id still holds its own vector
@@ -238,8 +239,10 @@ def test_removed_ids_are_gone_for_every_index_type_and_stay_gone_on_disk(tmp_pat
     assert all(h["id"] not in set(gone) for row in hits for h in row)
     kept = np.setdiff1d(np.arange(2000), gone)[:50]
     assert np.mean([row[0]["id"] == i for row, i in zip(opened.search(x[kept], 1), kept)]) >= 0.9
-    new = opened.add(x[:3], items.head(3).drop(columns="id"))
-    assert list(new) == [2000, 2001, 2002]
+    new = opened.add(x[:3], items.head(3).drop(columns="id"))  # a mapped index is read in first
+    assert list(new) == [2000, 2001, 2002] and not opened.mapped
+    top = [row[0]["id"] for row in opened.search(x[:3], 1)]  # a vector held twice: either copy (0 was removed)
+    assert top[0] == 2000 and top[1] in (1, 2001) and top[2] in (2, 2002)
     assert opened.meta["next_id"] == 2003
 
 

@@ -81,6 +81,21 @@ def test_gpu_check_rejects_bad_arguments_before_looking_for_cuda():
     assert proc.returncode == 2 and "--budget-s" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.full
+def test_gpu_checks_served_search_step_runs_on_the_cpu():
+    """The check's `dcml serve` step, as it runs on a GPU machine, with --device cpu and a few requests."""
+    from bench import gpu_check
+
+    if not gpu_check.CARS196.is_dir():
+        pytest.skip("cars196 not installed")
+    rows = gpu_check.served_search(gpu_check.CARS196, classes=2, requests=6, device="cpu")
+    assert [(r["server"], r["clients"]) for r in rows] == [("batched", 1), ("batched", 8), ("unbatched", 1),
+                                                           ("unbatched", 8)]
+    assert all(r["requests"] == 6 and r["errors"] == 0 and r["requests_per_s"] > 0 for r in rows), rows
+    line = gpu_check.serve_line(rows, "cpu")
+    assert line.startswith("dcml serve on cpu: batched 1 client(s) ") and line.count("x at 8 (goal 1.5x)") == 2, line
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_model_and_embeddings_on_cuda_match_cpu():

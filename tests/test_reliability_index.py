@@ -125,6 +125,25 @@ def test_two_cli_appends_at_once_keep_every_image(data, tmp_path):
     assert said == [("13", "5"), ("18", "5")]
 
 
+@pytest.mark.slow
+def test_two_fresh_builds_of_one_new_folder_at_once_keep_the_first_and_refuse_the_second(data, tmp_path):
+    """Was: both passed the exists-check before either wrote, both exit 0 and the last one replaced the first."""
+    out = tmp_path / "new-index"
+    build = [sys.executable, "-c", "from dcml_app.cli import main; main()", "index", "--model", str(data["model"]),
+             "--split", "test", "--device", "cpu", "--out", str(out)]
+    results = start_both_while_locked(out, [build + ["--manifest", str(data["gallery"])],
+                                            build + ["--manifest", str(data["new_a"])]], tmp_path)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(stderr for code, _, stderr in results if code == 2)
+    last = refused.strip().splitlines()[-1]
+    assert WAITING in refused and "Traceback" not in refused
+    assert last.startswith("error: ") and "another process wrote an index there while this one was built" in last
+    written = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    held = set(index_lib.GalleryIndex.open(out).items["image_id"])
+    assert held == image_ids((data["gallery"], data["new_a"])[written])  # the first one's index, whole
+
+
 WRITER = """
 import json, sys
 import dcml

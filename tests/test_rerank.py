@@ -63,7 +63,7 @@ def test_expansion_in_a_set_is_the_formula_with_the_own_row_left_out():
     np.testing.assert_allclose(augment_database(x, 3, 2.0), expanded, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
 def test_expansion_with_a_gallery_index_reads_back_its_vectors(kind):
     gallery, _ = classes(4000, seed=2)
     ids = np.arange(4000, dtype=np.int64) * 3 + 7  # ids are not positions

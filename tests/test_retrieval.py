@@ -47,7 +47,7 @@ def clustered(n, dim=32, seed=0):
     return index_lib.normalized(centres[np.arange(n) % len(centres)] + 0.3 * rng.standard_normal((n, dim)))
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_recall_is_measured_against_exact_search(kind):
     x = clustered(4000)
     index, info = index_lib.build(x, kind, target_recall=0.9)
@@ -60,11 +60,41 @@ def test_approximate_recall_is_measured_against_exact_search(kind):
     found = [[i for i in row if i != own][:10] for row, own in zip(found, rows)]
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
     assert info["recall@10"] == pytest.approx(recall, abs=1e-3)
-    knob = info["nprobe" if kind == "ivf" else "efSearch"]
+    knob = info["efSearch" if kind == "hnsw" else "nprobe"]
     assert info["calibration"][-1] == [knob, info["recall@10"]]
     # The knob is the first power of two that reached the target (or the largest one tried).
     assert info["recall@10"] >= 0.9 and all(r < 0.9 for _, r in info["calibration"][:-1])
+
+
+def test_auto_picks_by_gallery_size_and_recall_target_and_says_why():
     assert index_lib.choose_type("auto", 99_999) == "flat" and index_lib.choose_type("auto", 100_000) == "ivf"
+    assert index_lib.choose_type("auto", 10**7, target_recall=1.0) == "flat"  # only exact search is exact
+    kind, why = index_lib.auto_choice(10**6, 0.9)
+    assert kind == "ivf" and "recall@10 reaches 0.9" in why
+    _, info = index_lib.build(clustered(500), "auto")
+    assert info["type"] == "flat" and "exact search is fast enough" in info["picked"]
+    assert "picked" not in index_lib.build(clustered(500), "flat")[1]  # told, not picked
+
+
+def test_the_compressed_index_keeps_codes_in_memory_and_maps_its_exact_vectors(tmp_path):
+    x = clustered(4000, dim=64)
+    index, info = index_lib.build(x, "ivfpq", target_recall=0.95)
+    assert info["params"]["pq_m"] == 32 and info["params"]["refine_factor"] == index_lib.REFINE_FACTOR
+    # Re-ranked by exact inner products: the scores are the exact cosines of the ids found.
+    scores, ids = index.search(x[:20], 5)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", x[:20], x[ids]), atol=1e-5)
+    # Its memory: the codes, lists and ids, a fraction of the file that also holds the exact vectors.
+    path = tmp_path / "pq.faiss"
+    import faiss
+
+    faiss.write_index(index, str(path))
+    exact = x.nbytes
+    assert path.stat().st_size - exact < exact / 4  # 32 bytes of code + 16 of ids per 256-byte vector
+    mapped = index_lib._read_faiss(path, True, "")
+    index_lib.set_knob(mapped, info["nprobe"])
+    np.testing.assert_array_equal(mapped.search(x[:20], 5)[1], ids)
+    with pytest.raises(DcmlError, match="too few to train its codebooks .* use --index-type flat"):
+        index_lib.build(x[:100], "ivfpq")
 
 
 def test_search_finds_each_gallery_image_first_through_the_same_preprocessing(jpegs, tmp_path, capsys):

@@ -484,7 +484,7 @@ def test_page_reruns_on_k_and_shows_only_the_newest_query(server, devtools_page)
     tab.wait("document.body.dataset.state === 'done' && document.querySelectorAll('.hit').length === 5")
     assert f"id 31 · {man.df['image_id'][31]}" in tab.evaluate("document.querySelector('.hit').innerText")
     assert tab.evaluate("document.getElementById('error').textContent") == ""
-    # Under the results, what "match" means: the threshold and its measured rates, as `dcml search` prints them.
+    # Under the results, what "match" means (this index has none; with one: test_verification's server test).
     rule = requests.get(f"{url}/healthz", timeout=30).json().get("match_threshold")
     shown = tab.evaluate("document.getElementById('decision').textContent")
     assert (shown.startswith(f"match = score >= {rule:.4f} (false-match rate ") and "impostor and" in shown

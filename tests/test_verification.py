@@ -6,6 +6,7 @@ again on the embeddings the index keeps, without the model."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -165,6 +166,27 @@ def thresholded(tmp_path_factory):
     return manifest, model, folder / "index", done.stderr
 
 
+def test_dcml_run_shows_the_index_warning_under_the_stage_line(thresholded, tmp_path):
+    """The index stage as `dcml run` runs it (events on stdout) through the run's console: the warning `dcml
+    index` prints is shown under the stage's line (it was only in the stage's log)."""
+    from dcml_app.console import PipelineConsole
+
+    manifest, model, _, _ = thresholded
+    out = tmp_path / "index"
+    done = subprocess.run([sys.executable, "-m", "dcml_app.cli", "index", "--model", str(model), "--manifest",
+                           str(manifest), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DCML_EVENTS": "1"})
+    assert done.returncode == 0, done.stderr
+    terminal = io.StringIO()
+    console = PipelineConsole(tmp_path / "logs", terminal=terminal)
+    console.write("Executing task 'index'\n" + done.stdout + "Task 'index' finished with status SUCCESS\n")
+    console.close()
+    shown = terminal.getvalue().splitlines()
+    assert shown[0].startswith("  index") and "match threshold" in shown[0], shown
+    assert shown[1].startswith("    warning: only 100 impostor pairs on ") and len(shown) == 2, shown
+    assert console.stages[0]["warnings"] == [shown[1][len("    warning: "):]]
+
+
 def _val_files(manifest):
     man = manifest_lib.read(manifest)
     val = man.split("val")
@@ -250,7 +272,7 @@ def jpegs_index(tmp_path_factory):
     return gallery_data.indexed_jpeg_gallery(tmp_path_factory.mktemp("bare"))[2]
 
 
-def test_the_server_answers_with_what_match_means(thresholded):
+def test_the_server_answers_with_what_match_means(thresholded, devtools_page):
     _, _, index_dir, _ = thresholded
     port = serve_helpers.free_port()
     process = serve_helpers.start_server(index_dir, port)
@@ -259,9 +281,18 @@ def test_the_server_answers_with_what_match_means(thresholded):
         serve_helpers.wait_for(f"{url}/healthz", process)
         query = sorted(Path(manifest_lib.read(thresholded[0]).root).glob("class7/*.jpg"))[0]
         body = serve_helpers.post_image(url, query, k=20)
+        # The page (headless Chromium) shows under its results the line `dcml search` prints.
+        tab = devtools_page
+        tab("Page.enable"), tab("DOM.enable"), tab("Page.navigate", url=url)
+        tab.wait("document.readyState === 'complete' && document.getElementById('info').textContent !== ''")
+        node = tab("DOM.querySelector", nodeId=tab("DOM.getDocument")["root"]["nodeId"], selector="#file")["nodeId"]
+        tab("DOM.setFileInputFiles", nodeId=node, files=[str(query)])
+        tab.wait("document.body.dataset.state === 'done'")
+        shown = tab.evaluate("document.getElementById('decision').textContent")
     finally:
         process.terminate()
         process.wait(timeout=30)
     rule = dcml.Index.open(index_dir).decision
-    assert body["decision"] == rule and rule["impostor_pairs"] == 100
+    assert body["decision"] == {**rule, "text": verify.describe(rule)} and rule["impostor_pairs"] == 100
     assert all(h["match"] == (h["score"] >= rule["threshold"]) for h in body["neighbours"])
+    assert shown == verify.describe(rule) and shown.startswith("match = score >= "), shown

@@ -104,6 +104,7 @@ def run(out, manifest=None, model=None, split: str = "auto", append: bool = Fals
     lineage = {"index_type": meta["type"], "dim": int(meta["dim"]), "model_sha256": meta["model"]["sha256"],
                "manifest_fingerprint": source.get("manifest_fingerprint"), "splits": source.get("splits", []),
                "skipped_already_indexed": source.get("skipped_already_indexed", 0), "exact": meta["exact"],
+               "picked": None if (append or remove) else info.get("picked"),
                **meta["search"], "device": str(device),
                "verification": {k: v for k, v in verification.items() if k != "table"},
                "threshold_table": verification.get("table", [])}
@@ -111,9 +112,20 @@ def run(out, manifest=None, model=None, split: str = "auto", append: bool = Fals
     record = timer.finish(inputs={"model": model_file, "manifest": manifest, "index": out if (append or remove)
                                   else None}, metrics=metrics, extra=lineage)
     meta["model"]["exec_id"] = meta["model"].get("exec_id") or _record_of(_checkpoint(model_file)).get("exec_id")
-    index.save(out, metrics=metrics, record=record)
+    index.save(out, exclusive=not (append or remove or overwrite), metrics=metrics, record=record)
     events.emit("summary", text=describe(record, out))
+    warning = warning_of(record, out)
+    if warning:  # `dcml run` shows it under the stage's line
+        events.emit("warning", text=warning)
     return record
+
+
+def warning_of(record: dict, out) -> str | None:
+    """The line that says what to do about a poor match threshold (dcml.retrieval.verify.advice), or None."""
+    from dcml.retrieval.verify import advice
+
+    x = record["extra"]
+    return advice({**x["verification"], "table": x["threshold_table"]} if x["verification"] else None, out)
 
 
 def _images_of(manifest, split: str, images, numbered: bool = False) -> dict:
@@ -161,8 +173,9 @@ def describe(record: dict, out) -> str:
     v = x.get("verification") or {}
     match = (f"; match threshold {v['threshold']:.4f} (false-match rate {v['false_match_rate']:g} on the "
              f"validation split, true-match rate {v['true_match_rate']:.3f})" if v else "")
+    picked = f" (auto: {x['picked']}; --index-type to choose)" if x.get("picked") else ""
     return (f"{out}: {m['images']} images ({m['added']} added{removed}{skipped}), {m['dim']}-d, {x['index_type']} "
-            f"index, {how}{match}")
+            f"index{picked}, {how}{match}")
 
 
 @click.command(name=STAGE, help="Gallery embeddings -> a faiss index folder for `dcml search` / `dcml serve`.")
@@ -181,18 +194,15 @@ def describe(record: dict, out) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder --out.")
 @click.option("--remove", "remove", multiple=True, type=click.IntRange(0),
               help="Remove the item with this id (as `dcml search` shows it) from --out; repeat for several.")
-@params.click_options(*PARAMS, rename=RENAME)
+@params.click_options(*PARAMS, rename=RENAME, aliases={"index_target_recall": ("--recall",)})
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available).")
 def cli(model, manifest, folder, split, out, append, overwrite, remove, index_type, target_recall, false_match_rate,
         batch_size, num_workers, seed, device):
-    from dcml.retrieval.verify import advice
-
     record = run(out=out, manifest=manifest, model=model, split=split, append=append, overwrite=overwrite,
                  remove=remove, index_type=index_type, target_recall=target_recall,
                  false_match_rate=false_match_rate, batch_size=batch_size, num_workers=num_workers, seed=seed,
                  device=device, folder=folder)
     click.echo(describe(record, out))
-    x = record["extra"]
-    warning = advice({**x["verification"], "table": x["threshold_table"]} if x["verification"] else None, out)
+    warning = warning_of(record, out)
     if warning:
         click.echo(f"warning: {warning}", err=True)

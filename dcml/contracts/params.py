@@ -28,7 +28,7 @@ LOSSES = ("margin", "triplet", "contrastive", "proxy_anchor", "multi_similarity"
 MINERS = ("auto", "reference", "distance_weighted", "multi_similarity", "none")
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
 COMPRESS_METHODS = ("uniform", "kmeans", "loss-aware")
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,9 @@ _PARAMS = [
     # -- retrieval index -------------------------------------------------------
     _p("index_gallery", bool, False, "After evaluation, index the gallery (test or gallery split) for search "
        "and serving (`dcml search`, `dcml serve`).", "index"),
-    _p("index_type", str, "auto", "Gallery index: flat (exact inner product), ivf, hnsw, or auto (flat below "
-       "100,000 images, else ivf).", "index", choices=INDEX_TYPES),
+    _p("index_type", str, "auto", "Gallery index: flat (exact inner product), ivf, hnsw, ivfpq (compressed "
+       "codes in memory, a short list re-ranked by the exact vectors read from disk), or auto (flat below "
+       "100,000 images or at recall target 1, else ivf).", "index", choices=INDEX_TYPES),
     _p("index_target_recall", float, 0.95, "Approximate index: recall@10 against exact search that its search "
        "setting (nprobe / efSearch) is raised to reach.", "index", low=0.0, high=1.0),
     _p("index_false_match_rate", float, 0.01, "Match decisions: the share of different-class pairs of the "
@@ -373,11 +374,13 @@ def resolve(names: Iterable[str], given: dict, source: str, rename: dict | None 
     return {rename.get(n, n): v for n, v in checked.items()}
 
 
-def click_options(*names: str, rename: dict | None = None, fixed_defaults: dict | None = None):
-    """Click options for ``names`` (defaults, help and choices from the table)."""
+def click_options(*names: str, rename: dict | None = None, fixed_defaults: dict | None = None,
+                  aliases: dict | None = None):
+    """Click options for ``names`` (defaults, help and choices from the table; ``aliases``: name -> more
+    flags that set it, e.g. ``{"index_target_recall": ("--recall",)}``)."""
     import click
 
-    rename, fixed_defaults = rename or {}, fixed_defaults or {}
+    rename, fixed_defaults, aliases = rename or {}, fixed_defaults or {}, aliases or {}
 
     def decorate(f):
         for name in reversed(names):
@@ -389,7 +392,7 @@ def click_options(*names: str, rename: dict | None = None, fixed_defaults: dict 
                 f = click.option(f"{flag}/--no-{flag[2:]}", dest, **kwargs)(f)
                 continue
             kwargs["type"] = click.Choice(list(p.choices)) if p.choices else p.type
-            f = click.option(flag, dest, **kwargs)(f)
+            f = click.option(flag, *aliases.get(name, ()), dest, **kwargs)(f)
         return f
 
     return decorate

@@ -217,12 +217,18 @@ class Index:
         self._writer.dirty = True
         return chosen[0]
 
-    def save(self, path: str | os.PathLike | None = None, **meta) -> Path:
-        """Write the index folder (atomically) to ``path`` or where it was opened / built; return the path."""
+    def save(self, path: str | os.PathLike | None = None, exclusive: bool = False, **meta) -> Path:
+        """Write the index folder (atomically) to ``path`` or where it was opened / built; return the path.
+        ``exclusive``: only where no index is (checked under the folder's write lock: of two builds into one new
+        folder at once, the second is refused instead of replacing the first)."""
         if path is None and not self._path_set:
             raise DcmlError("Index.save: this index was built without path=; pass save(path)")
         dest = Path(path) if path is not None else self.gallery.path
         self._changing(dest)
+        if exclusive and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            self._writer.release()
+            raise DcmlError(f"{dest}: another process wrote an index there while this one was built; nothing "
+                            "written: pass --overwrite to replace it, or --append to add to it")
         try:
             self.gallery.meta.update(meta)
             written = index_lib.write(dest, self.gallery.index, self.gallery.items, self.gallery.meta,

@@ -12,7 +12,16 @@ Index types (``choose_type``):
 * ``ivf``: ``IndexIVFFlat`` with about sqrt(n) lists, trained on a sample of
   :data:`IVF_TRAIN_PER_LIST` vectors per list; ``auto`` picks it from
   :data:`AUTO_APPROXIMATE_FROM` vectors on;
-* ``hnsw``: ``IndexHNSWFlat`` (M = :data:`HNSW_M`).
+* ``hnsw``: ``IndexHNSWFlat`` (M = :data:`HNSW_M`);
+* ``ivfpq``: the compressed index: IVF lists as above holding
+  product-quantised residuals of :data:`PQ_BYTES` bytes a vector
+  (``IndexIVFPQ``) find a short list of :data:`REFINE_FACTOR` x k candidates,
+  re-ranked by their exact inner products (``IndexRefineFlat``). The exact
+  vectors sit in the same ``index.faiss`` file, which an opened index maps
+  from disk (``IO_FLAG_MMAP_IFC``) instead of reading it: the codes, lists
+  and ids are 1/10 of ``flat``'s bytes at 128-d, and a search reads its
+  lists and its short list's exact vectors (pages the kernel caches, and
+  drops when memory is short).
 
 An approximate index is calibrated when built (:func:`calibrate`): its search
 knob (IVF ``nprobe``, HNSW ``efSearch``) doubles until recall@10 against the
@@ -24,8 +33,10 @@ recall again.
 
 Every vector has a stable id (an ``int64`` the index returns): an exact or
 HNSW index sits in a ``faiss.IndexIDMap2``, an IVF index stores the ids in
-its lists. Ids are given in order (0, 1, ...) and never reused: removing
-items (:func:`remove`; faiss ``remove_ids``, HNSW rebuilt without them) leaves
+its lists, a compressed one sits in a ``faiss.IndexIDMap`` (ids in
+ascending order; no hash table in memory). Ids are given in order (0, 1,
+...) and never reused: removing items (:func:`remove`; faiss
+``remove_ids``, HNSW and compressed indexes re-filled without them) leaves
 the other ids as they were, and appended vectors continue after the largest
 id ever given (``next_id`` in ``index.json``).
 
@@ -74,21 +85,40 @@ TARGET_RECALL = PARAMS["index_target_recall"].default
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 IVF_TRAIN_PER_LIST = 64
+PQ_BYTES = 32  # compressed index: bytes of code per vector (sub-quantisers of 8 bits)
+REFINE_FACTOR = 10  # compressed index: exact re-ranking of k x this many candidates
+PQ_MIN_VECTORS = 39 * 16  # the fewest a compressed index trains on (16 centroids per sub-quantiser)
 ITEM_COLUMNS = ("id", "image_id", "path", "image_bytes", "label", "class_name", "split")
 ITEMS_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
                           ("image_bytes", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()),
                           ("split", pa.string())])
 # The search knob of each approximate type: (name, first value, largest value for n vectors / nlist).
-_KNOBS = {"ivf": ("nprobe", 8), "hnsw": ("efSearch", 16)}
+_KNOBS = {"ivf": ("nprobe", 8), "ivfpq": ("nprobe", 8), "hnsw": ("efSearch", 16)}
+MAPPED_TYPES = ("ivfpq",)  # opened with its exact vectors mapped from disk, not read into memory
 
 
-def choose_type(index_type: str, n: int) -> str:
-    """The concrete type for ``index_type`` (``auto``: exact below AUTO_APPROXIMATE_FROM vectors, else IVF)."""
+def choose_type(index_type: str, n: int, target_recall: float = TARGET_RECALL) -> str:
+    """The concrete type for ``index_type`` (``auto``: :func:`auto_choice`)."""
     if index_type not in INDEX_TYPES:
         raise DcmlError(f"--index-type {index_type!r}: unknown; use one of {', '.join(INDEX_TYPES)}")
     if index_type == "auto":
-        return "flat" if n < AUTO_APPROXIMATE_FROM else "ivf"
+        return auto_choice(n, target_recall)[0]
+    if index_type == "ivfpq" and n < PQ_MIN_VECTORS:
+        raise DcmlError(f"--index-type ivfpq: {n} vectors are too few to train its codebooks (it needs "
+                        f"{PQ_MIN_VECTORS}); use --index-type flat (exact) for a gallery this small")
     return index_type
+
+
+def auto_choice(n: int, target_recall: float = TARGET_RECALL) -> tuple[str, str]:
+    """(type, why) that ``auto`` picks for n vectors and a recall@10 target (bench_retrieval's measurements:
+    exact search is fast enough below AUTO_APPROXIMATE_FROM vectors; above, IVF reaches the usual targets at a
+    fraction of the cost, while a target of 1 needs exact search)."""
+    if target_recall >= 1.0:
+        return "flat", f"recall target {target_recall:g} needs exact search"
+    if n < AUTO_APPROXIMATE_FROM:
+        return "flat", f"under {AUTO_APPROXIMATE_FROM:,} images exact search is fast enough"
+    return "ivf", (f"{AUTO_APPROXIMATE_FROM:,} images or more: IVF, its nprobe raised until recall@10 reaches "
+                   f"{target_recall:g}")
 
 
 def gallery_splits(split: str, present: set[str], source: str) -> list[str]:
@@ -137,11 +167,13 @@ def build(vectors: np.ndarray, index_type: str = "auto", seed: int = 0,
     if n == 0:
         raise DcmlError("index: no gallery images to index; pick a split that has images")
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    kind = choose_type(index_type, n)
+    kind = choose_type(index_type, n, target_recall)
     t0 = time.perf_counter()
     params: dict = {}
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    elif kind == "ivfpq":
+        index, params = _ivfpq(vectors, seed)
     elif kind == "ivf":
         nlist = ivf_lists(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -157,9 +189,30 @@ def build(vectors: np.ndarray, index_type: str = "auto", seed: int = 0,
     build_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     info = {"type": kind, "params": params, "build_seconds": round(build_seconds, 3)}
+    if index_type == "auto":
+        info["picked"] = auto_choice(n, target_recall)[1]
     info.update(calibrate(index, vectors, target_recall, seed, ids))
     info["calibration_seconds"] = round(time.perf_counter() - t1, 3)
     return index, info
+
+
+def _ivfpq(vectors: np.ndarray, seed: int) -> tuple[faiss.Index, dict]:
+    """A trained, empty compressed index for ``vectors`` (see the module's docstring) and its parameters."""
+    n, d = vectors.shape
+    nlist = ivf_lists(n)
+    m = max(m for m in range(1, min(PQ_BYTES, d) + 1) if d % m == 0)  # sub-quantisers: a divisor of d
+    nbits = int(min(8, math.log2(n // 39)))  # 8-bit codes from 9,984 training vectors on; fewer below
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = seed
+    ivf.pq.cp.seed = seed
+    refine = faiss.IndexRefineFlat(ivf)
+    refine.k_factor = REFINE_FACTOR
+    index = faiss.IndexIDMap(refine)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, max(IVF_TRAIN_PER_LIST * nlist, 39 * 2 ** nbits)), replace=False))
+    index.train(vectors[sample])
+    return index, {"nlist": nlist, "pq_m": m, "pq_nbits": nbits, "refine_factor": REFINE_FACTOR,
+                   "train_vectors": len(sample)}
 
 
 def _hnsw(d: int) -> faiss.Index:
@@ -175,6 +228,8 @@ def base_of(index: faiss.Index) -> faiss.Index:
 
 def kind_of(index: faiss.Index) -> str:
     base = base_of(index)
+    if isinstance(base, faiss.IndexRefine):
+        return "ivfpq"
     if isinstance(base, faiss.IndexHNSW):
         return "hnsw"
     if isinstance(base, faiss.IndexIVF):
@@ -185,7 +240,9 @@ def kind_of(index: faiss.Index) -> str:
 def set_knob(index: faiss.Index, value: int) -> None:
     """Set the search knob of an approximate index (IVF nprobe, HNSW efSearch)."""
     base = base_of(index)
-    if kind_of(base) == "ivf":
+    if kind_of(base) == "ivfpq":
+        faiss.extract_index_ivf(base).nprobe = int(value)
+    elif kind_of(base) == "ivf":
         base.nprobe = int(value)
     elif kind_of(base) == "hnsw":
         base.hnsw.efSearch = int(value)
@@ -232,15 +289,21 @@ def remove(index: faiss.Index, ids) -> tuple[faiss.Index, int]:
 
     Exact and IVF indexes remove in place (faiss ``remove_ids``); an HNSW graph
     cannot drop nodes, so it is rebuilt from the remaining vectors (same
-    parameters, same search knob).
+    parameters, same search knob); a compressed index is emptied and re-filled
+    with them (its training kept).
     """
     ids = np.unique(np.asarray(ids, dtype=np.int64))
-    if kind_of(index) != "hnsw":
+    kind = kind_of(index)
+    if kind not in ("hnsw", "ivfpq"):
         return index, int(index.remove_ids(ids))
     held, vectors = contents(index)
     keep = ~np.isin(held, ids)
-    fresh = faiss.IndexIDMap2(_hnsw(index.d))
-    set_knob(fresh, base_of(index).hnsw.efSearch)
+    if kind == "hnsw":
+        fresh = faiss.IndexIDMap2(_hnsw(index.d))
+        set_knob(fresh, base_of(index).hnsw.efSearch)
+    else:  # the trained structure (lists, codebooks) re-filled with the vectors that stay
+        fresh = faiss.clone_index(index)
+        fresh.reset()
     fresh.add_with_ids(vectors[keep], held[keep])
     return fresh, int((~keep).sum())
 
@@ -287,7 +350,7 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, target_recall: float = TA
     if ids is not None:
         truth = ids[truth]
     name, value = _KNOBS[kind]
-    largest = base_of(index).nlist if kind == "ivf" else max(value, 2048)
+    largest = faiss.extract_index_ivf(index).nlist if kind in ("ivf", "ivfpq") else max(value, 2048)
     curve = []
     while True:
         set_knob(index, value)
@@ -351,6 +414,7 @@ class GalleryIndex:
     items: pd.DataFrame
     meta: dict
     rerank: object = None  # a dcml.retrieval.rerank.QueryExpansion that search applies (None: plain search)
+    mapped: bool = False  # the faiss index's exact vectors are mapped from index.faiss (read-only until _own)
 
     def __post_init__(self):
         self.items = self.items.reset_index(drop=True)
@@ -397,11 +461,8 @@ class GalleryIndex:
         if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise DcmlError(f"{path / META_FILE}: format {found!r}, expected {FORMAT!r}; {fix}")
-        try:
-            index = with_ids(faiss.read_index(str(path / INDEX_FILE)))
-        except RuntimeError as exc:
-            raise DcmlError(f"{path / INDEX_FILE}: not a readable faiss index ({str(exc).splitlines()[0][:160]}); "
-                            f"{fix}") from None
+        mapped = meta.get("type") in MAPPED_TYPES
+        index = _read_faiss(path / INDEX_FILE, mapped, fix)
         items = pd.read_parquet(path / ITEMS_FILE)
         held, _ = contents(index) if kind_of(index) == "ivf" else (faiss.vector_to_array(index.id_map), None)
         if list(items.columns) != list(ITEM_COLUMNS) or len(items) != index.ntotal \
@@ -410,7 +471,15 @@ class GalleryIndex:
                             f"{index.ntotal} vectors); {fix}")
         for value in meta.get("search", {}).values():  # the calibrated nprobe / efSearch
             set_knob(index, value)
-        return cls(path, index, items, meta)
+        return cls(path, index, items, meta, mapped=mapped)
+
+    def _own(self) -> None:
+        """Before a change: an index mapped from its file is read into memory (a mapped one cannot grow)."""
+        if self.mapped:
+            self.index = _read_faiss(self.path / INDEX_FILE, False, "build it again with `dcml index`")
+            for value in self.meta.get("search", {}).values():
+                set_knob(self.index, value)
+            self.mapped = False
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
         """Top-k hits per normalised query vector: id, image_id, path, label, class_name, score, match
@@ -450,6 +519,7 @@ class GalleryIndex:
                             "embed them with the index's model")
         ids = np.arange(self.next_id, self.next_id + len(vectors), dtype=np.int64)
         if len(ids):
+            self._own()
             info = append(self.index, vectors, ids, target_recall, seed)
             self.meta["build"] = {**self.meta.get("build", {}), **info}
             self._calibrated(info)
@@ -467,6 +537,7 @@ class GalleryIndex:
             raise DcmlError(f"{self.path}: no item with id {', '.join(map(str, unknown[:5]))} in the index; "
                             "pass ids that `dcml search` returns")
         self.meta["next_id"] = self.next_id
+        self._own()
         self.index, removed = remove(self.index, ids)
         self.items = self.items[~self.items["id"].isin(ids)]
         self.__post_init__()
@@ -517,6 +588,14 @@ def write(dest: str | os.PathLike, index: faiss.Index, items: pd.DataFrame, meta
                           np.asarray(vectors, dtype=np.float32), "embedding", about)
         write_json(tmp / META_FILE, meta)
     return meta
+
+
+def _read_faiss(path: Path, mapped: bool, fix: str) -> faiss.Index:
+    """The faiss index in ``path`` (``mapped``: its flat vectors mapped from the file, not read)."""
+    try:
+        return with_ids(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
+    except RuntimeError as exc:
+        raise DcmlError(f"{path}: not a readable faiss index ({str(exc).splitlines()[0][:160]}); {fix}") from None
 
 
 def _write_faiss(index: faiss.Index, path: Path) -> None:

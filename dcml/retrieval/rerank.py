@@ -107,10 +107,15 @@ def stored(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     """The vectors an index stores under ``ids`` (any shape), shaped ids.shape + (d,).
 
     Flat, HNSW and id-mapped indexes reconstruct directly; an IVF index first gets
-    a hash-table direct map (once; its ids are arbitrary).
+    a hash-table direct map (once; its ids are arbitrary); a compressed one hands back
+    its exact vectors (ids are held in ascending order: found by bisection).
     """
     ids = np.asarray(ids, dtype=np.int64)
     flat = ids.reshape(-1)
+    if type(index) is faiss.IndexIDMap:  # a compressed index: ids held in ascending order, its exact vectors by position
+        held = faiss.vector_to_array(index.id_map)
+        rows = faiss.downcast_index(index.index).reconstruct_batch(np.searchsorted(held, flat).clip(0, len(held) - 1))
+        return np.asarray(rows, dtype=np.float32).reshape(*ids.shape, int(index.d))
     try:
         rows = index.reconstruct_batch(flat)
     except RuntimeError:

@@ -90,6 +90,8 @@ def test_append_adds_only_new_images_and_keeps_ids_unique(tmp_path, fm):
     ("append_other_model", "not the model the index"),
     ("missing_split", "no rows in split(s) query"),
     ("bad_type", "index_type='annoy': not allowed"),
+    ("too_few_to_compress", "--index-type ivfpq: 48 vectors are too few to train its codebooks (it needs 624); use "
+                            "--index-type flat"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, fm, case, message):
     manifest, model = fm
@@ -108,6 +110,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, fm, case, messa
         kwargs["split"] = "query"
     elif case == "bad_type":
         kwargs["index_type"] = "annoy"
+    elif case == "too_few_to_compress":
+        kwargs["index_type"] = "ivfpq"
     before = GalleryIndex.open(kwargs["out"]).meta["record"]["exec_id"] if case == "append_other_model" else None
     with pytest.raises(DcmlError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(**kwargs)
@@ -120,8 +124,11 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, fm, case, messa
 def test_cli_writes_the_index_and_errors_are_one_line_exit_2(tmp_path, fm, capsys):
     manifest, model = fm
     out = tmp_path / "index"
-    dcml_main(["index", "--model", str(model), "--manifest", str(manifest), "--out", str(out)])
-    assert "48 images (48 added), 16-d, flat index, exact search" in capsys.readouterr().out
+    dcml_main(["index", "--model", str(model), "--manifest", str(manifest), "--out", str(out), "--recall", "0.9"])
+    said = capsys.readouterr().out
+    assert "48 images (48 added), 16-d, flat index (auto: under 100,000 images exact search is fast enough; " \
+           "--index-type to choose), exact search" in said
+    assert GalleryIndex.open(out).meta["record"]["params"]["target_recall"] == 0.9  # --recall sets it
     with pytest.raises(SystemExit) as failed:
         dcml_main(["index", "--model", str(model), "--manifest", str(manifest), "--out", str(tmp_path / "x"),
                    "--split", "gallery"])
