@@ -97,6 +97,39 @@ def test_the_compressed_index_keeps_codes_in_memory_and_maps_its_exact_vectors(t
         index_lib.build(x[:100], "ivfpq")
 
 
+@pytest.mark.parametrize("config", [
+    {"backbone": "small_cnn", "weights": "none", "image_size": 28, "embedding_dim": 16, "num_slices": 2},
+    {"backbone": "efficientnet_lite0", "weights": "none", "image_size": 64, "embedding_dim": 32,
+     "fusion": {"width": 24, "weight": 0.5}},  # a delivered model: its head beside the reference branch
+], ids=["small_cnn-2-slices", "efficientnet-fusion"])
+def test_a_compiled_embedder_gives_the_models_embeddings_at_any_batch_size(config):
+    from dcml.algorithm.models import build_model, default_config
+    from dcml.retrieval.embedder import COMPILED_ATOL, Embedder
+
+    torch.manual_seed(0)
+    net = build_model(default_config(**config)).eval()
+    compiled, plain = Embedder(net, "cpu", compiled=True), Embedder(net, "cpu")
+    assert compiled.compile_error is None and compiled.forward is not net
+    channels = 1 if compiled.transform.mode == "L" else 3
+    for batch in (1, 5, 8):  # traced on a batch of 2
+        x = torch.randn(batch, channels, config["image_size"], config["image_size"])
+        np.testing.assert_allclose(compiled.embed_pixels(x), plain.embed_pixels(x), atol=COMPILED_ATOL)
+
+
+def test_a_model_that_cannot_be_traced_runs_as_it_is_and_says_why(monkeypatch):
+    from dcml.algorithm.models import build_model, default_config
+    from dcml.retrieval.embedder import Embedder
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Tracer cannot infer type of output")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    net = build_model(default_config(backbone="small_cnn", weights="none", image_size=28, embedding_dim=8)).eval()
+    embedder = Embedder(net, "cpu", compiled=True)
+    assert embedder.forward is net and embedder.compile_error == "RuntimeError: Tracer cannot infer type of output"
+    assert embedder.embed_pixels(torch.zeros(2, 1, 28, 28)).shape == (2, 8)
+
+
 def test_search_finds_each_gallery_image_first_through_the_same_preprocessing(jpegs, tmp_path, capsys):
     manifest, _, index = jpegs
     man = manifest_lib.read(manifest)

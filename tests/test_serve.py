@@ -108,6 +108,7 @@ def test_health_and_page(server):
     health = requests.get(f"{url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["images"] == len(man.df) == 40 and health["dim"] == 16
     assert health["index_type"] == "flat" and health["exact"] is True
+    assert health["compiled"] is True  # the model runs traced (dcml.retrieval.embedder.compiled_forward)
     page = requests.get(url, timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and 'id="drop"' in page.text and "/search" in page.text

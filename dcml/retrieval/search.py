@@ -23,12 +23,12 @@ MAX_K = 1000  # neighbours per query, the same bound for `dcml search`, the API 
 class Searcher:
     """An index folder with its model, ready to answer query images."""
 
-    def __init__(self, index_dir: str | os.PathLike, device=None, rerank=None):
+    def __init__(self, index_dir: str | os.PathLike, device=None, rerank=None, compiled: bool = False):
         from dcml.retrieval.embedder import Embedder
 
         self.gallery = GalleryIndex.open(index_dir)
         self.gallery.rerank = rerank  # dcml.retrieval.rerank.QueryExpansion or None
-        self.embedder = Embedder.load(self.gallery.model_file, device)
+        self.embedder = Embedder.load(self.gallery.model_file, device, compiled)  # compiled: see Embedder
         self.model, self.device, self.transform = self.embedder.net, self.embedder.device, self.embedder.transform
         dim = int(self.gallery.index.d)
         if self.embedder.dim != dim:
