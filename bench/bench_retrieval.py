@@ -207,12 +207,12 @@ def child_index(source: str, kind: str, seed: int) -> None:
     for name in ("nprobe", "efSearch"):
         if name in info:
             index_lib.set_knob(index, info[name])
-    file_bytes = faiss.serialize_index(index).nbytes
     # What stays on disk: the compressed index's exact vectors (mapped when opened, only short lists read).
     mapped = index.ntotal * index.d * 4 if kind in index_lib.MAPPED_TYPES else 0
     peak = _rss_mib()
     with tempfile.TemporaryDirectory(dir=WORK / "retrieval") as tmp:
         faiss.write_index(index, f"{tmp}/index.faiss")
+        file_bytes = os.path.getsize(f"{tmp}/index.faiss")
         np.save(f"{tmp}/queries.npy", queries)
         knob = {name: info[name] for name in ("nprobe", "efSearch") if name in info}
         del index, vectors
@@ -272,29 +272,43 @@ def index_in_child(source: str, kind: str, seed: int, threads: int | None) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def served_model(seed: int = 0):
+    """The model of the server rows (and of gpu-check's server step), in eval mode: EfficientNet-Lite0, ImageNet
+    weights, 128 px, a seeded random 128-d head (search and serving speed do not depend on how well the head
+    is trained)."""
+    import torch
+
+    from dcml.algorithm.models import build_model, default_config
+
+    torch.manual_seed(seed)
+    return build_model(default_config(backbone="efficientnet_lite0", weights="imagenet", image_size=128,
+                                      embedding_dim=DIM)).eval()
+
+
+def save_served_model(path: Path, seed: int = 0) -> Path:
+    """:func:`served_model` as a dcml checkpoint at ``path``."""
+    from dcml.contracts import checkpoint
+
+    net = served_model(seed)
+    checkpoint.save(path, {"model_config": net.config, "model": net.state_dict(), "record": "{}"})
+    return path
+
+
 def cars196_index(seed: int) -> tuple[Path, Path, dict] | None:
     """(index folder, one query JPEG, index stage record) of the cars196 test split, built once."""
     from bench.bench_speed import CARS196
 
     if not CARS196.is_dir():
         return None
-    import torch
-
     from components.index.stage import run as index_stage
     from components.ingest.stage import run as ingest
-    from dcml.algorithm.models import build_model, default_config
-    from dcml.contracts import checkpoint
     from dcml.contracts import manifest as manifest_lib
 
     work = WORK / "retrieval"
     manifest = work / "cars196-manifest.parquet"
     if not manifest.exists():
         ingest(dataset="cars196", out=str(manifest), root=str(CARS196), split_mode="official")
-    model = work / "cars196-model.pt"
-    torch.manual_seed(seed)
-    net = build_model(default_config(backbone="efficientnet_lite0", weights="imagenet", image_size=128,
-                                     embedding_dim=DIM))
-    checkpoint.save(model, {"model_config": net.config, "model": net.state_dict(), "record": "{}"})
+    model = save_served_model(work / "cars196-model.pt", seed)
     folder = work / "cars196-index"
     record = index_stage(out=folder, manifest=manifest, model=model, index_type="flat", batch_size=64, seed=seed,
                          overwrite=True)
@@ -436,12 +450,9 @@ def model_cost(seed: int = 0) -> dict:
     save per image."""
     import torch
 
-    from dcml.algorithm.models import build_model, default_config
     from dcml.retrieval.embedder import Embedder
 
-    torch.manual_seed(seed)
-    net = build_model(default_config(backbone="efficientnet_lite0", weights="imagenet", image_size=128,
-                                     embedding_dim=DIM)).eval()
+    net = served_model(seed)
     out = {"threads": torch.get_num_threads()}
     for name, forward in (("traced", Embedder(net, "cpu", compiled=True).forward), ("eager", net)):
         cost = {}

@@ -139,23 +139,15 @@ def served_search(data_root: Path, classes: int, requests: int, device: str = "c
     """Requests/s and p99 of `dcml serve --device DEVICE` over an index of cars196's first ``classes`` training
     classes (EfficientNet-Lite0, ImageNet weights, 128 px, a seeded random 128-d head: bench_retrieval's server
     set-up), 1 and 8 concurrent clients, batched (serve's defaults) and not (``--batch-max 1``)."""
-    import torch
-
-    from bench.bench_retrieval import SERVER_SETTINGS, SERVER_WARMUP, _load, served
+    from bench.bench_retrieval import SERVER_SETTINGS, SERVER_WARMUP, _load, save_served_model, served
     from components.index.stage import run as index_stage
-    from dcml.algorithm.models import build_model, default_config
-    from dcml.contracts import checkpoint
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dcml-gpu-check-serve-") as tmp:
         work = Path(tmp)
         man, train = cars196_subset(work, data_root, classes)
-        torch.manual_seed(0)
-        net = build_model(default_config(backbone="efficientnet_lite0", weights="imagenet", image_size=128,
-                                         embedding_dim=128))
-        checkpoint.save(work / "model.pt", {"model_config": net.config, "model": net.state_dict(), "record": "{}"})
-        index_stage(out=work / "index", manifest=work / "subset.parquet", model=work / "model.pt", split="train",
-                    batch_size=64, device=device)
+        index_stage(out=work / "index", manifest=work / "subset.parquet", model=save_served_model(work / "model.pt"),
+                    split="train", batch_size=64, device=device)
         query = man.root / train["path"].iloc[0]
         body = query.read_bytes()
         for name, options in SERVER_SETTINGS:

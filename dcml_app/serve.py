@@ -237,12 +237,13 @@ def create_app(index_dir, device: str | None = None, max_request_bytes: int = MA
 
     @app.get("/healthz", summary="Status and what the index holds")
     def healthz():
-        gallery = live.current().gallery
+        searcher = live.current()
+        gallery = searcher.gallery
         return {"status": "ok", "images": gallery.size, "dim": int(gallery.index.d), "index_type": gallery.meta["type"],
                 "exact": gallery.meta["exact"], "recall@10": gallery.meta["recall@10"],
                 "match_threshold": gallery.threshold, "generation": live.generation, "max_k": MAX_K,
                 "max_batch": MAX_BATCH, "max_upload_bytes": MAX_QUERY_BYTES, "batching": batcher.stats(),
-                "compiled": live.current().embedder.forward is not live.current().embedder.net}
+                "compiled": searcher.embedder.forward is not searcher.embedder.net}
 
     @app.post("/search", summary="Top-k gallery images of one query image")
     def search(image: UploadFile = File(..., description="The query image (JPEG, PNG, ...)."),
